@@ -1,0 +1,42 @@
+//! Per-CPU `SO_REUSEPORT` steering with eBPF.
+//!
+//! With `SO_REUSEPORT` each worker owns a listener on the same port and the kernel picks one per
+//! connection by hashing the 4-tuple, so the CPU that processed the SYN (in softirq) is usually
+//! not the CPU of the worker that accepts it. This crate attaches an `SK_REUSEPORT` program that
+//! picks the listener of the worker pinned to the receiving CPU instead, keeping each
+//! connection's whole life on one CPU.
+//!
+//! The pieces, each usable on its own:
+//! - [`cpus`]: which CPUs to use (`--cpus 0-3,6`, the affinity mask), pinning.
+//! - [`listeners`]: one `SO_REUSEPORT` socket per CPU ([`PerCpuListeners`]).
+//! - [`steering`]: load the BPF program, fill slot CPU → listener, attach, read counters
+//!   ([`Steering`]) — the one steering path.
+//! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener.
+//! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
+//! - [`stats`]: counters, live line and JSON summary.
+//! - [`server`]: all of the above started and stopped together ([`Server`]).
+//!
+//! ```no_run
+//! use reuseport::{Server, ServerConfig, SteeringMode};
+//!
+//! let server = Server::start(ServerConfig::new("127.0.0.1:8080".parse()?, SteeringMode::Percpu))?;
+//! println!("serving on {}", server.local_addr());
+//! std::thread::sleep(std::time::Duration::from_secs(10));
+//! let last = server.stop()?;
+//! println!("locality {:?}", reuseport::stats::fraction(last.totals().local, last.totals().accepted));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod cpus;
+pub mod http;
+pub mod listeners;
+pub mod server;
+pub mod stats;
+pub mod steering;
+pub mod worker;
+
+pub use cpus::CpuList;
+pub use listeners::{PerCpuListeners, Protocol};
+pub use reuseport_common::SteeringStats;
+pub use server::{Server, ServerConfig};
+pub use steering::{Steering, SteeringMode};

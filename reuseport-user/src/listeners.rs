@@ -1,0 +1,244 @@
+//! One `SO_REUSEPORT` socket per CPU, all bound to the same address: a reuseport group whose
+//! member for CPU N is served by the worker pinned to CPU N.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd},
+};
+
+use socket2::{Domain, Protocol as SocketProtocol, SockAddr, Socket, Type};
+use thiserror::Error;
+
+use crate::cpus::CpuList;
+
+/// Errors from creating listeners.
+#[derive(Debug, Error)]
+pub enum ListenerError {
+    /// The address is held by a socket that cannot share it: one without `SO_REUSEPORT`, or one
+    /// owned by another user.
+    #[error(
+        "{addr} is already in use by a socket without SO_REUSEPORT or owned by another user \
+         (every socket sharing a port must set SO_REUSEPORT and have the same owner)"
+    )]
+    AddressInUse {
+        /// The address that could not be bound.
+        addr: SocketAddr,
+    },
+    /// No CPUs were given.
+    #[error("no CPUs to create listeners for")]
+    NoCpus,
+    /// Another socket call failed.
+    #[error("{call} on {addr} failed")]
+    Io {
+        /// The failing call (`socket`, `setsockopt(SO_REUSEPORT)`, `bind`, `listen`, ...).
+        call: &'static str,
+        /// The address being set up.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The transport protocol of a listener group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP: listeners, steering picks the listener whose accept queue gets the connection.
+    Tcp,
+    /// UDP: bound datagram sockets, steering picks the socket that receives each datagram.
+    Udp,
+}
+
+/// The listener of one CPU's worker.
+#[derive(Debug)]
+pub struct CpuListener {
+    /// The CPU whose worker serves this socket (and whose steering slot it fills).
+    pub cpu: u32,
+    /// The bound (and, for TCP, listening) `SO_REUSEPORT` socket.
+    pub socket: Socket,
+}
+
+/// One `SO_REUSEPORT` socket per CPU, all bound to one address and so forming one reuseport group.
+#[derive(Debug)]
+pub struct PerCpuListeners {
+    addr: SocketAddr,
+    protocol: Protocol,
+    listeners: Vec<CpuListener>,
+}
+
+impl PerCpuListeners {
+    /// Creates one socket per CPU in `cpus`, each with `SO_REUSEPORT` set before `bind`, bound to
+    /// `addr` (port 0 picks a free port for the first socket; the rest join it) and, for TCP,
+    /// listening with `backlog`.
+    pub fn bind(
+        addr: SocketAddr,
+        protocol: Protocol,
+        cpus: &CpuList,
+        backlog: i32,
+    ) -> Result<Self, ListenerError> {
+        if cpus.is_empty() {
+            return Err(ListenerError::NoCpus);
+        }
+        let mut addr = addr;
+        let mut listeners = Vec::with_capacity(cpus.len());
+        for cpu in cpus.iter() {
+            let socket = bind_one(addr, protocol, backlog)?;
+            if addr.port() == 0 {
+                addr = local_addr(&socket, addr)?;
+            }
+            listeners.push(CpuListener { cpu, socket });
+        }
+        Ok(Self {
+            addr,
+            protocol,
+            listeners,
+        })
+    }
+
+    /// The address every socket is bound to, with the port filled in.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The protocol of the group.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The listeners, in ascending CPU order.
+    pub fn iter(&self) -> impl Iterator<Item = &CpuListener> {
+        self.listeners.iter()
+    }
+
+    /// `(cpu, fd)` pairs, the form [`Steering::attach`](crate::steering::Steering::attach) takes.
+    pub fn fds(&self) -> Vec<(u32, BorrowedFd<'_>)> {
+        self.listeners
+            .iter()
+            .map(|listener| (listener.cpu, listener.socket.as_fd()))
+            .collect()
+    }
+
+    /// The CPUs that have a listener.
+    pub fn cpus(&self) -> CpuList {
+        self.listeners.iter().map(|listener| listener.cpu).collect()
+    }
+
+    /// Gives up ownership of the sockets (for handing each to its worker).
+    pub fn into_inner(self) -> Vec<CpuListener> {
+        self.listeners
+    }
+}
+
+/// Creates one `SO_REUSEPORT` socket bound to `addr` (joining the group already there, if any).
+///
+/// IPv6 sockets are `IPV6_V6ONLY`, so an IPv6 group never captures IPv4 traffic.
+pub fn bind_one(
+    addr: SocketAddr,
+    protocol: Protocol,
+    backlog: i32,
+) -> Result<Socket, ListenerError> {
+    let io_error =
+        |call: &'static str| move |source: io::Error| ListenerError::Io { call, addr, source };
+    let (kind, proto) = match protocol {
+        Protocol::Tcp => (Type::STREAM, SocketProtocol::TCP),
+        Protocol::Udp => (Type::DGRAM, SocketProtocol::UDP),
+    };
+    let socket = Socket::new(Domain::for_address(addr), kind.cloexec(), Some(proto))
+        .map_err(io_error("socket"))?;
+    if addr.is_ipv6() {
+        socket
+            .set_only_v6(true)
+            .map_err(io_error("setsockopt(IPV6_V6ONLY)"))?;
+    }
+    // Both must be set before bind: the kernel adds a socket to a reuseport group only at bind (UDP)
+    // or listen (TCP) time, and only if SO_REUSEPORT is already set.
+    socket
+        .set_reuse_address(true)
+        .map_err(io_error("setsockopt(SO_REUSEADDR)"))?;
+    socket
+        .set_reuse_port(true)
+        .map_err(io_error("setsockopt(SO_REUSEPORT)"))?;
+    socket.bind(&SockAddr::from(addr)).map_err(|source| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            ListenerError::AddressInUse { addr }
+        } else {
+            ListenerError::Io {
+                call: "bind",
+                addr,
+                source,
+            }
+        }
+    })?;
+    if protocol == Protocol::Tcp {
+        socket.listen(backlog).map_err(|source| {
+            // Another non-reuseport socket may have claimed the port between bind and listen.
+            if source.kind() == io::ErrorKind::AddrInUse {
+                ListenerError::AddressInUse { addr }
+            } else {
+                ListenerError::Io {
+                    call: "listen",
+                    addr,
+                    source,
+                }
+            }
+        })?;
+    }
+    socket
+        .set_nonblocking(true)
+        .map_err(io_error("fcntl(O_NONBLOCK)"))?;
+    Ok(socket)
+}
+
+fn local_addr(socket: &Socket, requested: SocketAddr) -> Result<SocketAddr, ListenerError> {
+    socket
+        .local_addr()
+        .and_then(|addr| {
+            addr.as_socket()
+                .ok_or_else(|| io::Error::other("bound address is not an IP address"))
+        })
+        .map_err(|source| ListenerError::Io {
+            call: "getsockname",
+            addr: requested,
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn binds_one_socket_per_cpu_on_one_port() {
+        let cpus: CpuList = [0, 1, 2].into_iter().collect();
+        let group = PerCpuListeners::bind("127.0.0.1:0".parse().unwrap(), Protocol::Tcp, &cpus, 16)
+            .unwrap();
+        assert_ne!(group.local_addr().port(), 0);
+        let ports: Vec<_> = group
+            .iter()
+            .map(|l| l.socket.local_addr().unwrap().as_socket().unwrap().port())
+            .collect();
+        assert_eq!(ports, [group.local_addr().port(); 3]);
+        assert_eq!(group.cpus(), cpus);
+    }
+
+    #[test]
+    fn a_port_held_without_reuseport_is_reported_as_such() {
+        let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        let err =
+            PerCpuListeners::bind(addr, Protocol::Tcp, &[0].into_iter().collect(), 16).unwrap_err();
+        assert!(matches!(err, ListenerError::AddressInUse { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn udp_sockets_share_a_port_too() {
+        let cpus: CpuList = [0, 1].into_iter().collect();
+        let group =
+            PerCpuListeners::bind("[::1]:0".parse().unwrap(), Protocol::Udp, &cpus, 0).unwrap();
+        assert_eq!(group.iter().count(), 2);
+    }
+}

@@ -1,0 +1,170 @@
+//! `reuseport`: steer each new connection to the SO_REUSEPORT listener of the worker pinned to the
+//! CPU that received it, and show what that does.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, error::ErrorKind};
+use reuseport::{
+    CpuList, Protocol, Server, ServerConfig, SteeringMode,
+    stats::{Snapshot, Summary},
+};
+
+/// Per-CPU SO_REUSEPORT steering with eBPF.
+#[derive(Debug, Parser)]
+#[command(name = "reuseport", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve on one port with one pinned worker and one SO_REUSEPORT listener per CPU.
+    ///
+    /// TCP serves HTTP/1.1 (keep-alive); every response carries `x-worker-cpu` (the worker's CPU)
+    /// and `x-incoming-cpu` (the CPU that processed the connection's packets). UDP answers each
+    /// datagram with `worker-cpu=N incoming-cpu=M`, a newline and the datagram. A live line per
+    /// second shows per-CPU connections, locality and the steering program's counters.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// percpu: our eBPF program keeps each connection on the CPU that received it.
+    /// hash: no program, the kernel's default 4-tuple hash.
+    #[arg(long, value_enum, default_value_t = SteeringMode::Percpu)]
+    mode: SteeringMode,
+    /// Address to serve (IPv4 or [IPv6]); port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Transport protocol.
+    #[arg(long, value_enum, default_value_t = Protocol::Tcp)]
+    proto: Protocol,
+    /// CPUs to run workers on, e.g. `0-3,6` (default: every CPU this process may use).
+    #[arg(long)]
+    cpus: Option<CpuList>,
+    /// Stop after this long (e.g. `10s`, `2m`); default: until Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Write the final summary as JSON to this file.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+    /// Accept-queue length of each TCP listener.
+    #[arg(long, default_value_t = 1024)]
+    backlog: i32,
+    /// Do not print the live line every second.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("reuseport: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version go out as clap prints them; a usage error becomes one line and exit code 2.
+fn usage_error(err: clap::Error) -> ExitCode {
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) || err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = err.render().to_string();
+    let line = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            !line.is_empty() && !line.starts_with("Usage:") && !line.starts_with("For more")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    eprintln!("reuseport: {line} (see `reuseport --help`)");
+    ExitCode::from(2)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handler")?;
+    }
+    let server = Server::start(ServerConfig {
+        listen: args.listen,
+        protocol: args.proto,
+        mode: args.mode,
+        cpus: args.cpus,
+        backlog: args.backlog,
+    })?;
+    let program = match server.steering() {
+        Some(steering) => format!("steering program id {}", steering.program_id()?),
+        None => "no steering program (kernel hash)".to_owned(),
+    };
+    println!(
+        "reuseport: serving {} on {} with workers on CPUs {}, mode {}, {}; {}",
+        match args.proto {
+            Protocol::Tcp => "http",
+            Protocol::Udp => "udp",
+        },
+        server.local_addr(),
+        server.cpus(),
+        server.mode(),
+        program,
+        match args.duration {
+            Some(d) => format!("stopping after {}", humantime::format_duration(d)),
+            None => "Ctrl-C to stop".to_owned(),
+        }
+    );
+
+    let deadline = args.duration.map(|d| Instant::now() + d);
+    let mut previous = Snapshot::default();
+    let mut next_line = Instant::now() + Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+        thread::sleep(Duration::from_millis(50));
+        if Instant::now() >= next_line {
+            next_line += Duration::from_secs(1);
+            let now = server.snapshot()?;
+            if !args.quiet {
+                println!("{}", now.since(&previous).live_line(now.elapsed));
+            }
+            previous = now;
+        }
+    }
+
+    let (mode, protocol, listen) = (server.mode(), server.protocol(), server.local_addr());
+    let last = server.stop()?;
+    let summary = Summary::new(mode, protocol, listen, &last);
+    print!("{}", summary.table());
+    if let Some(path) = args.stats_json {
+        let json = serde_json::to_string_pretty(&summary).context("encoding the summary")?;
+        fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("reuseport: stopped; all listeners closed, steering detached");
+    Ok(())
+}

@@ -1,0 +1,406 @@
+//! What a running server has done: per-CPU worker counters, the steering program's counters and
+//! cost, the once-a-second live line and the final summary (also as JSON).
+
+use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+
+use reuseport_common::SteeringStats;
+use serde::Serialize;
+
+use crate::{listeners::Protocol, steering::ProgramRunStats, steering::SteeringMode};
+
+/// One worker's counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WorkerStats {
+    /// The CPU the worker is pinned to.
+    pub cpu: u32,
+    /// Connections accepted (TCP) or datagrams received (UDP).
+    pub accepted: u64,
+    /// Of those, how many arrived on the worker's own CPU (`SO_INCOMING_CPU == cpu`).
+    pub local: u64,
+    /// HTTP requests answered (TCP) or datagrams answered (UDP).
+    pub requests: u64,
+    /// Failed accepts, receives or sends.
+    pub errors: u64,
+}
+
+/// Everything the server counts, at one moment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Time since the server started.
+    pub elapsed: Duration,
+    /// One entry per worker, in CPU order.
+    pub workers: Vec<WorkerStats>,
+    /// The steering program's counters per receiving CPU (index = CPU); `None` in hash mode.
+    pub steering: Option<Vec<SteeringStats>>,
+    /// The steering program's run count and time; `None` in hash mode or without BPF statistics.
+    pub program: Option<ProgramRunStats>,
+}
+
+/// Fraction of `local` in `total`, `None` when `total` is 0.
+pub fn fraction(local: u64, total: u64) -> Option<f64> {
+    (total > 0).then(|| local as f64 / total as f64)
+}
+
+impl Snapshot {
+    /// Worker counters summed over all workers.
+    pub fn totals(&self) -> WorkerStats {
+        self.workers
+            .iter()
+            .fold(WorkerStats::default(), |sum, w| WorkerStats {
+                cpu: 0,
+                accepted: sum.accepted + w.accepted,
+                local: sum.local + w.local,
+                requests: sum.requests + w.requests,
+                errors: sum.errors + w.errors,
+            })
+    }
+
+    /// The steering counters summed over all CPUs.
+    pub fn steering_totals(&self) -> Option<SteeringStats> {
+        self.steering.as_ref().map(|per_cpu| {
+            per_cpu
+                .iter()
+                .fold(SteeringStats::default(), |mut sum, cpu| {
+                    sum.add(cpu);
+                    sum
+                })
+        })
+    }
+
+    /// What happened between `earlier` and `self` (counters subtracted).
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        let workers = self
+            .workers
+            .iter()
+            .map(|now| {
+                let before = earlier
+                    .workers
+                    .iter()
+                    .find(|w| w.cpu == now.cpu)
+                    .copied()
+                    .unwrap_or_default();
+                WorkerStats {
+                    cpu: now.cpu,
+                    accepted: now.accepted.saturating_sub(before.accepted),
+                    local: now.local.saturating_sub(before.local),
+                    requests: now.requests.saturating_sub(before.requests),
+                    errors: now.errors.saturating_sub(before.errors),
+                }
+            })
+            .collect();
+        let steering = self.steering.as_ref().map(|now| {
+            now.iter()
+                .enumerate()
+                .map(|(cpu, now)| {
+                    let before = earlier
+                        .steering
+                        .as_ref()
+                        .and_then(|before| before.get(cpu))
+                        .copied()
+                        .unwrap_or_default();
+                    SteeringStats {
+                        local: now.local.saturating_sub(before.local),
+                        fallback: now.fallback.saturating_sub(before.fallback),
+                        unsteered: now.unsteered.saturating_sub(before.unsteered),
+                        errors: now.errors.saturating_sub(before.errors),
+                    }
+                })
+                .collect()
+        });
+        let program = match (self.program, earlier.program) {
+            (Some(now), Some(before)) => Some(now.since(&before)),
+            (now, _) => now,
+        };
+        Snapshot {
+            elapsed: self.elapsed.saturating_sub(earlier.elapsed),
+            workers,
+            steering,
+            program,
+        }
+    }
+
+    /// The compact live line for the interval `self` covers (a [`Snapshot::since`] result):
+    ///
+    /// ```text
+    /// 12s | cpu0 1204 conn 100.0% local | cpu1 1187 conn 100.0% local | bpf local 2391 fallback 0 hash 0 err 0 | 41 ns/select
+    /// ```
+    pub fn live_line(&self, total_elapsed: Duration) -> String {
+        let mut line = format!("{:>4}s", total_elapsed.as_secs());
+        for worker in &self.workers {
+            let _ = write!(
+                line,
+                " | cpu{} {} conn {} local",
+                worker.cpu,
+                worker.accepted,
+                percent(fraction(worker.local, worker.accepted))
+            );
+        }
+        match self.steering_totals() {
+            Some(bpf) => {
+                let _ = write!(
+                    line,
+                    " | bpf local {} fallback {} hash {} err {}",
+                    bpf.local, bpf.fallback, bpf.unsteered, bpf.errors
+                );
+                match self.program.and_then(|p| p.ns_per_run()) {
+                    Some(ns) => {
+                        let _ = write!(line, " | {ns:.0} ns/select");
+                    }
+                    None => line.push_str(" | - ns/select"),
+                }
+            }
+            None => line.push_str(" | no bpf (kernel hash)"),
+        }
+        line
+    }
+}
+
+/// `97.3%`, or `-` when there is nothing to divide.
+pub fn percent(fraction: Option<f64>) -> String {
+    fraction.map_or_else(|| "-".to_owned(), |f| format!("{:.1}%", f * 100.0))
+}
+
+/// The end-of-run report: printed as a table, written as JSON by `--stats-json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// How connections were steered.
+    pub mode: SteeringMode,
+    /// The transport protocol.
+    pub protocol: Protocol,
+    /// The address served.
+    pub listen: SocketAddr,
+    /// Seconds from start to stop.
+    pub duration_s: f64,
+    /// Per worker, in CPU order, with `locality` = local / accepted (null when nothing arrived).
+    pub workers: Vec<WorkerSummary>,
+    /// All workers together.
+    pub total: WorkerSummary,
+    /// The steering program's counters and cost; null in hash mode.
+    pub steering: Option<SteeringSummary>,
+}
+
+/// One worker's (or all workers') counters plus locality.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct WorkerSummary {
+    /// The worker's CPU; absent for the total.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
+    /// Connections accepted (TCP) or datagrams received (UDP).
+    pub accepted: u64,
+    /// Of those, how many arrived on the worker's own CPU.
+    pub local: u64,
+    /// Requests (TCP) or datagrams (UDP) answered.
+    pub requests: u64,
+    /// Failed accepts, receives or sends.
+    pub errors: u64,
+    /// `local / accepted`, null when nothing was accepted.
+    pub locality: Option<f64>,
+}
+
+impl WorkerSummary {
+    fn new(cpu: Option<u32>, stats: WorkerStats) -> Self {
+        Self {
+            cpu,
+            accepted: stats.accepted,
+            local: stats.local,
+            requests: stats.requests,
+            errors: stats.errors,
+            locality: fraction(stats.local, stats.accepted),
+        }
+    }
+}
+
+/// The steering program's share of the summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct SteeringSummary {
+    /// Counters per receiving CPU (only CPUs where the program ran).
+    pub per_cpu: Vec<SteeringCpu>,
+    /// Counters over all CPUs.
+    pub total: SteeringCounters,
+    /// Runs and time from the kernel's BPF statistics (null if they could not be enabled).
+    pub program: Option<ProgramRunStats>,
+    /// Mean nanoseconds per selection (null without statistics or runs).
+    pub ns_per_select: Option<f64>,
+}
+
+/// Serializable copy of [`SteeringStats`].
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SteeringCounters {
+    /// Steered to the receiving CPU's listener.
+    pub local: u64,
+    /// Steered to the fallback CPU's listener (local slot empty).
+    pub fallback: u64,
+    /// Left to the kernel's hash (no live slot found).
+    pub unsteered: u64,
+    /// Helper errors other than an empty slot.
+    pub errors: u64,
+}
+
+impl From<SteeringStats> for SteeringCounters {
+    fn from(s: SteeringStats) -> Self {
+        Self {
+            local: s.local,
+            fallback: s.fallback,
+            unsteered: s.unsteered,
+            errors: s.errors,
+        }
+    }
+}
+
+/// Steering counters of one receiving CPU.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SteeringCpu {
+    /// The CPU that received the connections.
+    pub cpu: u32,
+    /// What the program did with them.
+    #[serde(flatten)]
+    pub counters: SteeringCounters,
+}
+
+impl Summary {
+    /// Builds the summary of a whole run from its final snapshot.
+    pub fn new(
+        mode: SteeringMode,
+        protocol: Protocol,
+        listen: SocketAddr,
+        last: &Snapshot,
+    ) -> Self {
+        let steering = last.steering.as_ref().map(|per_cpu| SteeringSummary {
+            per_cpu: (0..)
+                .zip(per_cpu)
+                .filter(|(_, s)| s.total() + s.errors > 0)
+                .map(|(cpu, s)| SteeringCpu {
+                    cpu,
+                    counters: (*s).into(),
+                })
+                .collect(),
+            total: last.steering_totals().unwrap_or_default().into(),
+            program: last.program,
+            ns_per_select: last.program.and_then(|p| p.ns_per_run()),
+        });
+        Self {
+            mode,
+            protocol,
+            listen,
+            duration_s: last.elapsed.as_secs_f64(),
+            workers: last
+                .workers
+                .iter()
+                .map(|w| WorkerSummary::new(Some(w.cpu), *w))
+                .collect(),
+            total: WorkerSummary::new(None, last.totals()),
+            steering,
+        }
+    }
+
+    /// The human-readable end-of-run table.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "summary: mode {} {} on {} for {:.1}s\n  {:<6} {:>10} {:>10} {:>9} {:>7}\n",
+            self.mode,
+            match self.protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+            },
+            self.listen,
+            self.duration_s,
+            "worker",
+            "accepted",
+            "requests",
+            "locality",
+            "errors"
+        );
+        let rows = self
+            .workers
+            .iter()
+            .map(|w| (format!("cpu{}", w.cpu.unwrap_or_default()), w))
+            .chain([("total".to_owned(), &self.total)]);
+        for (name, w) in rows {
+            let _ = writeln!(
+                out,
+                "  {:<6} {:>10} {:>10} {:>9} {:>7}",
+                name,
+                w.accepted,
+                w.requests,
+                percent(w.locality),
+                w.errors
+            );
+        }
+        match &self.steering {
+            Some(s) => {
+                let _ = writeln!(
+                    out,
+                    "  bpf: local {} fallback {} hash {} errors {}; {}",
+                    s.total.local,
+                    s.total.fallback,
+                    s.total.unsteered,
+                    s.total.errors,
+                    s.ns_per_select.map_or_else(
+                        || "ns/select unavailable (BPF statistics need CAP_SYS_ADMIN)".to_owned(),
+                        |ns| format!(
+                            "{ns:.1} ns/select over {} runs",
+                            s.program.map_or(0, |p| p.run_count)
+                        )
+                    )
+                );
+            }
+            None => out.push_str("  bpf: none (kernel hash selection)\n"),
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(accepted: u64, local: u64, bpf_local: u64) -> Snapshot {
+        Snapshot {
+            elapsed: Duration::from_secs(accepted),
+            workers: vec![WorkerStats {
+                cpu: 1,
+                accepted,
+                local,
+                requests: accepted,
+                errors: 0,
+            }],
+            steering: Some(vec![
+                SteeringStats::default(),
+                SteeringStats {
+                    local: bpf_local,
+                    ..Default::default()
+                },
+            ]),
+            program: Some(ProgramRunStats {
+                run_count: bpf_local,
+                run_time_ns: bpf_local * 40,
+            }),
+        }
+    }
+
+    #[test]
+    fn live_line_shows_the_interval() {
+        let interval = snapshot(30, 30, 30).since(&snapshot(10, 10, 10));
+        assert_eq!(
+            interval.live_line(Duration::from_secs(3)),
+            "   3s | cpu1 20 conn 100.0% local | bpf local 20 fallback 0 hash 0 err 0 | 40 ns/select"
+        );
+    }
+
+    #[test]
+    fn summary_reports_locality_and_cost() {
+        let summary = Summary::new(
+            SteeringMode::Percpu,
+            Protocol::Tcp,
+            "127.0.0.1:1".parse().unwrap(),
+            &snapshot(4, 3, 4),
+        );
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["total"]["locality"], 0.75);
+        assert!(json["total"].get("cpu").is_none());
+        assert_eq!(json["workers"][0]["cpu"], 1);
+        assert_eq!(json["steering"]["ns_per_select"], 40.0);
+        assert_eq!(json["steering"]["per_cpu"][0]["cpu"], 1);
+        assert_eq!(json["mode"], "percpu");
+    }
+}

@@ -1,0 +1,381 @@
+//! The one steering code path: load the BPF object, fill slot CPU → listener, attach the program to
+//! the reuseport group, read its counters, detach. `serve`, the library API and (later) `attach`
+//! all go through [`Steering`].
+
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, MapError, MapType, PerCpuArray, ReusePortSockArray},
+    programs::{ProgramError, ProgramType, SkReuseport},
+    sys::{Stats, enable_stats, is_map_supported, is_program_supported},
+};
+use reuseport_common::{SteeringStats, names};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::cpus::{CpuError, possible_cpus};
+
+/// The BPF object built from `reuseport-ebpf` by this crate's `build.rs`.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport"));
+
+/// How the kernel chooses a listener of the reuseport group for each new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SteeringMode {
+    /// Our `SK_REUSEPORT` program picks the listener of the worker pinned to the CPU that received
+    /// the SYN, so the connection's whole life stays on that CPU.
+    Percpu,
+    /// No program: the kernel's default selection by a hash of the 4-tuple.
+    Hash,
+}
+
+impl std::fmt::Display for SteeringMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Percpu => "percpu",
+            Self::Hash => "hash",
+        })
+    }
+}
+
+/// Errors from loading, filling, attaching or reading the steering program.
+#[derive(Debug, Error)]
+pub enum SteeringError {
+    /// The process lacks the capabilities to load BPF programs.
+    #[error(
+        "per-CPU steering loads a BPF program, which needs CAP_BPF and CAP_NET_ADMIN (or root); \
+         this process lacks {missing}. Run as root, or use --mode hash (no BPF)"
+    )]
+    MissingCapabilities {
+        /// The missing capabilities, e.g. `"CAP_BPF and CAP_NET_ADMIN"`.
+        missing: String,
+    },
+    /// The kernel cannot run `SK_REUSEPORT` programs or has no `REUSEPORT_SOCKARRAY` maps.
+    #[error(
+        "this kernel does not support {what} (Linux >= 4.19 with CONFIG_BPF_SYSCALL is needed); \
+         use --mode hash"
+    )]
+    Unsupported {
+        /// The missing feature.
+        what: &'static str,
+    },
+    /// [`Steering::attach`] was given no sockets.
+    #[error("no listeners to steer")]
+    NoListeners,
+    /// A CPU number beyond the kernel's possible CPUs.
+    #[error("CPU {cpu} has no steering slot: this kernel has {possible} possible CPUs")]
+    CpuOutOfRange {
+        /// The CPU asked for.
+        cpu: u32,
+        /// `/sys/devices/system/cpu/possible` as a count.
+        possible: u32,
+    },
+    /// The embedded BPF object lacks a program or map this code expects.
+    #[error("the BPF object has no {0}; was it built from this source tree?")]
+    MissingFromObject(&'static str),
+    /// Reading the CPU topology failed.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// Reading this process's capabilities failed.
+    #[error("reading /proc/self/status failed")]
+    Capabilities(#[source] io::Error),
+    /// Loading the object (creating its maps) failed.
+    #[error("loading the BPF object failed")]
+    Load(#[from] EbpfError),
+    /// Loading, attaching or querying the program failed.
+    #[error("BPF program {}", names::STEER_TO_CPU)]
+    Program(#[from] ProgramError),
+    /// Updating or reading a map failed.
+    #[error("BPF map operation failed")]
+    Map(#[from] MapError),
+    /// The feature probe itself failed.
+    #[error("probing kernel BPF support failed")]
+    Probe(#[source] io::Error),
+}
+
+/// How often and for how long the steering program ran, from the kernel's BPF run-time statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ProgramRunStats {
+    /// Times the program ran (one per TCP SYN or UDP datagram reaching the group).
+    pub run_count: u64,
+    /// Total nanoseconds spent in the program.
+    pub run_time_ns: u64,
+}
+
+impl ProgramRunStats {
+    /// Mean nanoseconds per run, `None` before the first run.
+    pub fn ns_per_run(&self) -> Option<f64> {
+        (self.run_count > 0).then(|| self.run_time_ns as f64 / self.run_count as f64)
+    }
+
+    /// The runs between `earlier` and `self`.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            run_count: self.run_count.saturating_sub(earlier.run_count),
+            run_time_ns: self.run_time_ns.saturating_sub(earlier.run_time_ns),
+        }
+    }
+}
+
+/// The steering program, loaded and attached to one reuseport group.
+///
+/// Slot N of its `cpu_listeners` map holds the listener of the worker pinned to CPU N; a
+/// connection arriving on CPU N goes to that listener, or, if slot N is empty, to the nearest live
+/// CPU's (see `reuseport-ebpf/src/select.rs`).
+///
+/// The map does not keep sockets alive: a listener that closes leaves its slot empty by itself.
+/// Like aya's [`SkReuseport`], dropping a `Steering` does not detach the program (the group keeps
+/// using it until the group's last socket closes); call [`Steering::detach`] to go back to hash
+/// selection while the group lives on.
+pub struct Steering {
+    ebpf: Ebpf,
+    possible_cpus: u32,
+    live: BTreeSet<u32>,
+    // Keeps the kernel's BPF run-time statistics on while this is alive (BPF_ENABLE_STATS); the
+    // kernel turns them off again when the fd closes, so nothing needs restoring, even after a
+    // crash. `None` where the process may not enable them (needs CAP_SYS_ADMIN).
+    _run_stats: Option<OwnedFd>,
+}
+
+impl Steering {
+    /// Loads the steering program, puts each `(cpu, socket)` into slot `cpu` and attaches the
+    /// program to the sockets' reuseport group.
+    ///
+    /// All sockets must belong to one reuseport group (same address, `SO_REUSEPORT`, listening
+    /// for TCP). The program is attached last, so on error nothing is attached.
+    pub fn attach(listeners: &[(u32, BorrowedFd<'_>)]) -> Result<Self, SteeringError> {
+        let Some((_, group_member)) = listeners.first() else {
+            return Err(SteeringError::NoListeners);
+        };
+        check_capabilities()?;
+        check_kernel_support()?;
+        let possible_cpus = possible_cpus()?;
+        if let Some(&(cpu, _)) = listeners.iter().find(|(cpu, _)| *cpu >= possible_cpus) {
+            return Err(SteeringError::CpuOutOfRange {
+                cpu,
+                possible: possible_cpus,
+            });
+        }
+
+        let run_stats = enable_stats(Stats::RunTime).ok();
+        let ebpf = EbpfLoader::new()
+            .map_max_entries(names::CPU_LISTENERS, possible_cpus)
+            .map_max_entries(names::CPU_FALLBACK, possible_cpus)
+            .load(BPF_OBJECT)?;
+        let mut steering = Self {
+            ebpf,
+            possible_cpus,
+            live: BTreeSet::new(),
+            _run_stats: run_stats,
+        };
+        steering.program_mut()?.load()?;
+        for &(cpu, fd) in listeners {
+            steering.sockets()?.set(cpu, &fd, 0)?;
+            steering.live.insert(cpu);
+        }
+        steering.write_fallbacks()?;
+        steering.program_mut()?.attach(group_member)?;
+        Ok(steering)
+    }
+
+    /// Puts `socket` (a member of the same group) into slot `cpu`, replacing what was there.
+    pub fn insert(&mut self, cpu: u32, socket: BorrowedFd<'_>) -> Result<(), SteeringError> {
+        self.check_slot(cpu)?;
+        self.sockets()?.set(cpu, &socket, 0)?;
+        self.live.insert(cpu);
+        self.write_fallbacks()
+    }
+
+    /// Empties slot `cpu`: connections arriving on that CPU go to the nearest live CPU's listener.
+    /// The socket itself stays open and in the group.
+    pub fn remove(&mut self, cpu: u32) -> Result<(), SteeringError> {
+        self.check_slot(cpu)?;
+        // Point everything away from `cpu` before emptying it, so no selection hits the hole.
+        self.live.remove(&cpu);
+        self.write_fallbacks()?;
+        match self.sockets()?.clear_index(&cpu) {
+            // Already empty (e.g. its socket closed): that is the state we want.
+            Err(MapError::SyscallError(err))
+                if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// The CPUs whose slots were filled through this `Steering` (a slot whose socket has since
+    /// closed is still listed; the program skips it).
+    pub fn cpus(&self) -> impl Iterator<Item = u32> + '_ {
+        self.live.iter().copied()
+    }
+
+    /// The program's counters, one entry per possible CPU, indexed by the CPU that received the
+    /// connections.
+    pub fn stats(&self) -> Result<Vec<SteeringStats>, SteeringError> {
+        let map = self
+            .ebpf
+            .map(names::STEERING_STATS)
+            .ok_or(SteeringError::MissingFromObject(names::STEERING_STATS))?;
+        let stats = PerCpuArray::<_, SteeringStats>::try_from(map)?;
+        Ok(stats.get(&0, 0)?.iter().copied().collect())
+    }
+
+    /// How often the program ran and for how long, or `None` where the kernel's BPF run-time
+    /// statistics could not be enabled (they need CAP_SYS_ADMIN).
+    pub fn run_stats(&self) -> Result<Option<ProgramRunStats>, SteeringError> {
+        if self._run_stats.is_none() {
+            return Ok(None);
+        }
+        let info = self.program()?.info()?;
+        Ok(Some(ProgramRunStats {
+            run_count: info.run_count(),
+            run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    /// The kernel's id of the loaded program (as `bpftool prog show` lists it).
+    pub fn program_id(&self) -> Result<u32, SteeringError> {
+        Ok(self.program()?.info()?.id())
+    }
+
+    /// Detaches the program from the group `member` belongs to: the kernel goes back to hash
+    /// selection for that group.
+    pub fn detach(self, member: impl AsFd) -> Result<(), SteeringError> {
+        SkReuseport::detach(member)?;
+        Ok(())
+    }
+
+    fn check_slot(&self, cpu: u32) -> Result<(), SteeringError> {
+        if cpu >= self.possible_cpus {
+            return Err(SteeringError::CpuOutOfRange {
+                cpu,
+                possible: self.possible_cpus,
+            });
+        }
+        Ok(())
+    }
+
+    fn program(&self) -> Result<&SkReuseport, SteeringError> {
+        Ok(self
+            .ebpf
+            .program(names::STEER_TO_CPU)
+            .ok_or(SteeringError::MissingFromObject(names::STEER_TO_CPU))?
+            .try_into()?)
+    }
+
+    fn program_mut(&mut self) -> Result<&mut SkReuseport, SteeringError> {
+        Ok(self
+            .ebpf
+            .program_mut(names::STEER_TO_CPU)
+            .ok_or(SteeringError::MissingFromObject(names::STEER_TO_CPU))?
+            .try_into()?)
+    }
+
+    fn sockets(&mut self) -> Result<ReusePortSockArray<&mut aya::maps::MapData>, SteeringError> {
+        let map = self
+            .ebpf
+            .map_mut(names::CPU_LISTENERS)
+            .ok_or(SteeringError::MissingFromObject(names::CPU_LISTENERS))?;
+        Ok(ReusePortSockArray::try_from(map)?)
+    }
+
+    /// Rewrites `cpu_fallback` so that every CPU points at its nearest other live CPU.
+    fn write_fallbacks(&mut self) -> Result<(), SteeringError> {
+        let table = fallback_table(self.possible_cpus, &self.live);
+        let map = self
+            .ebpf
+            .map_mut(names::CPU_FALLBACK)
+            .ok_or(SteeringError::MissingFromObject(names::CPU_FALLBACK))?;
+        let mut fallback = Array::<_, u32>::try_from(map)?;
+        for (cpu, target) in (0..).zip(table) {
+            fallback.set(cpu, target, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// For each of `possible` CPUs, the CPU whose listener takes its connections when its own slot is
+/// empty: the nearest live CPU other than itself by CPU number (the lower one on a tie), or itself
+/// when it is the only live CPU or none is live.
+pub fn fallback_table(possible: u32, live: &BTreeSet<u32>) -> Vec<u32> {
+    (0..possible)
+        .map(|cpu| {
+            live.iter()
+                .copied()
+                .filter(|&other| other != cpu)
+                .min_by_key(|&other| (other.abs_diff(cpu), other))
+                .unwrap_or(cpu)
+        })
+        .collect()
+}
+
+/// The capability bits the steering program needs.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Fails with the list of missing capabilities if this process cannot load the program.
+/// CAP_SYS_ADMIN implies both (kernels before 5.8 know no CAP_BPF).
+fn check_capabilities() -> Result<(), SteeringError> {
+    let status = fs::read_to_string("/proc/self/status").map_err(SteeringError::Capabilities)?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| {
+            SteeringError::Capabilities(io::Error::other("no CapEff line in /proc/self/status"))
+        })?;
+    let has = |cap: u32| effective & (1 << cap) != 0 || effective & (1 << CAP_SYS_ADMIN) != 0;
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
+        .into_iter()
+        .filter(|&(cap, _)| !has(cap))
+        .map(|(_, name)| name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(SteeringError::MissingCapabilities {
+            missing: missing.join(" and "),
+        })
+    }
+}
+
+fn check_kernel_support() -> Result<(), SteeringError> {
+    let program = is_program_supported(ProgramType::SkReuseport)?;
+    if !program {
+        return Err(SteeringError::Unsupported {
+            what: "SK_REUSEPORT BPF programs",
+        });
+    }
+    let map = is_map_supported(MapType::ReuseportSockArray)
+        .map_err(|err| SteeringError::Probe(err.io_error))?;
+    if !map {
+        return Err(SteeringError::Unsupported {
+            what: "REUSEPORT_SOCKARRAY BPF maps",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_points_at_the_nearest_other_live_cpu() {
+        let live: BTreeSet<u32> = [0, 3].into_iter().collect();
+        assert_eq!(fallback_table(6, &live), [3, 0, 3, 0, 3, 3]);
+    }
+
+    #[test]
+    fn a_lone_or_absent_cpu_points_at_itself() {
+        assert_eq!(fallback_table(2, &[1].into_iter().collect()), [1, 1]);
+        assert_eq!(fallback_table(2, &BTreeSet::new()), [0, 1]);
+    }
+}

@@ -1,0 +1,274 @@
+//! Workers: one OS thread per CPU, pinned to it with `sched_setaffinity`, each running a tokio
+//! current-thread runtime that serves only its own listener. What the worker accepts, it reads,
+//! writes and closes on the same CPU.
+
+use std::{
+    io,
+    net::{TcpListener as StdTcpListener, UdpSocket as StdUdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use socket2::SockRef;
+use thiserror::Error;
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::watch,
+};
+
+use crate::{
+    cpus::{CpuError, pin_current_thread},
+    http::{ServedBy, serve_connection},
+    listeners::CpuListener,
+    stats::WorkerStats,
+};
+
+/// Errors from starting or running a worker.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// Pinning the worker thread failed.
+    #[error("worker for CPU {cpu}")]
+    Pin {
+        /// The worker's CPU.
+        cpu: u32,
+        /// Why.
+        #[source]
+        source: CpuError,
+    },
+    /// Creating the thread, its runtime or registering its socket failed.
+    #[error("starting the worker for CPU {cpu} failed")]
+    Start {
+        /// The worker's CPU.
+        cpu: u32,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The worker thread panicked.
+    #[error("the worker for CPU {cpu} panicked")]
+    Panicked {
+        /// The worker's CPU.
+        cpu: u32,
+    },
+}
+
+/// What one worker has done so far. Shared with the stats reader; relaxed atomics.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Connections accepted (TCP) or datagrams received (UDP).
+    pub accepted: AtomicU64,
+    /// Of those, how many had `SO_INCOMING_CPU` equal to the worker's CPU.
+    pub local: AtomicU64,
+    /// HTTP requests answered (TCP) or replies sent (UDP).
+    pub requests: Arc<AtomicU64>,
+    /// Failed accepts, receives or sends.
+    pub errors: AtomicU64,
+}
+
+/// A running worker thread.
+#[derive(Debug)]
+pub struct Worker {
+    cpu: u32,
+    counters: Arc<WorkerCounters>,
+    thread: thread::JoinHandle<()>,
+}
+
+/// How long to back off after an accept error such as `EMFILE`, so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
+
+impl Worker {
+    /// Starts a thread pinned to `listener.cpu` that serves `listener` until `shutdown` becomes
+    /// `true` (or its sender is dropped). Returns once the thread is pinned and serving.
+    pub fn spawn(
+        listener: CpuListener,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, WorkerError> {
+        let cpu = listener.cpu;
+        let counters = Arc::new(WorkerCounters::default());
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread_counters = Arc::clone(&counters);
+        let thread = thread::Builder::new()
+            .name(format!("reuseport-cpu{cpu}"))
+            .spawn(move || {
+                let runtime = match start_on_cpu(cpu) {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(err));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let served = serve(listener, &thread_counters, shutdown, || {
+                        let _ = ready_tx.send(Ok(()));
+                    });
+                    if let Err(source) = served.await {
+                        // Only registration with the runtime can fail before `ready`; report it.
+                        let _ = ready_tx.send(Err(WorkerError::Start { cpu, source }));
+                    }
+                });
+                // Connections still open are dropped with the runtime.
+                runtime.shutdown_timeout(Duration::from_millis(100));
+            })
+            .map_err(|source| WorkerError::Start { cpu, source })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                cpu,
+                counters,
+                thread,
+            }),
+            Ok(Err(err)) => {
+                let _ = thread.join();
+                Err(err)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(WorkerError::Panicked { cpu })
+            }
+        }
+    }
+
+    /// The CPU this worker is pinned to.
+    pub fn cpu(&self) -> u32 {
+        self.cpu
+    }
+
+    /// The worker's counters, now.
+    pub fn stats(&self) -> WorkerStats {
+        WorkerStats::from_counters(self.cpu, &self.counters)
+    }
+
+    /// Waits for the thread to finish (after shutdown was signalled) and returns its final
+    /// counters.
+    pub fn join(self) -> Result<WorkerStats, WorkerError> {
+        let Self {
+            cpu,
+            counters,
+            thread,
+        } = self;
+        thread.join().map_err(|_| WorkerError::Panicked { cpu })?;
+        Ok(WorkerStats::from_counters(cpu, &counters))
+    }
+}
+
+fn start_on_cpu(cpu: u32) -> Result<tokio::runtime::Runtime, WorkerError> {
+    pin_current_thread(cpu).map_err(|source| WorkerError::Pin { cpu, source })?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| WorkerError::Start { cpu, source })
+}
+
+async fn serve(
+    listener: CpuListener,
+    counters: &WorkerCounters,
+    mut shutdown: watch::Receiver<bool>,
+    ready: impl FnOnce(),
+) -> io::Result<()> {
+    let cpu = listener.cpu;
+    match listener.socket.r#type()? {
+        socket2::Type::DGRAM => {
+            let socket = UdpSocket::from_std(StdUdpSocket::from(listener.socket))?;
+            ready();
+            tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => {}
+                () = serve_udp(&socket, cpu, counters) => {}
+            }
+        }
+        _ => {
+            let listener = TcpListener::from_std(StdTcpListener::from(listener.socket))?;
+            ready();
+            tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => {}
+                () = serve_tcp(&listener, cpu, counters) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve_tcp(listener: &TcpListener, cpu: u32, counters: &WorkerCounters) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let incoming_cpu = incoming_cpu(SockRef::from(&stream));
+                count_arrival(counters, cpu, incoming_cpu);
+                // Best effort: a failure only costs latency.
+                let _ = stream.set_nodelay(true);
+                let served_by = ServedBy {
+                    worker_cpu: cpu,
+                    incoming_cpu,
+                };
+                // The runtime is single-threaded: the connection stays on this worker's CPU.
+                tokio::spawn(serve_connection(
+                    stream,
+                    served_by,
+                    Arc::clone(&counters.requests),
+                ));
+            }
+            Err(_) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// UDP: each datagram is answered with the `ServedBy` line, a newline, and the datagram's payload.
+async fn serve_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
+    let mut buffer = vec![0u8; 65536];
+    loop {
+        let (len, peer) = match socket.recv_from(&mut buffer).await {
+            Ok(received) => received,
+            Err(_) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        // For UDP, SO_INCOMING_CPU is that of the last datagram received: this one.
+        let incoming_cpu = incoming_cpu(SockRef::from(socket));
+        count_arrival(counters, cpu, incoming_cpu);
+        let served_by = ServedBy {
+            worker_cpu: cpu,
+            incoming_cpu,
+        };
+        let mut reply = format!("{}\n", served_by.line()).into_bytes();
+        reply.extend_from_slice(&buffer[..len]);
+        match socket.send_to(&reply, peer).await {
+            Ok(_) => counters.requests.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+impl WorkerStats {
+    /// Reads `counters` of the worker on `cpu`.
+    fn from_counters(cpu: u32, counters: &WorkerCounters) -> Self {
+        Self {
+            cpu,
+            accepted: counters.accepted.load(Ordering::Relaxed),
+            local: counters.local.load(Ordering::Relaxed),
+            requests: counters.requests.load(Ordering::Relaxed),
+            errors: counters.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn count_arrival(counters: &WorkerCounters, cpu: u32, incoming_cpu: Option<u32>) {
+    counters.accepted.fetch_add(1, Ordering::Relaxed);
+    if incoming_cpu == Some(cpu) {
+        counters.local.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// `SO_INCOMING_CPU`: the CPU that processed the socket's most recent packet (-1 → `None`).
+fn incoming_cpu(socket: SockRef<'_>) -> Option<u32> {
+    socket
+        .cpu_affinity()
+        .ok()
+        .and_then(|cpu| u32::try_from(cpu).ok())
+}

@@ -1,0 +1,102 @@
+//! `cargo xtask`: the project's tasks. Every task first makes sure the toolchain is installed.
+//!
+//! - `cargo xtask setup`: install nightly rust-src, LLVM 22 and bpf-linker where missing.
+//! - `cargo xtask run --mode percpu|hash [-- serve args]`: build and run `reuseport serve`.
+//! - `cargo xtask test`: formatting, clippy, and every test (unit and integration, which load
+//!   the real BPF program and need root).
+
+mod toolchain;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "reuseport's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building the BPF programs needs (nightly rust-src, llvm-22-dev, bpf-linker).
+    Setup,
+    /// Build (release) and run `reuseport serve`.
+    Run {
+        /// Steering mode passed to `reuseport serve --mode`.
+        #[arg(long, default_value = "percpu", value_parser = ["percpu", "hash"])]
+        mode: String,
+        /// Further `reuseport serve` arguments, after `--` (e.g. `-- --listen [::1]:8080`).
+        #[arg(last = true)]
+        serve_args: Vec<String>,
+    },
+    /// Check formatting and lints, then run every test.
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Further `cargo test` arguments, after `--` (e.g. `-- percpu`).
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    toolchain::ensure()?;
+    match cli.task {
+        Task::Setup => {
+            toolchain::say("toolchain ready: nightly rust-src and bpf-linker are installed");
+            Ok(())
+        }
+        Task::Run { mode, serve_args } => {
+            run_checked(cargo().args(["build", "--release", "--package", "reuseport-user"]))?;
+            let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/release/reuseport");
+            run_checked(
+                Command::new(&binary)
+                    .args(["serve", "--mode", &mode])
+                    .args(&serve_args),
+            )
+        }
+        Task::Test { no_lint, test_args } => {
+            if !toolchain::rustix_free_is_root() {
+                toolchain::say(
+                    "not root: the integration tests load BPF programs and will fail without \
+                     CAP_BPF and CAP_NET_ADMIN",
+                );
+            }
+            if !no_lint {
+                run_checked(cargo().args(["fmt", "--all", "--check"]))?;
+                run_checked(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            }
+            run_checked(cargo().args(["test", "--no-fail-fast"]).args(&test_args))
+        }
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Runs `command`, failing with its name if it does not exit successfully.
+pub fn run_checked(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
