@@ -17,10 +17,24 @@ pub struct WorkerStats {
     pub accepted: u64,
     /// Of those, how many arrived on the worker's own CPU (`SO_INCOMING_CPU == cpu`).
     pub local: u64,
+    /// Of those, how many had no known incoming CPU (UDP: see [`WorkerStats::locality`]).
+    pub unknown_incoming: u64,
     /// HTTP requests answered (TCP) or datagrams answered (UDP).
     pub requests: u64,
     /// Failed accepts, receives or sends.
     pub errors: u64,
+}
+
+impl WorkerStats {
+    /// `local` over the arrivals whose incoming CPU is known; `None` if there are none (always
+    /// the case for UDP, where the kernel does not record `SO_INCOMING_CPU` on unconnected
+    /// sockets: use the steering counters there).
+    pub fn locality(&self) -> Option<f64> {
+        fraction(
+            self.local,
+            self.accepted.saturating_sub(self.unknown_incoming),
+        )
+    }
 }
 
 /// Everything the server counts, at one moment.
@@ -50,6 +64,7 @@ impl Snapshot {
                 cpu: 0,
                 accepted: sum.accepted + w.accepted,
                 local: sum.local + w.local,
+                unknown_incoming: sum.unknown_incoming + w.unknown_incoming,
                 requests: sum.requests + w.requests,
                 errors: sum.errors + w.errors,
             })
@@ -83,6 +98,7 @@ impl Snapshot {
                     cpu: now.cpu,
                     accepted: now.accepted.saturating_sub(before.accepted),
                     local: now.local.saturating_sub(before.local),
+                    unknown_incoming: now.unknown_incoming.saturating_sub(before.unknown_incoming),
                     requests: now.requests.saturating_sub(before.requests),
                     errors: now.errors.saturating_sub(before.errors),
                 }
@@ -132,7 +148,7 @@ impl Snapshot {
                 " | cpu{} {} conn {} local",
                 worker.cpu,
                 worker.accepted,
-                percent(fraction(worker.local, worker.accepted))
+                percent(worker.locality())
             );
         }
         match self.steering_totals() {
@@ -171,7 +187,7 @@ pub struct Summary {
     pub listen: SocketAddr,
     /// Seconds from start to stop.
     pub duration_s: f64,
-    /// Per worker, in CPU order, with `locality` = local / accepted (null when nothing arrived).
+    /// Per worker, in CPU order, with `locality` = local / arrivals with a known incoming CPU.
     pub workers: Vec<WorkerSummary>,
     /// All workers together.
     pub total: WorkerSummary,
@@ -189,11 +205,13 @@ pub struct WorkerSummary {
     pub accepted: u64,
     /// Of those, how many arrived on the worker's own CPU.
     pub local: u64,
+    /// Of those, how many had no known incoming CPU.
+    pub unknown_incoming: u64,
     /// Requests (TCP) or datagrams (UDP) answered.
     pub requests: u64,
     /// Failed accepts, receives or sends.
     pub errors: u64,
-    /// `local / accepted`, null when nothing was accepted.
+    /// `local / (accepted - unknown_incoming)`, null when that is 0.
     pub locality: Option<f64>,
 }
 
@@ -203,9 +221,10 @@ impl WorkerSummary {
             cpu,
             accepted: stats.accepted,
             local: stats.local,
+            unknown_incoming: stats.unknown_incoming,
             requests: stats.requests,
             errors: stats.errors,
-            locality: fraction(stats.local, stats.accepted),
+            locality: stats.locality(),
         }
     }
 }
@@ -336,7 +355,7 @@ impl Summary {
                     s.total.unsteered,
                     s.total.errors,
                     s.ns_per_select.map_or_else(
-                        || "ns/select unavailable (BPF statistics need CAP_SYS_ADMIN)".to_owned(),
+                        || "ns/select unavailable (BPF run-time statistics need CAP_SYS_ADMIN or sysctl kernel.bpf_stats_enabled=1)".to_owned(),
                         |ns| format!(
                             "{ns:.1} ns/select over {} runs",
                             s.program.map_or(0, |p| p.run_count)
@@ -361,6 +380,7 @@ mod tests {
                 cpu: 1,
                 accepted,
                 local,
+                unknown_incoming: 0,
                 requests: accepted,
                 errors: 0,
             }],

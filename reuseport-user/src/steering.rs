@@ -46,15 +46,12 @@ impl std::fmt::Display for SteeringMode {
 /// Errors from loading, filling, attaching or reading the steering program.
 #[derive(Debug, Error)]
 pub enum SteeringError {
-    /// The process lacks the capabilities to load BPF programs.
+    /// The process lacks the capability to load BPF programs.
     #[error(
-        "per-CPU steering loads a BPF program, which needs CAP_BPF and CAP_NET_ADMIN (or root); \
-         this process lacks {missing}. Run as root, or use --mode hash (no BPF)"
+        "per-CPU steering loads a BPF program, which needs CAP_BPF (or CAP_SYS_ADMIN, e.g. root); \
+         this process has neither. Run as root, or use --mode hash (no BPF)"
     )]
-    MissingCapabilities {
-        /// The missing capabilities, e.g. `"CAP_BPF and CAP_NET_ADMIN"`.
-        missing: String,
-    },
+    MissingCapabilities,
     /// The kernel cannot run `SK_REUSEPORT` programs or has no `REUSEPORT_SOCKARRAY` maps.
     #[error(
         "this kernel does not support {what} (Linux >= 4.19 with CONFIG_BPF_SYSCALL is needed); \
@@ -136,10 +133,7 @@ pub struct Steering {
     ebpf: Ebpf,
     possible_cpus: u32,
     live: BTreeSet<u32>,
-    // Keeps the kernel's BPF run-time statistics on while this is alive (BPF_ENABLE_STATS); the
-    // kernel turns them off again when the fd closes, so nothing needs restoring, even after a
-    // crash. `None` where the process may not enable them (needs CAP_SYS_ADMIN).
-    _run_stats: Option<OwnedFd>,
+    run_stats: RunStats,
 }
 
 impl Steering {
@@ -162,7 +156,7 @@ impl Steering {
             });
         }
 
-        let run_stats = enable_stats(Stats::RunTime).ok();
+        let run_stats = RunStats::enable();
         let ebpf = EbpfLoader::new()
             .map_max_entries(names::CPU_LISTENERS, possible_cpus)
             .map_max_entries(names::CPU_FALLBACK, possible_cpus)
@@ -171,7 +165,7 @@ impl Steering {
             ebpf,
             possible_cpus,
             live: BTreeSet::new(),
-            _run_stats: run_stats,
+            run_stats,
         };
         steering.program_mut()?.load()?;
         for &(cpu, fd) in listeners {
@@ -229,7 +223,7 @@ impl Steering {
     /// How often the program ran and for how long, or `None` where the kernel's BPF run-time
     /// statistics could not be enabled (they need CAP_SYS_ADMIN).
     pub fn run_stats(&self) -> Result<Option<ProgramRunStats>, SteeringError> {
-        if self._run_stats.is_none() {
+        if matches!(self.run_stats, RunStats::Off) {
             return Ok(None);
         }
         let info = self.program()?.info()?;
@@ -300,6 +294,29 @@ impl Steering {
     }
 }
 
+/// Whether the kernel keeps BPF run-time statistics (run count and time per program) for us.
+enum RunStats {
+    /// Turned on with BPF_ENABLE_STATS while this fd is open; the kernel turns them off again when
+    /// it closes, so nothing needs restoring, even after a crash. Needs CAP_SYS_ADMIN.
+    Enabled(#[allow(dead_code, reason = "held only to keep statistics on")] OwnedFd),
+    /// Already on system-wide (`sysctl kernel.bpf_stats_enabled=1`).
+    SysctlOn,
+    /// Off, and this process may not turn them on.
+    Off,
+}
+
+impl RunStats {
+    fn enable() -> Self {
+        if let Ok(fd) = enable_stats(Stats::RunTime) {
+            return Self::Enabled(fd);
+        }
+        match fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled") {
+            Ok(value) if value.trim() == "1" => Self::SysctlOn,
+            _ => Self::Off,
+        }
+    }
+}
+
 /// For each of `possible` CPUs, the CPU whose listener takes its connections when its own slot is
 /// empty: the nearest live CPU other than itself by CPU number (the lower one on a tie), or itself
 /// when it is the only live CPU or none is live.
@@ -315,13 +332,14 @@ pub fn fallback_table(possible: u32, live: &BTreeSet<u32>) -> Vec<u32> {
         .collect()
 }
 
-/// The capability bits the steering program needs.
-const CAP_NET_ADMIN: u32 = 12;
+/// Capability bits (linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
 
-/// Fails with the list of missing capabilities if this process cannot load the program.
-/// CAP_SYS_ADMIN implies both (kernels before 5.8 know no CAP_BPF).
+/// Fails if this process cannot load the program: creating the maps and loading an
+/// `SK_REUSEPORT` program needs CAP_BPF, or CAP_SYS_ADMIN (which kernels before 5.8 require, as
+/// they know no CAP_BPF). CAP_NET_ADMIN is not needed: `SK_REUSEPORT` is not one of the kernel's
+/// net-admin program types, and attaching is a plain `setsockopt` on a socket we own.
 fn check_capabilities() -> Result<(), SteeringError> {
     let status = fs::read_to_string("/proc/self/status").map_err(SteeringError::Capabilities)?;
     let effective = status
@@ -331,19 +349,10 @@ fn check_capabilities() -> Result<(), SteeringError> {
         .ok_or_else(|| {
             SteeringError::Capabilities(io::Error::other("no CapEff line in /proc/self/status"))
         })?;
-    let has = |cap: u32| effective & (1 << cap) != 0 || effective & (1 << CAP_SYS_ADMIN) != 0;
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
-        .into_iter()
-        .filter(|&(cap, _)| !has(cap))
-        .map(|(_, name)| name)
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(SteeringError::MissingCapabilities {
-            missing: missing.join(" and "),
-        })
+    if effective & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN) == 0 {
+        return Err(SteeringError::MissingCapabilities);
     }
+    Ok(())
 }
 
 fn check_kernel_support() -> Result<(), SteeringError> {

@@ -64,6 +64,9 @@ pub struct WorkerCounters {
     pub accepted: AtomicU64,
     /// Of those, how many had `SO_INCOMING_CPU` equal to the worker's CPU.
     pub local: AtomicU64,
+    /// Of those, how many had no `SO_INCOMING_CPU` (always so for UDP: the kernel records it only
+    /// for connected UDP sockets).
+    pub unknown_incoming: AtomicU64,
     /// HTTP requests answered (TCP) or replies sent (UDP).
     pub requests: Arc<AtomicU64>,
     /// Failed accepts, receives or sends.
@@ -229,7 +232,9 @@ async fn serve_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
                 continue;
             }
         };
-        // For UDP, SO_INCOMING_CPU is that of the last datagram received: this one.
+        // The kernel updates SO_INCOMING_CPU only for connected UDP sockets, so for this
+        // unconnected one it normally stays unknown; the steering program's per-CPU counters
+        // say where UDP datagrams arrived.
         let incoming_cpu = incoming_cpu(SockRef::from(socket));
         count_arrival(counters, cpu, incoming_cpu);
         let served_by = ServedBy {
@@ -252,6 +257,7 @@ impl WorkerStats {
             cpu,
             accepted: counters.accepted.load(Ordering::Relaxed),
             local: counters.local.load(Ordering::Relaxed),
+            unknown_incoming: counters.unknown_incoming.load(Ordering::Relaxed),
             requests: counters.requests.load(Ordering::Relaxed),
             errors: counters.errors.load(Ordering::Relaxed),
         }
@@ -260,9 +266,11 @@ impl WorkerStats {
 
 fn count_arrival(counters: &WorkerCounters, cpu: u32, incoming_cpu: Option<u32>) {
     counters.accepted.fetch_add(1, Ordering::Relaxed);
-    if incoming_cpu == Some(cpu) {
-        counters.local.fetch_add(1, Ordering::Relaxed);
-    }
+    match incoming_cpu {
+        Some(incoming) if incoming == cpu => counters.local.fetch_add(1, Ordering::Relaxed),
+        Some(_) => 0,
+        None => counters.unknown_incoming.fetch_add(1, Ordering::Relaxed),
+    };
 }
 
 /// `SO_INCOMING_CPU`: the CPU that processed the socket's most recent packet (-1 → `None`).
