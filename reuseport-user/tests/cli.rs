@@ -1,0 +1,286 @@
+//! The `reuseport` binary as a user runs it: live output, JSON summary, clean stop on signals, and
+//! one clear line with a non-zero exit for every bad input, leaving nothing attached.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use aya::programs::loaded_programs;
+use common::*;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_reuseport");
+
+/// A `reuseport serve` process whose stdout lines arrive on a channel.
+struct ServeProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    addr: SocketAddr,
+    program_id: Option<u32>,
+}
+
+impl ServeProcess {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BINARY)
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn reuseport");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the serving line");
+        // "reuseport: serving http on 127.0.0.1:PORT with workers on CPUs ..., steering program id N; ..."
+        let addr = first
+            .split_once(" on ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {first:?}"));
+        let program_id = first
+            .split_once("steering program id ")
+            .and_then(|(_, rest)| rest.split(';').next())
+            .and_then(|id| id.parse().ok());
+        Self {
+            child,
+            lines,
+            addr,
+            program_id,
+        }
+    }
+
+    /// Waits for exit; returns the exit status, the rest of stdout, and stderr.
+    fn finish(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
+        let status = self.child.wait().expect("wait");
+        let stderr = std::io::read_to_string(self.child.stderr.take().expect("stderr"))
+            .expect("read stderr");
+        (status, self.lines.iter().collect(), stderr)
+    }
+}
+
+fn program_is_loaded(id: u32) -> bool {
+    loaded_programs()
+        .filter_map(Result::ok)
+        .any(|program| program.id() == id)
+}
+
+/// The kernel frees a reuseport group, and with it its program, an RCU grace period after the
+/// last socket closes; wait (bounded) for that.
+fn unloaded_soon(id: u32) -> bool {
+    for _ in 0..100 {
+        if !program_is_loaded(id) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BINARY)
+        .args(args)
+        .output()
+        .expect("run reuseport")
+}
+
+/// A failure is exactly one line on stderr, exits with `code`, and mentions `needle`.
+fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+}
+
+#[test]
+fn serve_prints_live_lines_and_a_json_summary_then_unloads_its_program() {
+    let json_path = std::env::temp_dir().join(format!("reuseport-cli-{}.json", std::process::id()));
+    let json_arg = json_path.to_str().expect("utf-8 temp path");
+    let serve = ServeProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--duration",
+        "3s",
+        "--stats-json",
+        json_arg,
+    ]);
+    let program_id = serve.program_id.expect("percpu prints its program id");
+    assert!(program_is_loaded(program_id));
+    let cpus = allowed_cpus();
+    for cpu in cpus.iter() {
+        for served in http_gets_from(cpu, serve.addr, 20) {
+            assert_eq!(served.worker_cpu, cpu);
+        }
+    }
+    let (status, lines, stderr) = serve.finish();
+    assert!(status.success(), "{stderr}");
+    let live: Vec<_> = lines.iter().filter(|l| l.contains("| bpf local")).collect();
+    assert!(live.len() >= 2, "a live line per second: {lines:?}");
+    assert!(
+        live[0].contains("cpu0") && live[0].contains("ns/select"),
+        "{}",
+        live[0]
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("summary: mode percpu")),
+        "{lines:?}"
+    );
+    assert!(
+        unloaded_soon(program_id),
+        "program {program_id} still loaded 5 s after exit"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
+            .expect("valid JSON");
+    let _ = std::fs::remove_file(&json_path);
+    let expected = 20 * cpus.len() as u64;
+    assert_eq!(json["mode"], "percpu");
+    assert_eq!(json["total"]["accepted"], expected);
+    assert_eq!(json["total"]["locality"], 1.0);
+    assert_eq!(json["steering"]["total"]["local"], expected);
+    assert!(
+        json["steering"]["ns_per_select"]
+            .as_f64()
+            .is_some_and(|ns| ns > 0.0)
+    );
+    assert_eq!(json["workers"].as_array().map(Vec::len), Some(cpus.len()));
+}
+
+#[test]
+fn sigterm_stops_serving_and_unloads_the_program() {
+    let serve = ServeProcess::start(&["--listen", "[::1]:0", "--quiet"]);
+    let program_id = serve.program_id.expect("program id");
+    let served = http_get(serve.addr);
+    assert_eq!(served.worker_cpu, served.incoming_cpu);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&serve.child),
+        rustix::process::Signal::TERM,
+    )
+    .expect("kill");
+    let (status, lines, stderr) = serve.finish();
+    assert!(status.success(), "{stderr}");
+    assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:?}");
+    assert!(
+        unloaded_soon(program_id),
+        "program {program_id} still loaded 5 s after exit"
+    );
+}
+
+#[test]
+fn hash_mode_loads_no_program() {
+    let serve = ServeProcess::start(&[
+        "--mode",
+        "hash",
+        "--listen",
+        "127.0.0.1:0",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(serve.program_id, None);
+    http_get(serve.addr);
+    let (status, lines, _) = serve.finish();
+    assert!(status.success());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("bpf: none (kernel hash selection)")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn unknown_mode_is_a_one_line_usage_error() {
+    let output = run(&["serve", "--mode", "fastest"]);
+    assert_one_line_error(&output, 2, "invalid value 'fastest' for '--mode <MODE>'");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("percpu, hash"));
+}
+
+#[test]
+fn malformed_cpu_list_is_a_one_line_usage_error() {
+    let output = run(&["serve", "--cpus", "3-1"]);
+    assert_one_line_error(&output, 2, "range 3-1 is backwards");
+}
+
+#[test]
+fn a_cpu_outside_the_affinity_mask_is_refused() {
+    let allowed = allowed_cpus();
+    let outside = allowed.iter().last().expect("a CPU") + 1;
+    let output = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--cpus",
+        &outside.to_string(),
+    ]);
+    assert_one_line_error(
+        &output,
+        1,
+        &format!("CPU {outside} is not available to this process (allowed CPUs: {allowed})"),
+    );
+}
+
+#[test]
+fn a_port_held_without_so_reuseport_is_refused() {
+    let plain = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = plain.local_addr().expect("addr").to_string();
+    let output = run(&["serve", "--listen", &addr, "--duration", "1s"]);
+    assert_one_line_error(
+        &output,
+        1,
+        "already in use by a socket without SO_REUSEPORT",
+    );
+}
+
+/// `reuseport serve` with every capability dropped (still uid 0, so files stay readable).
+fn without_capabilities(args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--",
+            BINARY,
+            "serve",
+        ])
+        .args(args)
+        .output()
+        .expect("run setpriv (util-linux)")
+}
+
+#[test]
+fn percpu_without_cap_bpf_says_so_and_suggests_hash() {
+    let output = without_capabilities(&["--listen", "127.0.0.1:0", "--duration", "1s"]);
+    assert_one_line_error(&output, 1, "needs CAP_BPF");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--mode hash"));
+}
+
+#[test]
+fn hash_mode_needs_no_capabilities() {
+    let output = without_capabilities(&[
+        "--mode",
+        "hash",
+        "--listen",
+        "127.0.0.1:0",
+        "--duration",
+        "1s",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
