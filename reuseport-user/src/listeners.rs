@@ -25,6 +25,16 @@ pub enum ListenerError {
         /// The address that could not be bound.
         addr: SocketAddr,
     },
+    /// The address already has `SO_REUSEPORT` listeners (another server, or another instance of
+    /// this one); binding would join their group and take part of their connections.
+    #[error(
+        "{addr} is already served by other SO_REUSEPORT sockets (another server?); refusing to \
+         join their group and split their connections (to steer an existing server, attach to it)"
+    )]
+    GroupExists {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
     /// No CPUs were given.
     #[error("no CPUs to create listeners for")]
     NoCpus,
@@ -80,6 +90,9 @@ impl PerCpuListeners {
     ) -> Result<Self, ListenerError> {
         if cpus.is_empty() {
             return Err(ListenerError::NoCpus);
+        }
+        if addr.port() != 0 {
+            refuse_existing_group(addr, protocol)?;
         }
         let mut addr = addr;
         let mut listeners = Vec::with_capacity(cpus.len());
@@ -139,6 +152,44 @@ pub fn bind_one(
     protocol: Protocol,
     backlog: i32,
 ) -> Result<Socket, ListenerError> {
+    let socket = new_socket(addr, protocol, true)?;
+    let in_use_or = |call: &'static str| {
+        move |source: io::Error| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                ListenerError::AddressInUse { addr }
+            } else {
+                ListenerError::Io { call, addr, source }
+            }
+        }
+    };
+    socket
+        .bind(&SockAddr::from(addr))
+        .map_err(in_use_or("bind"))?;
+    if protocol == Protocol::Tcp {
+        // Another non-reuseport socket may have claimed the port between bind and listen.
+        socket.listen(backlog).map_err(in_use_or("listen"))?;
+    }
+    socket
+        .set_nonblocking(true)
+        .map_err(|source| ListenerError::Io {
+            call: "fcntl(O_NONBLOCK)",
+            addr,
+            source,
+        })?;
+    Ok(socket)
+}
+
+/// An unbound socket for `addr`'s family and `protocol`, with `SO_REUSEPORT` if `reuse_port`.
+///
+/// SO_REUSEADDR is set for TCP only: it lets a restarted server bind over its old TIME_WAIT
+/// connections; on UDP it would let unrelated sockets share the port. Both options must be set
+/// before bind: the kernel adds a socket to a reuseport group only at bind (UDP) or listen (TCP)
+/// time, and only if SO_REUSEPORT is already set.
+fn new_socket(
+    addr: SocketAddr,
+    protocol: Protocol,
+    reuse_port: bool,
+) -> Result<Socket, ListenerError> {
     let io_error =
         |call: &'static str| move |source: io::Error| ListenerError::Io { call, addr, source };
     let (kind, proto) = match protocol {
@@ -152,43 +203,38 @@ pub fn bind_one(
             .set_only_v6(true)
             .map_err(io_error("setsockopt(IPV6_V6ONLY)"))?;
     }
-    // Both must be set before bind: the kernel adds a socket to a reuseport group only at bind (UDP)
-    // or listen (TCP) time, and only if SO_REUSEPORT is already set.
-    socket
-        .set_reuse_address(true)
-        .map_err(io_error("setsockopt(SO_REUSEADDR)"))?;
-    socket
-        .set_reuse_port(true)
-        .map_err(io_error("setsockopt(SO_REUSEPORT)"))?;
-    socket.bind(&SockAddr::from(addr)).map_err(|source| {
-        if source.kind() == io::ErrorKind::AddrInUse {
-            ListenerError::AddressInUse { addr }
-        } else {
-            ListenerError::Io {
-                call: "bind",
-                addr,
-                source,
-            }
-        }
-    })?;
     if protocol == Protocol::Tcp {
-        socket.listen(backlog).map_err(|source| {
-            // Another non-reuseport socket may have claimed the port between bind and listen.
-            if source.kind() == io::ErrorKind::AddrInUse {
-                ListenerError::AddressInUse { addr }
-            } else {
-                ListenerError::Io {
-                    call: "listen",
-                    addr,
-                    source,
-                }
-            }
-        })?;
+        socket
+            .set_reuse_address(true)
+            .map_err(io_error("setsockopt(SO_REUSEADDR)"))?;
     }
-    socket
-        .set_nonblocking(true)
-        .map_err(io_error("fcntl(O_NONBLOCK)"))?;
+    if reuse_port {
+        socket
+            .set_reuse_port(true)
+            .map_err(io_error("setsockopt(SO_REUSEPORT)"))?;
+    }
     Ok(socket)
+}
+
+/// Fails if `addr` is already bound. A probe socket *without* `SO_REUSEPORT` cannot bind where any
+/// socket is bound (TIME_WAIT leftovers aside, see [`new_socket`]); if one *with* it can, the
+/// holder is a reuseport group, otherwise a plain socket. Probes are closed again at once.
+fn refuse_existing_group(addr: SocketAddr, protocol: Protocol) -> Result<(), ListenerError> {
+    let bind = |reuse_port| {
+        new_socket(addr, protocol, reuse_port).map(|probe| probe.bind(&SockAddr::from(addr)))
+    };
+    match bind(false)? {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::AddrInUse => match bind(true)? {
+            Ok(()) => Err(ListenerError::GroupExists { addr }),
+            Err(_) => Err(ListenerError::AddressInUse { addr }),
+        },
+        Err(source) => Err(ListenerError::Io {
+            call: "bind",
+            addr,
+            source,
+        }),
+    }
 }
 
 fn local_addr(socket: &Socket, requested: SocketAddr) -> Result<SocketAddr, ListenerError> {
@@ -232,6 +278,39 @@ mod tests {
         let err =
             PerCpuListeners::bind(addr, Protocol::Tcp, &[0].into_iter().collect(), 16).unwrap_err();
         assert!(matches!(err, ListenerError::AddressInUse { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn an_existing_reuseport_group_is_not_joined() {
+        let cpus: CpuList = [0].into_iter().collect();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let first =
+                PerCpuListeners::bind("127.0.0.1:0".parse().unwrap(), protocol, &cpus, 16).unwrap();
+            let err = PerCpuListeners::bind(first.local_addr(), protocol, &cpus, 16).unwrap_err();
+            assert!(matches!(err, ListenerError::GroupExists { .. }), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn a_port_left_in_time_wait_can_be_served_again() {
+        let cpus: CpuList = [0].into_iter().collect();
+        let group = PerCpuListeners::bind("127.0.0.1:0".parse().unwrap(), Protocol::Tcp, &cpus, 16)
+            .unwrap();
+        let addr = group.local_addr();
+        let listener = TcpListener::from(group.into_inner().remove(0).socket);
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (server_side, _) = loop {
+            match listener.accept() {
+                Ok(accepted) => break accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        // The server closes first, so its side of the connection sits in TIME_WAIT on `addr`.
+        drop(server_side);
+        drop(listener);
+        drop(client);
+        PerCpuListeners::bind(addr, Protocol::Tcp, &cpus, 16).expect("rebind over TIME_WAIT");
     }
 
     #[test]

@@ -284,3 +284,16 @@ fn hash_mode_needs_no_capabilities() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn a_second_server_on_the_same_port_does_not_join_the_first() {
+    let first = ServeProcess::start(&["--listen", "127.0.0.1:0", "--duration", "3s", "--quiet"]);
+    let addr = first.addr.to_string();
+    let output = run(&["serve", "--listen", &addr, "--duration", "1s"]);
+    assert_one_line_error(&output, 1, "already served by other SO_REUSEPORT sockets");
+    // The first server is undisturbed: every connection still reaches it, on its own CPU.
+    let served = http_get(first.addr);
+    assert_eq!(served.worker_cpu, served.incoming_cpu);
+    let (status, _, stderr) = first.finish();
+    assert!(status.success(), "{stderr}");
+}
