@@ -18,6 +18,117 @@ pub mod names {
     pub const STEERING_STATS: &str = "steering_stats";
     /// The `SK_REUSEPORT` program that selects the listener of the receiving CPU.
     pub const STEER_TO_CPU: &str = "steer_to_cpu";
+
+    /// `ARRAY` of `u32`: the probes' settings, indexed by [`probe_config`](crate::probe_config).
+    pub const PROBE_CONFIG: &str = "probe_config";
+    /// `PERCPU_ARRAY` with one [`ProbeCounts`](crate::ProbeCounts) per CPU.
+    pub const PROBE_COUNTS: &str = "probe_counts";
+    /// `HASH` of thread ids (`u32` → `u8`) whose wakeups count as the server's.
+    pub const SERVER_TIDS: &str = "server_tids";
+    /// `LRU_HASH` socket address → [`ConnCpus`](crate::ConnCpus): connections being followed.
+    pub const CONN_CPUS: &str = "conn_cpus";
+    /// `PERCPU_ARRAY` of `u64`: when this CPU began waiting for a contended lock.
+    pub const LOCK_START: &str = "lock_start";
+
+    /// Tracepoint programs: `(program, category, tracepoint)`.
+    pub const PROBES: [(&str, &str, &str); 7] = [
+        ("lock_cont_begin", "lock", "contention_begin"),
+        ("lock_cont_end", "lock", "contention_end"),
+        ("sched_waking", "sched", "sched_waking"),
+        ("sock_set_state", "sock", "inet_sock_set_state"),
+        ("sock_recv_len", "sock", "sock_recv_length"),
+        ("sock_send_len", "sock", "sock_send_length"),
+        ("sk_data_ready", "sock", "sk_data_ready"),
+    ];
+}
+
+/// Slots of [`names::PROBE_CONFIG`]: the server port to follow, and the offsets of the tracepoint
+/// fields the probes read (userspace takes them from each tracepoint's `format` file, so the
+/// probes do not depend on one kernel's layout).
+pub mod probe_config {
+    /// TCP port of the server whose connections `conn_cpus` follows (host byte order).
+    pub const SERVER_PORT: u32 = 0;
+    /// `sched_waking`: offset of `pid`.
+    pub const WAKING_PID: u32 = 1;
+    /// `sched_waking`: offset of `target_cpu`.
+    pub const WAKING_TARGET_CPU: u32 = 2;
+    /// `inet_sock_set_state`: offset of `skaddr`.
+    pub const SET_STATE_SKADDR: u32 = 3;
+    /// `inet_sock_set_state`: offset of `newstate`.
+    pub const SET_STATE_NEWSTATE: u32 = 4;
+    /// `inet_sock_set_state`: offset of `sport`.
+    pub const SET_STATE_SPORT: u32 = 5;
+    /// `inet_sock_set_state`: offset of `protocol`.
+    pub const SET_STATE_PROTOCOL: u32 = 6;
+    /// `sock_recv_length`: offset of `sk`.
+    pub const RECV_SK: u32 = 7;
+    /// `sock_send_length`: offset of `sk`.
+    pub const SEND_SK: u32 = 8;
+    /// `sk_data_ready`: offset of `skaddr`.
+    pub const DATA_READY_SK: u32 = 9;
+    /// Number of slots.
+    pub const LEN: u32 = 10;
+}
+
+/// Most CPUs [`ConnCpus`] records per connection; a connection touched by more counts as this many.
+pub const CONN_CPUS_MAX: usize = 4;
+
+/// The distinct CPUs that have touched one connection so far (its SYN softirq, accept, reads,
+/// writes, receive softirqs, close).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCpus {
+    /// The first `len` entries are the CPUs, the SYN's CPU first.
+    pub cpus: [u32; CONN_CPUS_MAX],
+    /// How many entries of `cpus` are used.
+    pub len: u32,
+    /// Whether a read by the server (process context) has been seen yet.
+    pub read_seen: u32,
+}
+
+/// What the experiment probes counted on one CPU. Stored per CPU in [`names::PROBE_COUNTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeCounts {
+    /// `lock:contention_end` events that followed a `contention_begin` on this CPU.
+    pub lock_contended: u64,
+    /// Nanoseconds between those `contention_begin` and `contention_end` events.
+    pub lock_wait_ns: u64,
+    /// `sched:sched_waking` events raised on this CPU.
+    pub wakeups: u64,
+    /// Of those, how many woke a task whose CPU is another one.
+    pub cross_cpu_wakeups: u64,
+    /// Wakeups of the server's threads ([`names::SERVER_TIDS`]).
+    pub server_wakeups: u64,
+    /// Of those, how many were raised on another CPU than the thread's.
+    pub server_cross_cpu_wakeups: u64,
+    /// Server connections that began on this CPU (entered `SYN_RECV` here: their SYN's CPU).
+    pub conns_opened: u64,
+    /// Followed connections that closed, by how many distinct CPUs touched them:
+    /// `conn_cpus[n - 1]` for n = 1..=[`CONN_CPUS_MAX`] (the last also counts more).
+    pub conn_cpus: [u64; CONN_CPUS_MAX],
+    /// Followed connections whose first server read ran on this CPU.
+    pub conns_read: u64,
+    /// Of those, how many were read on their SYN's CPU.
+    pub conns_read_local: u64,
+}
+
+impl ProbeCounts {
+    /// Adds `other` into `self`, field by field.
+    pub fn add(&mut self, other: &Self) {
+        self.lock_contended += other.lock_contended;
+        self.lock_wait_ns += other.lock_wait_ns;
+        self.wakeups += other.wakeups;
+        self.cross_cpu_wakeups += other.cross_cpu_wakeups;
+        self.server_wakeups += other.server_wakeups;
+        self.server_cross_cpu_wakeups += other.server_cross_cpu_wakeups;
+        self.conns_opened += other.conns_opened;
+        for (sum, n) in self.conn_cpus.iter_mut().zip(other.conn_cpus) {
+            *sum += n;
+        }
+        self.conns_read += other.conns_read;
+        self.conns_read_local += other.conns_read_local;
+    }
 }
 
 /// Upper bound on the number of CPU slots the BPF maps are compiled with.
@@ -58,7 +169,11 @@ impl SteeringStats {
     }
 }
 
-// SAFETY: `SteeringStats` is `#[repr(C)]`, made only of `u64`s, so it has no padding and every bit
-// pattern is valid.
+// SAFETY: these are `#[repr(C)]` and made only of `u32`/`u64` fields laid out without padding, so
+// every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SteeringStats {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ProbeCounts {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ConnCpus {}

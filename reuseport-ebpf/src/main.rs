@@ -2,9 +2,11 @@
 //!
 //! One job per file:
 //! - [`select`]: the `SK_REUSEPORT` program that keeps each connection on the CPU that received it.
+//! - [`probes`]: tracepoint probes that the experiments attach only while they measure.
 #![no_std]
 #![no_main]
 
+mod probes;
 mod select;
 
 #[cfg(not(test))]

@@ -15,6 +15,7 @@
 //! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
 //! - [`stats`]: counters, live line and JSON summary.
 //! - [`server`]: all of the above started and stopped together ([`Server`]).
+//! - [`load`]: the built-in load generator (crr, rr, udp; closed or open loop, HdrHistogram).
 //!
 //! ```no_run
 //! use reuseport::{Server, ServerConfig, SteeringMode};
@@ -30,6 +31,7 @@
 pub mod cpus;
 pub mod http;
 pub mod listeners;
+pub mod load;
 pub mod server;
 pub mod stats;
 pub mod steering;

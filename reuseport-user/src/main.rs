@@ -18,6 +18,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, error::ErrorKind};
 use reuseport::{
     CpuList, Protocol, Server, ServerConfig, SteeringMode,
+    load::{LoadConfig, LoadKind},
     stats::{Snapshot, Summary},
 };
 
@@ -38,6 +39,43 @@ enum Command {
     /// datagram with `worker-cpu=N incoming-cpu=M`, a newline and the datagram. A live line per
     /// second shows per-CPU connections, locality and the steering program's counters.
     Serve(ServeArgs),
+    /// Generate load against a server: crr (a new connection per HTTP request), rr (keep-alive),
+    /// or udp; closed loop, or open loop at --rate with latency from the scheduled start.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// The server to load.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    target: SocketAddr,
+    /// crr: connect, one request, close; rr: keep-alive requests; udp: datagram request/reply.
+    #[arg(long, value_enum, default_value_t = LoadKind::Crr)]
+    kind: LoadKind,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Stop after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Stop after this many requests in all.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_requests: u64,
+    /// Open loop: this many requests per second in all (default: closed loop).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// CPUs for client threads (one thread per CPU; default: every CPU this process may use).
+    #[arg(long)]
+    cpus: Option<CpuList>,
+    /// Pin each client thread to its CPU (a pinned loopback client's SYN is processed there).
+    #[arg(long)]
+    pin: bool,
+    /// Count a request as failed after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    timeout: Duration,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +114,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Load(args) => load(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,5 +205,45 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     println!("reuseport: stopped; all listeners closed, steering detached");
+    Ok(())
+}
+
+fn load(args: LoadArgs) -> anyhow::Result<()> {
+    let allowed = CpuList::allowed()?;
+    let cpus = match args.cpus {
+        Some(cpus) => cpus.within(&allowed)?,
+        None => allowed,
+    };
+    let report = reuseport::load::run(&LoadConfig {
+        target: args.target,
+        kind: args.kind,
+        connections: args.connections,
+        duration: args.duration,
+        max_requests: args.max_requests,
+        rate: args.rate,
+        cpus,
+        pin: args.pin,
+        request_timeout: args.timeout,
+    })?;
+    println!(
+        "load: {:?} against {} for {:.1}s: {} requests ({:.0}/s), {} connections ({:.0}/s), {} errors; \
+         latency p50 {:.0}us p99 {:.0}us p99.9 {:.0}us max {:.0}us",
+        args.kind,
+        args.target,
+        report.duration_s,
+        report.requests,
+        report.req_per_s,
+        report.connections,
+        report.conn_per_s,
+        report.errors,
+        report.p50_us,
+        report.p99_us,
+        report.p999_us,
+        report.max_us
+    );
+    if let Some(path) = args.json {
+        let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
+        fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
