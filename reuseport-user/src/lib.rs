@@ -16,6 +16,7 @@
 //! - [`stats`]: counters, live line and JSON summary.
 //! - [`server`]: all of the above started and stopped together ([`Server`]).
 //! - [`load`]: the built-in load generator (crr, rr, udp; closed or open loop, HdrHistogram).
+//! - [`experiment`]: the A/B harness behind `reuseport ab` / `cargo xtask ab`.
 //!
 //! ```no_run
 //! use reuseport::{Server, ServerConfig, SteeringMode};
@@ -29,6 +30,7 @@
 //! ```
 
 pub mod cpus;
+pub mod experiment;
 pub mod http;
 pub mod listeners;
 pub mod load;

@@ -92,7 +92,7 @@ pub struct LoadConfig {
 }
 
 /// The outcome of a load run.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct LoadReport {
     /// Requests answered.
     pub requests: u64,
@@ -148,7 +148,10 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     if config.cpus.is_empty() {
         return Err(LoadError::Invalid("no client CPUs"));
     }
-    if config.rate.is_some_and(|rate| !rate.is_finite() || rate <= 0.0) {
+    if config
+        .rate
+        .is_some_and(|rate| !rate.is_finite() || rate <= 0.0)
+    {
         return Err(LoadError::Invalid("rate must be a positive number"));
     }
     let shared = Arc::new(Shared {

@@ -18,6 +18,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, error::ErrorKind};
 use reuseport::{
     CpuList, Protocol, Server, ServerConfig, SteeringMode,
+    experiment::{
+        report::Report,
+        runner::{AbConfig, Progress},
+        topology::TopologyKind,
+    },
     load::{LoadConfig, LoadKind},
     stats::{Snapshot, Summary},
 };
@@ -42,6 +47,50 @@ enum Command {
     /// Generate load against a server: crr (a new connection per HTTP request), rr (keep-alive),
     /// or udp; closed loop, or open loop at --rate with latency from the scheduled start.
     Load(LoadArgs),
+    /// Compare steering modes (and peers) under the same load: lock contention, cross-CPU
+    /// wakeups, IPIs, CPUs per connection, throughput and latency, interleaved repetitions.
+    ///
+    /// Writes DIR/results.json (every run and the summary) and DIR/results.svg, and prints a
+    /// table of median [min-max] per mode with the percpu/hash ratio. Needs root.
+    Ab(AbArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AbArgs {
+    /// Steering modes to compare, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "hash,percpu")]
+    modes: Vec<SteeringMode>,
+    /// veth: server and clients in two namespaces, RPS spreading SYNs over CPUs by flow hash;
+    /// loopback: clients pinned round-robin to CPUs.
+    #[arg(long, value_enum, default_value_t = TopologyKind::Veth)]
+    topology: TopologyKind,
+    /// crr: a new connection per request; rr: keep-alive; udp: datagram request/reply.
+    #[arg(long, value_enum, default_value_t = LoadKind::Crr)]
+    load: LoadKind,
+    /// Measured time per run.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Unmeasured run per row before the first repetition.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    warmup: Duration,
+    /// Repetitions of every row.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// A short run for a first look or CI: 2 reps of 3 s after a 1 s warm-up.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for results.json, results.svg and per-run files.
+    #[arg(long, default_value = "ab-results")]
+    out: PathBuf,
+    /// Also run a peer server as a row: nginx (Debian's, reuseport, one pinned worker per CPU).
+    #[arg(long, value_parser = ["nginx"])]
+    peer: Option<String>,
+    /// Also run wrk against our server and report its req/s beside the built-in generator's.
+    #[arg(long, value_parser = ["wrk"])]
+    cross_check: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,6 +164,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Load(args) => load(args),
+        Command::Ab(args) => ab(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -245,5 +295,60 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
         fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok(())
+}
+
+fn ab(args: AbArgs) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handler")?;
+    }
+    let (duration, warmup, reps) = if args.quick {
+        (Duration::from_secs(3), Duration::from_secs(1), 2)
+    } else {
+        (args.duration, args.warmup, args.reps)
+    };
+    let config = AbConfig {
+        binary: std::env::current_exe().context("finding the reuseport binary")?,
+        modes: args.modes,
+        peer_nginx: args.peer.is_some(),
+        cross_check_wrk: args.cross_check.is_some(),
+        topology: args.topology,
+        load: args.load,
+        connections: args.connections,
+        duration,
+        warmup,
+        reps,
+        out: args.out,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} runs, {msg} (about {eta} left)",
+        )
+        .context("progress bar template")?,
+    );
+    let results = reuseport::experiment::runner::run(&config, &stop, |progress| match progress {
+        Progress::Run {
+            index,
+            total,
+            label,
+        } => {
+            bar.set_length(total as u64);
+            bar.set_position(index as u64);
+            bar.set_message(label);
+        }
+        Progress::Note(note) => bar.println(note),
+    });
+    bar.finish_and_clear();
+    let results = results?;
+    let report = Report::new(&config, results, CpuList::allowed()?.len());
+    print!("{}", report.table());
+    let json = config.out.join("results.json");
+    let svg = config.out.join("results.svg");
+    report.write_json(&json)?;
+    report.write_svg(&svg)?;
+    println!("wrote {} and {}", json.display(), svg.display());
     Ok(())
 }

@@ -2,6 +2,7 @@
 //!
 //! - `cargo xtask setup`: install nightly rust-src, LLVM 22 and bpf-linker where missing.
 //! - `cargo xtask run --mode percpu|hash [-- serve args]`: build and run `reuseport serve`.
+//! - `cargo xtask ab [reuseport ab args]`: build and run the A/B experiment.
 //! - `cargo xtask test`: formatting, clippy, and every test (unit and integration, which load
 //!   the real BPF program and need root).
 
@@ -31,6 +32,12 @@ enum Task {
         /// Further `reuseport serve` arguments, after `--` (e.g. `-- --listen [::1]:8080`).
         #[arg(last = true)]
         serve_args: Vec<String>,
+    },
+    /// Build (release) and run `reuseport ab`: the A/B experiment (see `reuseport ab --help`).
+    Ab {
+        /// `reuseport ab` arguments, e.g. `--quick`, `--modes hash,percpu --peer nginx`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ab_args: Vec<String>,
     },
     /// Check formatting and lints, then run every test.
     Test {
@@ -62,13 +69,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::Run { mode, serve_args } => {
             run_checked(cargo().args(["build", "--release", "--package", "reuseport-user"]))?;
-            let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/release/reuseport");
             run_checked(
-                Command::new(&binary)
+                Command::new(release_binary())
                     .args(["serve", "--mode", &mode])
                     .args(&serve_args),
             )
+        }
+        Task::Ab { ab_args } => {
+            let mut packages = vec!["iproute2"];
+            if ab_args.iter().any(|arg| arg.contains("nginx")) {
+                packages.push("nginx");
+            }
+            if ab_args.iter().any(|arg| arg.contains("wrk")) {
+                packages.push("wrk");
+            }
+            toolchain::ensure_apt_packages(&packages, "the A/B experiment runs them")?;
+            run_checked(cargo().args(["build", "--release", "--package", "reuseport-user"]))?;
+            run_checked(Command::new(release_binary()).arg("ab").args(&ab_args))
         }
         Task::Test { no_lint, test_args } => {
             if !toolchain::rustix_free_is_root() {
@@ -84,6 +101,11 @@ fn run(cli: Cli) -> Result<()> {
             run_checked(cargo().args(["test", "--no-fail-fast"]).args(&test_args))
         }
     }
+}
+
+/// `target/release/reuseport` of this workspace.
+fn release_binary() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/reuseport")
 }
 
 fn cargo() -> Command {

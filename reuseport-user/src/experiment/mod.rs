@@ -1,0 +1,19 @@
+//! A/B experiments: does steering each connection to the CPU that received it reduce lock
+//! contention, cross-CPU wakeups and cache traffic, and what does that do to throughput and tail
+//! latency, against the kernel's hash selection?
+//!
+//! - [`topology`]: namespaces + veth + RPS, or loopback with pinned clients; always torn down.
+//! - [`probes`]: tracepoint BPF programs (lock contention, wakeups, per-connection CPUs) and IPIs.
+//! - [`hw_counters`]: hardware counters where the machine has them (`unsupported` otherwise).
+//! - [`runner`]: runs the real `reuseport serve` / `reuseport load` (and peers) per row and
+//!   repetition, interleaved, with probes attached only while measuring.
+//! - [`peers`]: nginx as a row, wrk as a cross-check.
+//! - [`report`]: medians and ranges, ratios, table, JSON, SVG.
+
+pub(crate) mod child;
+pub mod hw_counters;
+pub mod peers;
+pub mod probes;
+pub mod report;
+pub mod runner;
+pub mod topology;

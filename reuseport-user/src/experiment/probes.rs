@@ -1,0 +1,253 @@
+//! The experiment's probes: the tracepoint programs of `reuseport-ebpf/src/probes.rs`, attached
+//! only while a run is measured, plus IPI counts from `/proc/interrupts`.
+
+use std::{fs, io, path::Path};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, MapError, PerCpuArray},
+    programs::{ProgramError, TracePoint},
+};
+use reuseport_common::{ProbeCounts, names, probe_config as cfg};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::steering::BPF_OBJECT;
+
+/// Errors from attaching or reading the probes.
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    /// tracefs is not mounted and could not be mounted.
+    #[error("mounting tracefs on /sys/kernel/tracing failed")]
+    Tracefs(#[source] io::Error),
+    /// A tracepoint's `format` file is missing or lacks a field.
+    #[error("tracepoint {tracepoint}: {problem}")]
+    Format {
+        /// `category/name`.
+        tracepoint: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Loading the BPF object failed.
+    #[error("loading the probes failed")]
+    Load(#[from] EbpfError),
+    /// Loading or attaching a program failed.
+    #[error("probe {name}")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("probe map operation failed")]
+    Map(#[from] MapError),
+    /// The object lacks a map or program this code expects.
+    #[error("the BPF object has no {0}")]
+    Missing(&'static str),
+    /// `/proc/interrupts` could not be read.
+    #[error("reading /proc/interrupts failed")]
+    Interrupts(#[source] io::Error),
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// The probes, attached to their tracepoints until dropped.
+pub struct Probes {
+    ebpf: Ebpf,
+}
+
+/// What the probes counted, summed over CPUs, plus the SYN CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ProbeTotals {
+    /// Contended lock waits (`lock:contention_begin` → `contention_end`), machine-wide.
+    pub lock_contended: u64,
+    /// Nanoseconds spent in those waits.
+    pub lock_wait_ns: u64,
+    /// Wakeups machine-wide, and those raised on another CPU than the woken task's.
+    pub wakeups: u64,
+    /// Cross-CPU wakeups machine-wide.
+    pub cross_cpu_wakeups: u64,
+    /// Wakeups of the server's threads.
+    pub server_wakeups: u64,
+    /// Of those, raised on another CPU than the thread's.
+    pub server_cross_cpu_wakeups: u64,
+    /// Server connections seen entering `SYN_RECV`, per CPU (index = the SYN's CPU).
+    pub syn_cpus: Vec<u64>,
+    /// Closed server connections by distinct CPUs that touched them: `[1, 2, 3, 4+]`.
+    pub conn_cpus: [u64; reuseport_common::CONN_CPUS_MAX],
+    /// Connections whose first server read was seen, and of those read on their SYN's CPU.
+    pub conns_read: u64,
+    /// See `conns_read`.
+    pub conns_read_local: u64,
+}
+
+impl ProbeTotals {
+    /// Closed connections followed from SYN to close.
+    pub fn conns_closed(&self) -> u64 {
+        self.conn_cpus.iter().sum()
+    }
+
+    /// Mean number of distinct CPUs per closed connection (4 stands for "4 or more").
+    pub fn cpus_per_conn(&self) -> Option<f64> {
+        let weighted: u64 = (1..).zip(self.conn_cpus).map(|(n, count)| n * count).sum();
+        crate::stats::fraction(weighted, self.conns_closed())
+    }
+
+    /// Fraction of closed connections touched by more than one CPU.
+    pub fn cross_cpu_conn_fraction(&self) -> Option<f64> {
+        crate::stats::fraction(self.conns_closed() - self.conn_cpus[0], self.conns_closed())
+    }
+}
+
+impl Probes {
+    /// Loads the probes and attaches them; `server_port` selects the connections to follow.
+    pub fn attach(server_port: u16) -> Result<Self, ProbeError> {
+        mount_tracefs()?;
+        let mut ebpf = EbpfLoader::new().load(BPF_OBJECT)?;
+        let offsets = [
+            (cfg::WAKING_PID, "sched/sched_waking", "pid"),
+            (cfg::WAKING_TARGET_CPU, "sched/sched_waking", "target_cpu"),
+            (cfg::SET_STATE_SKADDR, "sock/inet_sock_set_state", "skaddr"),
+            (
+                cfg::SET_STATE_NEWSTATE,
+                "sock/inet_sock_set_state",
+                "newstate",
+            ),
+            (cfg::SET_STATE_SPORT, "sock/inet_sock_set_state", "sport"),
+            (
+                cfg::SET_STATE_PROTOCOL,
+                "sock/inet_sock_set_state",
+                "protocol",
+            ),
+            (cfg::RECV_SK, "sock/sock_recv_length", "sk"),
+            (cfg::SEND_SK, "sock/sock_send_length", "sk"),
+            (cfg::DATA_READY_SK, "sock/sk_data_ready", "skaddr"),
+        ];
+        {
+            let map = ebpf
+                .map_mut(names::PROBE_CONFIG)
+                .ok_or(ProbeError::Missing(names::PROBE_CONFIG))?;
+            let mut config = Array::<_, u32>::try_from(map)?;
+            config.set(cfg::SERVER_PORT, u32::from(server_port), 0)?;
+            for (slot, tracepoint, field) in offsets {
+                config.set(slot, field_offset(tracepoint, field)?, 0)?;
+            }
+        }
+        for (name, category, tracepoint) in names::PROBES {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::Missing(name))?
+                .try_into()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            program
+                .attach(category, tracepoint)
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Counts wakeups of these threads as the server's.
+    pub fn watch_threads(&mut self, tids: impl IntoIterator<Item = u32>) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut(names::SERVER_TIDS)
+            .ok_or(ProbeError::Missing(names::SERVER_TIDS))?;
+        let mut server_tids = HashMap::<_, u32, u8>::try_from(map)?;
+        for tid in tids {
+            server_tids.insert(tid, 1, 0)?;
+        }
+        Ok(())
+    }
+
+    /// What the probes have counted so far.
+    pub fn totals(&self) -> Result<ProbeTotals, ProbeError> {
+        let map = self
+            .ebpf
+            .map(names::PROBE_COUNTS)
+            .ok_or(ProbeError::Missing(names::PROBE_COUNTS))?;
+        let per_cpu = PerCpuArray::<_, ProbeCounts>::try_from(map)?.get(&0, 0)?;
+        let mut sum = ProbeCounts::default();
+        for counts in per_cpu.iter() {
+            sum.add(counts);
+        }
+        Ok(ProbeTotals {
+            lock_contended: sum.lock_contended,
+            lock_wait_ns: sum.lock_wait_ns,
+            wakeups: sum.wakeups,
+            cross_cpu_wakeups: sum.cross_cpu_wakeups,
+            server_wakeups: sum.server_wakeups,
+            server_cross_cpu_wakeups: sum.server_cross_cpu_wakeups,
+            syn_cpus: per_cpu.iter().map(|c| c.conns_opened).collect(),
+            conn_cpus: sum.conn_cpus,
+            conns_read: sum.conns_read,
+            conns_read_local: sum.conns_read_local,
+        })
+    }
+}
+
+/// Mounts tracefs where the kernel and aya expect it, unless it is already there.
+fn mount_tracefs() -> Result<(), ProbeError> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    rustix::mount::mount(
+        "tracefs",
+        TRACEFS,
+        "tracefs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .map_err(|err| ProbeError::Tracefs(err.into()))
+}
+
+/// The byte offset of `field` in `tracepoint`'s record, from its `format` file, e.g.
+/// `field:int target_cpu; offset:32; size:4; signed:1;`.
+pub fn field_offset(tracepoint: &str, field: &str) -> Result<u32, ProbeError> {
+    let path = Path::new(TRACEFS)
+        .join("events")
+        .join(tracepoint)
+        .join("format");
+    let problem = |problem: String| ProbeError::Format {
+        tracepoint: tracepoint.to_owned(),
+        problem,
+    };
+    let format = fs::read_to_string(&path)
+        .map_err(|err| problem(format!("reading {}: {err}", path.display())))?;
+    format
+        .lines()
+        .find_map(|line| {
+            let (declaration, rest) = line.trim().strip_prefix("field:")?.split_once(';')?;
+            let name = declaration.split_whitespace().last()?;
+            let name = name.split('[').next()?;
+            if name != field {
+                return None;
+            }
+            rest.split(';')
+                .find_map(|part| part.trim().strip_prefix("offset:"))
+                .and_then(|offset| offset.parse().ok())
+        })
+        .ok_or_else(|| problem(format!("no field {field}")))
+}
+
+/// Rescheduling plus function-call IPIs received so far, over all CPUs (`RES` and `CAL` rows of
+/// `/proc/interrupts`).
+pub fn ipi_count() -> Result<u64, ProbeError> {
+    let text = fs::read_to_string("/proc/interrupts").map_err(ProbeError::Interrupts)?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let (name, counts) = line.trim_start().split_once(':')?;
+            matches!(name, "RES" | "CAL").then_some(counts)
+        })
+        .flat_map(|counts| {
+            counts
+                .split_whitespace()
+                .map_while(|word| word.parse::<u64>().ok())
+        })
+        .sum())
+}

@@ -1,0 +1,611 @@
+//! The A/B runner: the same `reuseport serve` and `reuseport load` a user runs, as child
+//! processes on each side of a [`Topology`], one run per row (mode or peer) and repetition,
+//! interleaved (A B A B …) after a warm-up, with the probes attached only while load runs.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{self, BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use serde::Serialize;
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::{
+    cpus::{CpuError, CpuList},
+    experiment::{
+        child::ChildGuard,
+        hw_counters::{HwCount, HwCounters},
+        probes::{ProbeError, ProbeTotals, Probes, ipi_count},
+        topology::{Topology, TopologyError, TopologyKind},
+    },
+    load::{LoadKind, LoadReport},
+    steering::SteeringMode,
+};
+
+/// Errors that end an experiment.
+#[derive(Debug, Error)]
+pub enum RunnerError {
+    /// Creating the topology failed.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// Attaching or reading probes failed.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    /// Reading CPUs failed.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// A child process failed.
+    #[error("{what}: {detail}")]
+    Child {
+        /// Which process.
+        what: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Writing or reading a file failed.
+    #[error("{path}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Stopped by Ctrl-C or SIGTERM.
+    #[error("interrupted")]
+    Interrupted,
+    /// The configuration cannot run.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One row of the comparison: a steering mode of our server, or a peer server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Row {
+    /// `reuseport serve --mode <mode>`.
+    Mode(SteeringMode),
+    /// Debian's nginx with `reuseport`, one worker per CPU, `worker_cpu_affinity auto`.
+    Nginx,
+}
+
+impl std::fmt::Display for Row {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Mode(mode) => mode.fmt(f),
+            Self::Nginx => f.write_str("nginx"),
+        }
+    }
+}
+
+/// What to compare and how.
+#[derive(Clone, Debug)]
+pub struct AbConfig {
+    /// The `reuseport` binary to run as server and load generator.
+    pub binary: PathBuf,
+    /// Steering modes to compare (rows), in order.
+    pub modes: Vec<SteeringMode>,
+    /// Also run nginx as a row.
+    pub peer_nginx: bool,
+    /// Also run `wrk` against our server and report its req/s beside the built-in generator's.
+    pub cross_check_wrk: bool,
+    /// Where server and clients run.
+    pub topology: TopologyKind,
+    /// The load.
+    pub load: LoadKind,
+    /// Concurrent clients.
+    pub connections: usize,
+    /// Measured time per run.
+    pub duration: Duration,
+    /// Unmeasured time per row before the first repetition.
+    pub warmup: Duration,
+    /// Repetitions of every row.
+    pub reps: usize,
+    /// Directory for results.json, results.svg and per-run files.
+    pub out: PathBuf,
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRecord {
+    /// The row.
+    pub row: String,
+    /// Repetition, from 1.
+    pub rep: usize,
+    /// The derived metrics (see `experiment::report::METRICS`).
+    pub metrics: BTreeMap<&'static str, Metric>,
+    /// The load generator's report.
+    pub load: LoadReport,
+    /// The server's `--stats-json` summary (null for peers).
+    pub server: Value,
+    /// What the probes counted.
+    pub probes: ProbeTotals,
+    /// IPIs (RES + CAL) during the run.
+    pub ipis: u64,
+    /// Hardware counters during the run.
+    pub hw: BTreeMap<&'static str, HwCount>,
+}
+
+/// One metric of one run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Metric {
+    /// A value.
+    Value(f64),
+    /// The machine cannot measure it (e.g. hardware counters in a VM).
+    Unsupported(&'static str),
+    /// Not applicable to this row (e.g. steering cost without a program).
+    None(()),
+}
+
+impl Metric {
+    fn from_option(value: Option<f64>) -> Self {
+        value.map_or(Self::None(()), Self::Value)
+    }
+
+    /// The value, if there is one.
+    pub fn value(&self) -> Option<f64> {
+        match self {
+            Self::Value(v) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+/// Progress events for a progress bar.
+#[derive(Clone, Debug)]
+pub enum Progress {
+    /// A run begins: `index` of `total` (warm-ups included).
+    Run {
+        /// Index from 0.
+        index: usize,
+        /// Total runs.
+        total: usize,
+        /// Human description, e.g. `rep 2/5 percpu`.
+        label: String,
+    },
+    /// A note worth printing (e.g. SYN spread check).
+    Note(String),
+}
+
+/// Every run and the wrk cross-check.
+#[derive(Clone, Debug, Serialize)]
+pub struct AbResults {
+    /// The measured runs in the order they ran.
+    pub runs: Vec<RunRecord>,
+    /// `wrk` vs built-in generator, when asked for.
+    pub cross_check: Option<CrossCheck>,
+}
+
+/// wrk's req/s beside the built-in generator's for the same server and mode.
+#[derive(Clone, Debug, Serialize)]
+pub struct CrossCheck {
+    /// The mode both measured.
+    pub mode: String,
+    /// wrk's requests per second.
+    pub wrk_req_per_s: f64,
+    /// The built-in generator's median requests per second for that mode.
+    pub builtin_req_per_s: f64,
+    /// wrk / built-in.
+    pub ratio: f64,
+}
+
+/// Runs the experiment. `stop` ends it early (Ctrl-C); `progress` sees each run start.
+pub fn run(
+    config: &AbConfig,
+    stop: &AtomicBool,
+    mut progress: impl FnMut(Progress),
+) -> Result<AbResults, RunnerError> {
+    if config.modes.is_empty() && !config.peer_nginx {
+        return Err(RunnerError::Invalid("nothing to compare: no modes".into()));
+    }
+    if config.reps == 0 {
+        return Err(RunnerError::Invalid("reps must be at least 1".into()));
+    }
+    if config.peer_nginx && config.load == LoadKind::Udp {
+        return Err(RunnerError::Invalid(
+            "nginx serves HTTP: use --load crr or rr".into(),
+        ));
+    }
+    fs::create_dir_all(&config.out).map_err(|source| RunnerError::File {
+        path: config.out.clone(),
+        source,
+    })?;
+    let cpus = CpuList::allowed()?;
+    let topology = Topology::create(config.topology, &cpus)?;
+    let mut rows: Vec<Row> = config.modes.iter().copied().map(Row::Mode).collect();
+    if config.peer_nginx {
+        rows.push(Row::Nginx);
+    }
+    let warmups = if config.warmup.is_zero() {
+        0
+    } else {
+        rows.len()
+    };
+    let total = warmups + rows.len() * config.reps + usize::from(config.cross_check_wrk);
+    let mut index = 0;
+    let mut step = |label: String, progress: &mut dyn FnMut(Progress)| {
+        progress(Progress::Run {
+            index,
+            total,
+            label,
+        });
+        index += 1;
+    };
+
+    for &row in rows.iter().take(warmups) {
+        step(format!("warm-up {row}"), &mut progress);
+        measure(config, &topology, &cpus, row, 0, config.warmup, stop, false)?;
+    }
+    let mut runs = Vec::new();
+    for rep in 1..=config.reps {
+        // A B A B …, with the order flipped every other repetition so no row always goes first.
+        let order: Vec<Row> = if rep % 2 == 0 {
+            rows.iter().rev().copied().collect()
+        } else {
+            rows.clone()
+        };
+        for row in order {
+            step(format!("rep {rep}/{} {row}", config.reps), &mut progress);
+            let record = measure(
+                config,
+                &topology,
+                &cpus,
+                row,
+                rep,
+                config.duration,
+                stop,
+                true,
+            )?
+            .ok_or(RunnerError::Interrupted)?;
+            if topology.kind() == TopologyKind::Veth {
+                note_syn_spread(&record, &mut progress);
+            }
+            runs.push(record);
+        }
+    }
+    let cross_check = if config.cross_check_wrk {
+        step("wrk cross-check".into(), &mut progress);
+        Some(cross_check_wrk(config, &topology, &cpus, &runs, stop)?)
+    } else {
+        None
+    };
+    Ok(AbResults { runs, cross_check })
+}
+
+fn note_syn_spread(record: &RunRecord, progress: &mut impl FnMut(Progress)) {
+    let syns: u64 = record.probes.syn_cpus.iter().sum();
+    let busiest = record.probes.syn_cpus.iter().copied().max().unwrap_or(0);
+    if let Some(share) = crate::stats::fraction(busiest, syns)
+        && share > 0.9
+        && record.probes.syn_cpus.len() > 1
+    {
+        progress(Progress::Note(format!(
+            "warning: {:.0}% of SYNs were processed on one CPU in this run: RPS is not \
+             spreading flows (check /sys/class/net/*/queues/rx-0/rps_cpus)",
+            share * 100.0
+        )));
+    }
+}
+
+/// A server under test, started on the server side of the topology.
+struct RunningServer {
+    guard: ChildGuard,
+    addr: SocketAddr,
+    stats_json: Option<PathBuf>,
+}
+
+fn start_server(
+    config: &AbConfig,
+    topology: &Topology,
+    cpus: &CpuList,
+    row: Row,
+    files: &Path,
+    limit: Duration,
+) -> Result<RunningServer, RunnerError> {
+    match row {
+        Row::Mode(mode) => {
+            let stats_json = files.join("server.json");
+            let mut command = Command::new(&config.binary);
+            command
+                .arg("serve")
+                .args(["--mode", &mode.to_string()])
+                .args([
+                    "--listen",
+                    &SocketAddr::new(topology.server_ip(), 0).to_string(),
+                ])
+                .args(["--cpus", &cpus.to_string()])
+                .args(["--duration", &format!("{}s", limit.as_secs())])
+                .arg("--stats-json")
+                .arg(&stats_json)
+                .arg("--quiet")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if config.load == LoadKind::Udp {
+                command.args(["--proto", "udp"]);
+            }
+            topology.server_side(&mut command)?;
+            let mut guard = ChildGuard::spawn(command, format!("reuseport serve --mode {mode}"))?;
+            let addr = serving_address(&mut guard)?;
+            Ok(RunningServer {
+                guard,
+                addr,
+                stats_json: Some(stats_json),
+            })
+        }
+        Row::Nginx => {
+            let (guard, addr) =
+                crate::experiment::peers::start_nginx(topology, cpus, files, config.connections)?;
+            Ok(RunningServer {
+                guard,
+                addr,
+                stats_json: None,
+            })
+        }
+    }
+}
+
+/// Reads `reuseport serve`'s first stdout line ("... serving http on ADDR with ...").
+fn serving_address(guard: &mut ChildGuard) -> Result<SocketAddr, RunnerError> {
+    let stdout = guard
+        .child_mut()
+        .stdout
+        .take()
+        .ok_or_else(|| RunnerError::Child {
+            what: guard.what().to_owned(),
+            detail: "no stdout".into(),
+        })?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        // Keep draining so the server never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(Some(Ok(line))) => line,
+        _ => {
+            let stderr = guard.kill_and_read_stderr();
+            return Err(RunnerError::Child {
+                what: guard.what().to_owned(),
+                detail: format!("did not start serving: {}", stderr.trim()),
+            });
+        }
+    };
+    line.split_once(" on ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .ok_or_else(|| RunnerError::Child {
+            what: guard.what().to_owned(),
+            detail: format!("unexpected first line {line:?}"),
+        })
+}
+
+/// The thread ids of `pid` and, for a prefork server, its children (`/proc/PID/task/*`).
+pub fn server_threads(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    pids.extend(crate::experiment::peers::children_of(pid));
+    pids.iter()
+        .flat_map(|pid| {
+            fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        })
+        .collect()
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one internal call site per phase"
+)]
+fn measure(
+    config: &AbConfig,
+    topology: &Topology,
+    cpus: &CpuList,
+    row: Row,
+    rep: usize,
+    duration: Duration,
+    stop: &AtomicBool,
+    probed: bool,
+) -> Result<Option<RunRecord>, RunnerError> {
+    if stop.load(Ordering::Relaxed) {
+        return Err(RunnerError::Interrupted);
+    }
+    let files = config.out.join("runs").join(format!("{row}-{rep}"));
+    fs::create_dir_all(&files).map_err(|source| RunnerError::File {
+        path: files.clone(),
+        source,
+    })?;
+    // The server stops by itself well after the load, should the harness die.
+    let server_limit = duration * 3 + Duration::from_secs(30);
+    let mut server = start_server(config, topology, cpus, row, &files, server_limit)?;
+
+    let probes = if probed {
+        let mut probes = Probes::attach(server.addr.port())?;
+        probes.watch_threads(server_threads(server.guard.pid()))?;
+        Some(probes)
+    } else {
+        None
+    };
+    let hw = probed.then(|| HwCounters::start(cpus));
+    let ipis_before = ipi_count()?;
+
+    let load_json = files.join("load.json");
+    let mut load = Command::new(&config.binary);
+    load.arg("load")
+        .args(["--target", &server.addr.to_string()])
+        .args(["--kind", &format!("{:?}", config.load).to_lowercase()])
+        .args(["--connections", &config.connections.to_string()])
+        .args(["--duration", &format!("{}ms", duration.as_millis())])
+        .args(["--cpus", &cpus.to_string()])
+        .arg("--json")
+        .arg(&load_json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if topology.pin_clients() {
+        load.arg("--pin");
+    }
+    topology.client_side(&mut load)?;
+    let mut load = ChildGuard::spawn(load, "reuseport load")?;
+    load.wait(duration + Duration::from_secs(30), stop)?;
+
+    let ipis = ipi_count()?.saturating_sub(ipis_before);
+    let hw = hw.map(HwCounters::stop).unwrap_or_default();
+    let totals = probes.as_ref().map(Probes::totals).transpose()?;
+    drop(probes);
+    server.guard.terminate(stop)?;
+    let Some(probes) = totals else {
+        return Ok(None);
+    };
+    let load: LoadReport = read_json(&load_json)?;
+    let server_json: Value = match &server.stats_json {
+        Some(path) => read_json(path)?,
+        None => Value::Null,
+    };
+    let metrics = derive_metrics(config.load, &load, &server_json, &probes, ipis, &hw);
+    Ok(Some(RunRecord {
+        row: row.to_string(),
+        rep,
+        metrics,
+        load,
+        server: server_json,
+        probes,
+        ipis,
+        hw,
+    }))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RunnerError> {
+    let text = fs::read_to_string(path).map_err(|source| RunnerError::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|err| RunnerError::File {
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidData, err),
+    })
+}
+
+/// Turns one run's raw counts into the compared metrics. "Per conn" means per new connection
+/// for `crr`, and per request for `rr` and `udp` (where requests, not connections, are the unit).
+pub fn derive_metrics(
+    kind: LoadKind,
+    load: &LoadReport,
+    server: &Value,
+    probes: &ProbeTotals,
+    ipis: u64,
+    hw: &BTreeMap<&'static str, HwCount>,
+) -> BTreeMap<&'static str, Metric> {
+    let units = match kind {
+        LoadKind::Crr => load.connections,
+        LoadKind::Rr | LoadKind::Udp => load.requests,
+    };
+    let per = |count: u64| Metric::from_option(crate::stats::fraction(count, units));
+    // Our server knows each connection's SO_INCOMING_CPU; for peers (and UDP) use the probes'
+    // SYN CPU vs first-read CPU, which sees any server.
+    let locality = server["total"]["locality"]
+        .as_f64()
+        .or_else(|| crate::stats::fraction(probes.conns_read_local, probes.conns_read));
+    let cache_misses = match hw.get("cache_misses") {
+        Some(HwCount::Count(count)) => per(*count),
+        _ => Metric::Unsupported("unsupported"),
+    };
+    let syns: u64 = probes.syn_cpus.iter().sum();
+    BTreeMap::from([
+        ("conn_per_s", Metric::Value(load.conn_per_s)),
+        ("req_per_s", Metric::Value(load.req_per_s)),
+        ("p50_us", Metric::Value(load.p50_us)),
+        ("p99_us", Metric::Value(load.p99_us)),
+        ("p999_us", Metric::Value(load.p999_us)),
+        ("errors", Metric::Value(load.errors as f64)),
+        ("locality", Metric::from_option(locality)),
+        (
+            "cross_cpu_wakeups_per_conn",
+            per(probes.server_cross_cpu_wakeups),
+        ),
+        ("lock_contended_per_conn", per(probes.lock_contended)),
+        ("lock_wait_ns_per_conn", per(probes.lock_wait_ns)),
+        ("ipis_per_conn", per(ipis)),
+        ("cpus_per_conn", Metric::from_option(probes.cpus_per_conn())),
+        (
+            "cross_cpu_conn_fraction",
+            Metric::from_option(probes.cross_cpu_conn_fraction()),
+        ),
+        ("cache_misses_per_conn", cache_misses),
+        (
+            "bpf_ns_per_select",
+            Metric::from_option(server["steering"]["ns_per_select"].as_f64()),
+        ),
+        (
+            "syn_cpu_max_share",
+            Metric::from_option(crate::stats::fraction(
+                probes.syn_cpus.iter().copied().max().unwrap_or(0),
+                syns,
+            )),
+        ),
+    ])
+}
+
+fn cross_check_wrk(
+    config: &AbConfig,
+    topology: &Topology,
+    cpus: &CpuList,
+    runs: &[RunRecord],
+    stop: &AtomicBool,
+) -> Result<CrossCheck, RunnerError> {
+    let mode = config
+        .modes
+        .iter()
+        .copied()
+        .find(|&m| m == SteeringMode::Percpu)
+        .or_else(|| config.modes.first().copied())
+        .ok_or_else(|| RunnerError::Invalid("the wrk cross-check needs a mode of ours".into()))?;
+    let files = config.out.join("runs").join(format!("wrk-{mode}"));
+    fs::create_dir_all(&files).map_err(|source| RunnerError::File {
+        path: files.clone(),
+        source,
+    })?;
+    let limit = config.duration * 3 + Duration::from_secs(30);
+    let mut server = start_server(config, topology, cpus, Row::Mode(mode), &files, limit)?;
+    let wrk_req_per_s = crate::experiment::peers::run_wrk(
+        topology,
+        server.addr,
+        config.load,
+        cpus.len(),
+        config.connections,
+        config.duration,
+        stop,
+    )?;
+    server.guard.terminate(stop)?;
+    let mut builtin: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.row == mode.to_string())
+        .filter_map(|r| r.metrics.get("req_per_s").and_then(Metric::value))
+        .collect();
+    builtin.sort_by(f64::total_cmp);
+    let builtin_req_per_s = builtin.get(builtin.len() / 2).copied().unwrap_or(0.0);
+    Ok(CrossCheck {
+        mode: mode.to_string(),
+        wrk_req_per_s,
+        builtin_req_per_s,
+        ratio: if builtin_req_per_s > 0.0 {
+            wrk_req_per_s / builtin_req_per_s
+        } else {
+            0.0
+        },
+    })
+}
