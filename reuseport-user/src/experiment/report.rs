@@ -103,10 +103,21 @@ pub const METRICS: &[(&str, &str, Better)] = &[
     ("errors", "failed requests", Better::Lower),
 ];
 
+/// The median of `values` (the mean of the middle two for an even count); sorts them.
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
 /// Median and range of one metric over repetitions.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Range {
-    /// Median (the lower middle value for an even count).
+    /// Median (the mean of the middle two for an even count).
     pub median: f64,
     /// Smallest.
     pub min: f64,
@@ -116,9 +127,8 @@ pub struct Range {
 
 impl Range {
     fn of(values: &mut [f64]) -> Option<Self> {
-        values.sort_by(f64::total_cmp);
         Some(Self {
-            median: values[(values.len().checked_sub(1)?) / 2],
+            median: median(values)?,
             min: *values.first()?,
             max: *values.last()?,
         })
@@ -464,6 +474,7 @@ mod tests {
     fn range_takes_median_and_extremes() {
         let r = Range::of(&mut [3.0, 1.0, 2.0, 10.0, 5.0]).unwrap();
         assert_eq!((r.median, r.min, r.max), (3.0, 1.0, 10.0));
+        assert_eq!(median(&mut [4.0, 1.0]), Some(2.5));
         assert!(Range::of(&mut []).is_none());
         let other = Range::of(&mut [11.0, 12.0]).unwrap();
         assert!(!r.overlaps(&other));

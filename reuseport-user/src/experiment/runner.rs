@@ -596,8 +596,7 @@ fn cross_check_wrk(
         .filter(|r| r.row == mode.to_string())
         .filter_map(|r| r.metrics.get("req_per_s").and_then(Metric::value))
         .collect();
-    builtin.sort_by(f64::total_cmp);
-    let builtin_req_per_s = builtin.get(builtin.len() / 2).copied().unwrap_or(0.0);
+    let builtin_req_per_s = crate::experiment::report::median(&mut builtin).unwrap_or(0.0);
     Ok(CrossCheck {
         mode: mode.to_string(),
         wrk_req_per_s,

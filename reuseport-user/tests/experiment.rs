@@ -1,0 +1,337 @@
+//! The A/B harness's pieces, tested for behaviour (never speed): namespaces come and go, each
+//! probe counts a known event it is shown, and `reuseport ab --quick` produces valid results
+//! with percpu locality >= 99 % in both topologies. Needs root.
+
+mod common;
+
+use std::{
+    process::Command,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use reuseport::{
+    Server, ServerConfig, SteeringMode,
+    cpus::pin_current_thread,
+    experiment::{
+        probes::Probes,
+        topology::{Topology, TopologyKind, harness_namespaces},
+    },
+};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_reuseport");
+
+fn netns_exists(name: &str) -> bool {
+    harness_namespaces().iter().any(|ns| ns == name)
+}
+
+fn two_cpus() -> Option<(u32, u32)> {
+    let cpus = allowed_cpus();
+    match (cpus.iter().next(), cpus.iter().nth(1)) {
+        (Some(a), Some(b)) => Some((a, b)),
+        _ => {
+            eprintln!("skipped: needs two CPUs, this process may use {cpus}");
+            None
+        }
+    }
+}
+
+#[test]
+fn veth_topology_sets_up_rps_and_is_removed_on_drop() {
+    let cpus = allowed_cpus();
+    let topology = Topology::create(TopologyKind::Veth, &cpus).expect("create");
+    let names: Vec<String> = topology
+        .namespaces()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.iter().all(|name| netns_exists(name)), "{names:?}");
+    let rps = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &names[0],
+            "sh",
+            "-c",
+            "cat /sys/class/net/rps*/queues/rx-0/rps_cpus",
+        ])
+        .output()
+        .expect("read rps_cpus");
+    let mask =
+        u64::from_str_radix(String::from_utf8_lossy(&rps.stdout).trim(), 16).expect("hex mask");
+    for cpu in cpus.iter().filter(|&cpu| cpu < 64) {
+        assert_ne!(
+            mask & (1 << cpu),
+            0,
+            "CPU {cpu} missing from RPS mask {mask:x}"
+        );
+    }
+    drop(topology);
+    assert!(
+        names.iter().all(|name| !netns_exists(name)),
+        "left behind: {names:?}"
+    );
+}
+
+#[test]
+fn namespaces_are_removed_when_the_harness_fails() {
+    let mut names = Vec::new();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let topology = Topology::create(TopologyKind::Veth, &allowed_cpus()).expect("create");
+        names.extend(topology.namespaces().iter().map(|s| s.to_string()));
+        panic!("forced failure while the topology exists");
+    }));
+    assert!(outcome.is_err());
+    assert_eq!(names.len(), 2);
+    assert!(
+        names.iter().all(|name| !netns_exists(name)),
+        "left behind: {names:?}"
+    );
+}
+
+#[test]
+fn namespaces_of_dead_harnesses_are_removed() {
+    // A PID that is not running: pid_max is at most 2^22.
+    let dead = (4_194_000..4_194_304)
+        .find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .expect("a free pid");
+    let stale = format!("rp-s-{dead}");
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &stale])
+            .status()
+            .expect("ip")
+            .success()
+    );
+    let _loopback = Topology::create(TopologyKind::Loopback, &allowed_cpus()).expect("create");
+    assert!(!netns_exists(&stale), "{stale} was not removed");
+}
+
+#[test]
+fn lock_probe_counts_forced_contention() {
+    let Some((a, b)) = two_cpus() else { return };
+    let probes = Probes::attach(1).expect("attach probes");
+    let before = probes.totals().expect("totals");
+    // Two threads of one process mapping and unmapping memory on two CPUs contend on its
+    // mmap lock (thousands of times in half a second here; idle, a handful).
+    let workers: Vec<_> = [a, b]
+        .into_iter()
+        .map(|cpu| {
+            thread::spawn(move || {
+                pin_current_thread(cpu).expect("pin");
+                let end = Instant::now() + Duration::from_millis(500);
+                while Instant::now() < end {
+                    // SAFETY: a fresh anonymous mapping, touched once and unmapped.
+                    unsafe {
+                        let len = 1 << 20;
+                        let p = libc::mmap(
+                            std::ptr::null_mut(),
+                            len,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        );
+                        assert_ne!(p, libc::MAP_FAILED);
+                        *(p as *mut u8) = 1;
+                        libc::munmap(p, len);
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+    let after = probes.totals().expect("totals");
+    let contended = after.lock_contended - before.lock_contended;
+    assert!(contended >= 10, "only {contended} contended waits seen");
+    assert!(after.lock_wait_ns > before.lock_wait_ns);
+}
+
+/// A thread pinned to `sleeper_cpu` woken `n` times by this thread pinned to `waker_cpu`;
+/// returns the probes' (server wakeups, server cross-CPU wakeups) for the sleeper.
+fn wakeups_of_watched_thread(waker_cpu: u32, sleeper_cpu: u32, n: u64) -> (u64, u64) {
+    let mut probes = Probes::attach(1).expect("attach probes");
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let (wake_tx, wake_rx) = mpsc::channel::<()>();
+    let sleeper = thread::spawn(move || {
+        pin_current_thread(sleeper_cpu).expect("pin");
+        tid_tx
+            .send(rustix::thread::gettid().as_raw_nonzero().get() as u32)
+            .expect("tid");
+        while wake_rx.recv().is_ok() {}
+    });
+    let tid = tid_rx.recv().expect("tid");
+    probes.watch_threads([tid]).expect("watch");
+    let waker = thread::spawn(move || {
+        pin_current_thread(waker_cpu).expect("pin");
+        for _ in 0..n {
+            // Long enough for the sleeper to block again each time.
+            thread::sleep(Duration::from_millis(5));
+            wake_tx.send(()).expect("wake");
+        }
+    });
+    waker.join().expect("waker");
+    sleeper.join().expect("sleeper");
+    let totals = probes.totals().expect("totals");
+    (totals.server_wakeups, totals.server_cross_cpu_wakeups)
+}
+
+#[test]
+fn wakeup_probe_counts_cross_cpu_wakeups_of_watched_threads_only() {
+    let Some((a, b)) = two_cpus() else { return };
+    let (wakeups, cross) = wakeups_of_watched_thread(a, b, 50);
+    assert!(wakeups >= 50, "{wakeups} wakeups of the watched thread");
+    assert!(cross >= 50, "{cross} of them from another CPU");
+    let (wakeups, cross) = wakeups_of_watched_thread(b, b, 50);
+    assert!(wakeups >= 50, "{wakeups} wakeups of the watched thread");
+    assert_eq!(cross, 0, "woken from its own CPU");
+}
+
+/// Runs a real server in `mode` with the probes following its connections; pinned clients make
+/// `per_cpu` connections from each CPU.
+fn followed_connections(
+    mode: SteeringMode,
+    per_cpu: usize,
+) -> reuseport::experiment::probes::ProbeTotals {
+    let server =
+        Server::start(ServerConfig::new("127.0.0.1:0".parse().unwrap(), mode)).expect("start");
+    let probes = Probes::attach(server.local_addr().port()).expect("attach probes");
+    for cpu in server.cpus().iter() {
+        http_gets_from(cpu, server.local_addr(), per_cpu);
+    }
+    let totals = probes.totals().expect("totals");
+    server.stop().expect("stop");
+    totals
+}
+
+#[test]
+fn connection_probe_sees_one_cpu_per_connection_with_percpu_steering() {
+    let cpus = allowed_cpus().len() as u64;
+    let totals = followed_connections(SteeringMode::Percpu, 100);
+    assert!(totals.conns_closed() >= 95 * cpus, "{totals:?}");
+    assert!(
+        totals.cross_cpu_conn_fraction().unwrap() <= 0.01,
+        "{totals:?}"
+    );
+    assert_eq!(totals.conns_read_local, totals.conns_read, "{totals:?}");
+    // Every CPU's pinned client had its SYNs processed on that CPU.
+    for cpu in allowed_cpus().iter() {
+        assert!(totals.syn_cpus[cpu as usize] >= 95, "{totals:?}");
+    }
+}
+
+#[test]
+fn connection_probe_sees_connections_cross_cpus_with_hash_selection() {
+    if two_cpus().is_none() {
+        return;
+    }
+    let totals = followed_connections(SteeringMode::Hash, 100);
+    let fraction = totals.cross_cpu_conn_fraction().unwrap();
+    // About (N-1)/N of the connections land on another CPU's worker.
+    assert!(fraction > 0.2, "cross-CPU fraction {fraction}: {totals:?}");
+    assert!(totals.cpus_per_conn().unwrap() > 1.2, "{totals:?}");
+}
+
+fn quick_ab(topology: &str) -> serde_json::Value {
+    let out = std::env::temp_dir().join(format!("reuseport-ab-{topology}-{}", std::process::id()));
+    let output = Command::new(BINARY)
+        .args(["ab", "--quick", "--topology", topology, "--out"])
+        .arg(&out)
+        .output()
+        .expect("run reuseport ab");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json = std::fs::read_to_string(out.join("results.json")).expect("results.json");
+    assert!(out.join("results.svg").is_file());
+    let _ = std::fs::remove_dir_all(&out);
+    serde_json::from_str(&json).expect("valid JSON")
+}
+
+fn assert_results(results: &serde_json::Value, topology: &str) {
+    assert_eq!(results["machine"]["topology"], topology);
+    assert_eq!(
+        results["runs"].as_array().map(Vec::len),
+        Some(4),
+        "2 modes x 2 reps"
+    );
+    for mode in ["hash", "percpu"] {
+        for metric in [
+            "conn_per_s",
+            "req_per_s",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "locality",
+            "cross_cpu_wakeups_per_conn",
+            "lock_contended_per_conn",
+            "lock_wait_ns_per_conn",
+            "ipis_per_conn",
+            "cpus_per_conn",
+            "cross_cpu_conn_fraction",
+        ] {
+            let range = &results["summary"][mode][metric];
+            assert!(range["median"].is_number(), "{mode}.{metric}: {range}");
+            assert!(
+                range["min"].as_f64() <= range["max"].as_f64(),
+                "{mode}.{metric}"
+            );
+        }
+        let cache = &results["summary"][mode]["cache_misses_per_conn"];
+        assert!(
+            cache == "unsupported" || cache["median"].is_number(),
+            "{cache}"
+        );
+    }
+    let percpu = &results["summary"]["percpu"];
+    assert!(
+        percpu["locality"]["min"].as_f64().unwrap() >= 0.99,
+        "{percpu}"
+    );
+    assert!(percpu["bpf_ns_per_select"]["median"].as_f64().unwrap() > 0.0);
+    assert!(results["summary"]["hash"]["bpf_ns_per_select"].is_null());
+    assert!(results["ratios"]["conn_per_s"]["ratio"].is_number());
+}
+
+#[test]
+fn quick_ab_on_veth_writes_valid_results() {
+    let results = quick_ab("veth");
+    assert_results(&results, "veth");
+    // RPS spread the SYNs: no CPU took (nearly) all of them.
+    if allowed_cpus().len() > 1 {
+        let share = results["summary"]["hash"]["syn_cpu_max_share"]["max"]
+            .as_f64()
+            .unwrap();
+        assert!(share < 0.9, "SYNs not spread over CPUs: {share}");
+    }
+    assert!(
+        harness_namespaces()
+            .iter()
+            .all(|ns| !ns.ends_with(&format!("-{}", std::process::id())))
+    );
+}
+
+#[test]
+fn quick_ab_on_loopback_writes_valid_results() {
+    assert_results(&quick_ab("loopback"), "loopback");
+}
+
+#[test]
+fn ab_refuses_nonsense_in_one_line() {
+    let output = Command::new(BINARY)
+        .args(["ab", "--reps", "0", "--out"])
+        .arg(std::env::temp_dir().join("reuseport-ab-refused"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("reps must be at least 1"), "{stderr}");
+}
