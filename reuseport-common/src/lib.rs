@@ -18,6 +18,8 @@ pub mod names {
     pub const STEERING_STATS: &str = "steering_stats";
     /// The `SK_REUSEPORT` program that selects the listener of the receiving CPU.
     pub const STEER_TO_CPU: &str = "steer_to_cpu";
+    /// A `SK_REUSEPORT` program that selects nothing: calibrates the cost measurement.
+    pub const STEER_NOOP: &str = "steer_noop";
 
     /// `ARRAY` of `u32`: the probes' settings, indexed by [`probe_config`](crate::probe_config).
     pub const PROBE_CONFIG: &str = "probe_config";

@@ -90,3 +90,12 @@ pub fn steer_to_cpu(ctx: SkReuseportContext) -> u32 {
     stats.unsteered += 1;
     SK_PASS
 }
+
+/// Calibration only (`reuseport serve --bpf-program noop`, `reuseport ab --calibrate`): selects
+/// nothing, so the kernel hashes as if no program were attached. Its ns per run, measured exactly
+/// like `steer_to_cpu`'s, is the floor the kernel's BPF run-time statistics report on this machine
+/// (mostly the two clock reads around the run), to subtract when reading `steer_to_cpu`'s cost.
+#[sk_reuseport]
+pub fn steer_noop(_ctx: SkReuseportContext) -> u32 {
+    SK_PASS
+}

@@ -25,6 +25,7 @@ use reuseport::{
     },
     load::{LoadConfig, LoadKind},
     stats::{Snapshot, Summary},
+    steering::SteeringProgram,
 };
 
 /// Per-CPU SO_REUSEPORT steering with eBPF.
@@ -91,6 +92,10 @@ struct AbArgs {
     /// Also run wrk against our server and report its req/s beside the built-in generator's.
     #[arg(long, value_parser = ["wrk"])]
     cross_check: Option<String>,
+    /// Also run the row `bpf-noop`: percpu with an empty program (kernel hash), whose
+    /// bpf_ns_per_select is the floor of the cost measurement on this machine.
+    #[arg(long)]
+    calibrate: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,6 +159,11 @@ struct ServeArgs {
     /// Do not print the live line every second.
     #[arg(long)]
     quiet: bool,
+    /// With --mode percpu: the program to attach. `noop` selects nothing (the kernel hashes) and
+    /// only calibrates the ns/select figure: its cost is what the BPF statistics report for an
+    /// empty program on this machine.
+    #[arg(long, value_enum, default_value_t = SteeringProgram::SteerToCpu)]
+    bpf_program: SteeringProgram,
 }
 
 fn main() -> ExitCode {
@@ -210,6 +220,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         mode: args.mode,
         cpus: args.cpus,
         backlog: args.backlog,
+        program: args.bpf_program,
     })?;
     let program = match server.steering() {
         Some(steering) => format!("steering program id {}", steering.program_id()?),
@@ -314,6 +325,7 @@ fn ab(args: AbArgs) -> anyhow::Result<()> {
         modes: args.modes,
         peer_nginx: args.peer.is_some(),
         cross_check_wrk: args.cross_check.is_some(),
+        calibrate: args.calibrate,
         topology: args.topology,
         load: args.load,
         connections: args.connections,

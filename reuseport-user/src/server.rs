@@ -10,7 +10,7 @@ use crate::{
     cpus::{CpuError, CpuList},
     listeners::{ListenerError, PerCpuListeners, Protocol},
     stats::{Snapshot, WorkerStats},
-    steering::{Steering, SteeringError, SteeringMode},
+    steering::{Steering, SteeringError, SteeringMode, SteeringProgram},
     worker::{Worker, WorkerError},
 };
 
@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub cpus: Option<CpuList>,
     /// TCP accept-queue length of each listener.
     pub backlog: i32,
+    /// The program `percpu` attaches (another than the default only to calibrate measurements).
+    pub program: SteeringProgram,
 }
 
 impl ServerConfig {
@@ -55,6 +57,7 @@ impl ServerConfig {
             mode,
             cpus: None,
             backlog: 1024,
+            program: SteeringProgram::SteerToCpu,
         }
     }
 }
@@ -85,7 +88,9 @@ impl Server {
             PerCpuListeners::bind(config.listen, config.protocol, &cpus, config.backlog)?;
         let listen = listeners.local_addr();
         let steering = match config.mode {
-            SteeringMode::Percpu => Some(Steering::attach(&listeners.fds())?),
+            SteeringMode::Percpu => {
+                Some(Steering::attach_program(&listeners.fds(), config.program)?)
+            }
             SteeringMode::Hash => None,
         };
         let (shutdown, stop_signal) = watch::channel(false);

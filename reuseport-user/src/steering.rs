@@ -43,6 +43,36 @@ impl std::fmt::Display for SteeringMode {
     }
 }
 
+/// Which `SK_REUSEPORT` program [`Steering`] attaches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SteeringProgram {
+    /// `steer_to_cpu`: the listener of the receiving CPU (the product).
+    #[default]
+    SteerToCpu,
+    /// `steer_noop`: selects nothing (the kernel hashes). For calibrating the ns/select figure:
+    /// its cost is the floor the kernel's BPF statistics report on this machine.
+    Noop,
+}
+
+impl SteeringProgram {
+    /// The value `reuseport serve --bpf-program` takes for it.
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Self::SteerToCpu => "steer-to-cpu",
+            Self::Noop => "noop",
+        }
+    }
+
+    /// The program's name in the object (and in `bpftool prog show`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SteerToCpu => names::STEER_TO_CPU,
+            Self::Noop => names::STEER_NOOP,
+        }
+    }
+}
+
 /// Errors from loading, filling, attaching or reading the steering program.
 #[derive(Debug, Error)]
 pub enum SteeringError {
@@ -85,7 +115,7 @@ pub enum SteeringError {
     #[error("loading the BPF object failed")]
     Load(#[from] EbpfError),
     /// Loading, attaching or querying the program failed.
-    #[error("BPF program {}", names::STEER_TO_CPU)]
+    #[error("BPF program")]
     Program(#[from] ProgramError),
     /// Updating or reading a map failed.
     #[error("BPF map operation failed")]
@@ -131,6 +161,7 @@ impl ProgramRunStats {
 /// selection while the group lives on.
 pub struct Steering {
     ebpf: Ebpf,
+    program: SteeringProgram,
     possible_cpus: u32,
     live: BTreeSet<u32>,
     run_stats: RunStats,
@@ -143,6 +174,14 @@ impl Steering {
     /// All sockets must belong to one reuseport group (same address, `SO_REUSEPORT`, listening
     /// for TCP). The program is attached last, so on error nothing is attached.
     pub fn attach(listeners: &[(u32, BorrowedFd<'_>)]) -> Result<Self, SteeringError> {
+        Self::attach_program(listeners, SteeringProgram::SteerToCpu)
+    }
+
+    /// [`Steering::attach`] with a chosen program (only calibration needs another one).
+    pub fn attach_program(
+        listeners: &[(u32, BorrowedFd<'_>)],
+        program: SteeringProgram,
+    ) -> Result<Self, SteeringError> {
         let Some((_, group_member)) = listeners.first() else {
             return Err(SteeringError::NoListeners);
         };
@@ -163,6 +202,7 @@ impl Steering {
             .load(BPF_OBJECT)?;
         let mut steering = Self {
             ebpf,
+            program,
             possible_cpus,
             live: BTreeSet::new(),
             run_stats,
@@ -256,18 +296,20 @@ impl Steering {
     }
 
     fn program(&self) -> Result<&SkReuseport, SteeringError> {
+        let name = self.program.name();
         Ok(self
             .ebpf
-            .program(names::STEER_TO_CPU)
-            .ok_or(SteeringError::MissingFromObject(names::STEER_TO_CPU))?
+            .program(name)
+            .ok_or(SteeringError::MissingFromObject(name))?
             .try_into()?)
     }
 
     fn program_mut(&mut self) -> Result<&mut SkReuseport, SteeringError> {
+        let name = self.program.name();
         Ok(self
             .ebpf
-            .program_mut(names::STEER_TO_CPU)
-            .ok_or(SteeringError::MissingFromObject(names::STEER_TO_CPU))?
+            .program_mut(name)
+            .ok_or(SteeringError::MissingFromObject(name))?
             .try_into()?)
     }
 

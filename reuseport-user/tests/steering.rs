@@ -289,3 +289,30 @@ fn percpu_keeps_every_ipv4_udp_datagram_on_its_cpu() {
 fn percpu_keeps_every_ipv6_udp_datagram_on_its_cpu() {
     assert_percpu_udp("[::1]:0");
 }
+
+#[test]
+fn the_noop_calibration_program_selects_nothing_so_the_kernel_hashes() {
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), SteeringMode::Percpu);
+    config.program = reuseport::steering::SteeringProgram::Noop;
+    let server = Server::start(config).expect("start");
+    let addr = server.local_addr();
+    let cpus: Vec<u32> = server.cpus().iter().collect();
+    let mut served = Vec::new();
+    for &cpu in &cpus {
+        served.extend(http_gets_from(cpu, addr, CONNECTIONS_PER_CPU));
+    }
+    let last = server.stop().expect("stop");
+    // It ran for every connection but chose nothing: no counter moved.
+    assert_eq!(last.steering_totals(), Some(SteeringStats::default()));
+    if cpus.len() > 1 {
+        let local = served
+            .iter()
+            .filter(|s| s.worker_cpu == s.incoming_cpu)
+            .count();
+        assert!(
+            local < served.len() * 9 / 10,
+            "{local} of {} local",
+            served.len()
+        );
+    }
+}

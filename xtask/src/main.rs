@@ -94,6 +94,10 @@ fn run(cli: Cli) -> Result<()> {
                      CAP_BPF and CAP_NET_ADMIN",
                 );
             }
+            toolchain::ensure_apt_packages(
+                &["iproute2"],
+                "the experiment tests create network namespaces and veth pairs",
+            )?;
             if !no_lint {
                 run_checked(cargo().args(["fmt", "--all", "--check"]))?;
                 run_checked(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

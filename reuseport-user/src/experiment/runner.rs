@@ -30,7 +30,7 @@ use crate::{
         topology::{Topology, TopologyError, TopologyKind},
     },
     load::{LoadKind, LoadReport},
-    steering::SteeringMode,
+    steering::{SteeringMode, SteeringProgram},
 };
 
 /// Errors that end an experiment.
@@ -78,6 +78,8 @@ pub enum Row {
     Mode(SteeringMode),
     /// Debian's nginx with `reuseport`, one worker per CPU, `worker_cpu_affinity auto`.
     Nginx,
+    /// `reuseport serve --mode percpu --bpf-program noop`: calibrates the steering cost figure.
+    BpfNoop,
 }
 
 impl std::fmt::Display for Row {
@@ -85,6 +87,7 @@ impl std::fmt::Display for Row {
         match self {
             Self::Mode(mode) => mode.fmt(f),
             Self::Nginx => f.write_str("nginx"),
+            Self::BpfNoop => f.write_str("bpf-noop"),
         }
     }
 }
@@ -100,6 +103,8 @@ pub struct AbConfig {
     pub peer_nginx: bool,
     /// Also run `wrk` against our server and report its req/s beside the built-in generator's.
     pub cross_check_wrk: bool,
+    /// Also run the `bpf-noop` calibration row.
+    pub calibrate: bool,
     /// Where server and clients run.
     pub topology: TopologyKind,
     /// The load.
@@ -207,7 +212,7 @@ pub fn run(
     stop: &AtomicBool,
     mut progress: impl FnMut(Progress),
 ) -> Result<AbResults, RunnerError> {
-    if config.modes.is_empty() && !config.peer_nginx {
+    if config.modes.is_empty() && !config.peer_nginx && !config.calibrate {
         return Err(RunnerError::Invalid("nothing to compare: no modes".into()));
     }
     if config.reps == 0 {
@@ -227,6 +232,9 @@ pub fn run(
     let mut rows: Vec<Row> = config.modes.iter().copied().map(Row::Mode).collect();
     if config.peer_nginx {
         rows.push(Row::Nginx);
+    }
+    if config.calibrate {
+        rows.push(Row::BpfNoop);
     }
     let warmups = if config.warmup.is_zero() {
         0
@@ -314,47 +322,48 @@ fn start_server(
     files: &Path,
     limit: Duration,
 ) -> Result<RunningServer, RunnerError> {
-    match row {
-        Row::Mode(mode) => {
-            let stats_json = files.join("server.json");
-            let mut command = Command::new(&config.binary);
-            command
-                .arg("serve")
-                .args(["--mode", &mode.to_string()])
-                .args([
-                    "--listen",
-                    &SocketAddr::new(topology.server_ip(), 0).to_string(),
-                ])
-                .args(["--cpus", &cpus.to_string()])
-                .args(["--duration", &format!("{}s", limit.as_secs())])
-                .arg("--stats-json")
-                .arg(&stats_json)
-                .arg("--quiet")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            if config.load == LoadKind::Udp {
-                command.args(["--proto", "udp"]);
-            }
-            topology.server_side(&mut command)?;
-            let mut guard = ChildGuard::spawn(command, format!("reuseport serve --mode {mode}"))?;
-            let addr = serving_address(&mut guard)?;
-            Ok(RunningServer {
-                guard,
-                addr,
-                stats_json: Some(stats_json),
-            })
-        }
+    let (mode, program) = match row {
+        Row::Mode(mode) => (mode, SteeringProgram::SteerToCpu),
+        Row::BpfNoop => (SteeringMode::Percpu, SteeringProgram::Noop),
         Row::Nginx => {
             let (guard, addr) =
                 crate::experiment::peers::start_nginx(topology, cpus, files, config.connections)?;
-            Ok(RunningServer {
+            return Ok(RunningServer {
                 guard,
                 addr,
                 stats_json: None,
-            })
+            });
         }
+    };
+    let stats_json = files.join("server.json");
+    let mut command = Command::new(&config.binary);
+    command
+        .arg("serve")
+        .args(["--mode", &mode.to_string()])
+        .args(["--bpf-program", program.cli_name()])
+        .args([
+            "--listen",
+            &SocketAddr::new(topology.server_ip(), 0).to_string(),
+        ])
+        .args(["--cpus", &cpus.to_string()])
+        .args(["--duration", &format!("{}s", limit.as_secs())])
+        .arg("--stats-json")
+        .arg(&stats_json)
+        .arg("--quiet")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if config.load == LoadKind::Udp {
+        command.args(["--proto", "udp"]);
     }
+    topology.server_side(&mut command)?;
+    let mut guard = ChildGuard::spawn(command, format!("reuseport serve ({row})"))?;
+    let addr = serving_address(&mut guard)?;
+    Ok(RunningServer {
+        guard,
+        addr,
+        stats_json: Some(stats_json),
+    })
 }
 
 /// Reads `reuseport serve`'s first stdout line ("... serving http on ADDR with ...").
