@@ -147,9 +147,9 @@ fn lock_probe_counts_forced_contention() {
         worker.join().expect("worker");
     }
     let after = probes.totals().expect("totals");
-    let contended = after.lock_contended - before.lock_contended;
+    let contended = after.sum.lock_contended - before.sum.lock_contended;
     assert!(contended >= 10, "only {contended} contended waits seen");
-    assert!(after.lock_wait_ns > before.lock_wait_ns);
+    assert!(after.sum.lock_wait_ns > before.sum.lock_wait_ns);
 }
 
 /// A thread pinned to `sleeper_cpu` woken `n` times by this thread pinned to `waker_cpu`;
@@ -178,7 +178,10 @@ fn wakeups_of_watched_thread(waker_cpu: u32, sleeper_cpu: u32, n: u64) -> (u64, 
     waker.join().expect("waker");
     sleeper.join().expect("sleeper");
     let totals = probes.totals().expect("totals");
-    (totals.server_wakeups, totals.server_cross_cpu_wakeups)
+    (
+        totals.sum.server_wakeups,
+        totals.sum.server_cross_cpu_wakeups,
+    )
 }
 
 #[test]
@@ -218,7 +221,10 @@ fn connection_probe_sees_one_cpu_per_connection_with_percpu_steering() {
         totals.cross_cpu_conn_fraction().unwrap() <= 0.01,
         "{totals:?}"
     );
-    assert_eq!(totals.conns_read_local, totals.conns_read, "{totals:?}");
+    assert_eq!(
+        totals.sum.conns_read_local, totals.sum.conns_read,
+        "{totals:?}"
+    );
     // Every CPU's pinned client had its SYNs processed on that CPU.
     for cpu in allowed_cpus().iter() {
         assert!(totals.syn_cpus[cpu as usize] >= 95, "{totals:?}");

@@ -160,6 +160,26 @@ fn stats_sum(steering: &Steering) -> SteeringStats {
         })
 }
 
+/// A TCP group with one listener per CPU in `cpus`, steered, but with no workers: the test
+/// accepts by hand. Returns the address, the steering and the listeners.
+fn steered_group(cpus: &[u32]) -> (SocketAddr, Steering, Vec<(u32, TcpListener)>) {
+    let group = PerCpuListeners::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Protocol::Tcp,
+        &cpus.iter().copied().collect(),
+        256,
+    )
+    .expect("bind");
+    let addr = group.local_addr();
+    let steering = Steering::attach(&group.fds()).expect("attach");
+    let listeners = group
+        .into_inner()
+        .into_iter()
+        .map(|l| (l.cpu, TcpListener::from(l.socket)))
+        .collect();
+    (addr, steering, listeners)
+}
+
 #[test]
 fn closed_listener_empties_its_slot_and_its_cpu_falls_back() {
     let cpus = allowed_cpus();
@@ -167,20 +187,7 @@ fn closed_listener_empties_its_slot_and_its_cpu_falls_back() {
         eprintln!("skipped: needs two CPUs, this process may use {cpus}");
         return;
     };
-    let group = PerCpuListeners::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Protocol::Tcp,
-        &[keep, closed].into_iter().collect(),
-        64,
-    )
-    .expect("bind");
-    let addr = group.local_addr();
-    let steering = Steering::attach(&group.fds()).expect("attach");
-    let mut listeners: Vec<(u32, TcpListener)> = group
-        .into_inner()
-        .into_iter()
-        .map(|l| (l.cpu, TcpListener::from(l.socket)))
-        .collect();
+    let (addr, steering, mut listeners) = steered_group(&[keep, closed]);
     // Close CPU `closed`'s listener: the kernel removes it from the group and from the map.
     listeners.retain(|(cpu, _)| *cpu != closed);
 
@@ -197,21 +204,8 @@ fn closed_listener_empties_its_slot_and_its_cpu_falls_back() {
 fn with_every_slot_empty_the_kernel_hash_still_serves() {
     let cpus = allowed_cpus();
     let cpu = cpus.iter().next().expect("a CPU");
-    let group = PerCpuListeners::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Protocol::Tcp,
-        &[cpu].into_iter().collect(),
-        64,
-    )
-    .expect("bind");
-    let addr = group.local_addr();
-    let mut steering = Steering::attach(&group.fds()).expect("attach");
+    let (addr, mut steering, listeners) = steered_group(&[cpu]);
     steering.remove(cpu).expect("empty the only slot");
-    let listeners: Vec<(u32, TcpListener)> = group
-        .into_inner()
-        .into_iter()
-        .map(|l| (l.cpu, TcpListener::from(l.socket)))
-        .collect();
     for _ in 0..20 {
         let _client = on_cpu(cpu, move || TcpStream::connect(addr).expect("connect"));
         assert_eq!(accept_from(&listeners), cpu);
@@ -228,22 +222,8 @@ fn detach_returns_the_group_to_hash_selection() {
         eprintln!("skipped: needs two CPUs, this process may use {cpus}");
         return;
     };
-    let group = PerCpuListeners::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Protocol::Tcp,
-        &[a, b].into_iter().collect(),
-        256,
-    )
-    .expect("bind");
-    let addr = group.local_addr();
-    let steering = Steering::attach(&group.fds()).expect("attach");
-    let member = group.iter().next().expect("a listener").socket.as_fd();
-    steering.detach(member).expect("detach");
-    let listeners: Vec<(u32, TcpListener)> = group
-        .into_inner()
-        .into_iter()
-        .map(|l| (l.cpu, TcpListener::from(l.socket)))
-        .collect();
+    let (addr, steering, listeners) = steered_group(&[a, b]);
+    steering.detach(listeners[0].1.as_fd()).expect("detach");
     // Without the program, a client on CPU `a` reaches both listeners.
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..100 {

@@ -61,43 +61,35 @@ pub struct Probes {
 /// What the probes counted, summed over CPUs, plus the SYN CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ProbeTotals {
-    /// Contended lock waits (`lock:contention_begin` → `contention_end`), machine-wide.
-    pub lock_contended: u64,
-    /// Nanoseconds spent in those waits.
-    pub lock_wait_ns: u64,
-    /// Wakeups machine-wide, and those raised on another CPU than the woken task's.
-    pub wakeups: u64,
-    /// Cross-CPU wakeups machine-wide.
-    pub cross_cpu_wakeups: u64,
-    /// Wakeups of the server's threads.
-    pub server_wakeups: u64,
-    /// Of those, raised on another CPU than the thread's.
-    pub server_cross_cpu_wakeups: u64,
+    /// Every counter summed over CPUs (lock contention and wakeups are machine-wide; the
+    /// connection counters cover the followed server's connections).
+    #[serde(flatten)]
+    pub sum: ProbeCounts,
     /// Server connections seen entering `SYN_RECV`, per CPU (index = the SYN's CPU).
     pub syn_cpus: Vec<u64>,
-    /// Closed server connections by distinct CPUs that touched them: `[1, 2, 3, 4+]`.
-    pub conn_cpus: [u64; reuseport_common::CONN_CPUS_MAX],
-    /// Connections whose first server read was seen, and of those read on their SYN's CPU.
-    pub conns_read: u64,
-    /// See `conns_read`.
-    pub conns_read_local: u64,
 }
 
 impl ProbeTotals {
     /// Closed connections followed from SYN to close.
     pub fn conns_closed(&self) -> u64 {
-        self.conn_cpus.iter().sum()
+        self.sum.conn_cpus.iter().sum()
     }
 
     /// Mean number of distinct CPUs per closed connection (4 stands for "4 or more").
     pub fn cpus_per_conn(&self) -> Option<f64> {
-        let weighted: u64 = (1..).zip(self.conn_cpus).map(|(n, count)| n * count).sum();
+        let weighted: u64 = (1..)
+            .zip(self.sum.conn_cpus)
+            .map(|(n, count)| n * count)
+            .sum();
         crate::stats::fraction(weighted, self.conns_closed())
     }
 
     /// Fraction of closed connections touched by more than one CPU.
     pub fn cross_cpu_conn_fraction(&self) -> Option<f64> {
-        crate::stats::fraction(self.conns_closed() - self.conn_cpus[0], self.conns_closed())
+        crate::stats::fraction(
+            self.conns_closed() - self.sum.conn_cpus[0],
+            self.conns_closed(),
+        )
     }
 }
 
@@ -176,16 +168,8 @@ impl Probes {
             sum.add(counts);
         }
         Ok(ProbeTotals {
-            lock_contended: sum.lock_contended,
-            lock_wait_ns: sum.lock_wait_ns,
-            wakeups: sum.wakeups,
-            cross_cpu_wakeups: sum.cross_cpu_wakeups,
-            server_wakeups: sum.server_wakeups,
-            server_cross_cpu_wakeups: sum.server_cross_cpu_wakeups,
+            sum,
             syn_cpus: per_cpu.iter().map(|c| c.conns_opened).collect(),
-            conn_cpus: sum.conn_cpus,
-            conns_read: sum.conns_read,
-            conns_read_local: sum.conns_read_local,
         })
     }
 }

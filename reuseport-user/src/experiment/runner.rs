@@ -528,7 +528,7 @@ pub fn derive_metrics(
     // SYN CPU vs first-read CPU, which sees any server.
     let locality = server["total"]["locality"]
         .as_f64()
-        .or_else(|| crate::stats::fraction(probes.conns_read_local, probes.conns_read));
+        .or_else(|| crate::stats::fraction(probes.sum.conns_read_local, probes.sum.conns_read));
     let cache_misses = match hw.get("cache_misses") {
         Some(HwCount::Count(count)) => per(*count),
         _ => Metric::Unsupported("unsupported"),
@@ -544,10 +544,10 @@ pub fn derive_metrics(
         ("locality", Metric::from_option(locality)),
         (
             "cross_cpu_wakeups_per_conn",
-            per(probes.server_cross_cpu_wakeups),
+            per(probes.sum.server_cross_cpu_wakeups),
         ),
-        ("lock_contended_per_conn", per(probes.lock_contended)),
-        ("lock_wait_ns_per_conn", per(probes.lock_wait_ns)),
+        ("lock_contended_per_conn", per(probes.sum.lock_contended)),
+        ("lock_wait_ns_per_conn", per(probes.sum.lock_wait_ns)),
         ("ipis_per_conn", per(ipis)),
         ("cpus_per_conn", Metric::from_option(probes.cpus_per_conn())),
         (
