@@ -524,11 +524,17 @@ pub fn derive_metrics(
         LoadKind::Rr | LoadKind::Udp => load.requests,
     };
     let per = |count: u64| Metric::from_option(crate::stats::fraction(count, units));
-    // Our server knows each connection's SO_INCOMING_CPU; for peers (and UDP) use the probes'
-    // SYN CPU vs first-read CPU, which sees any server.
+    // Our server knows each TCP connection's SO_INCOMING_CPU; for peers use the probes' SYN CPU
+    // vs first-read CPU, which sees any TCP server; for UDP (no SO_INCOMING_CPU on unconnected
+    // sockets) the steering program's own counters, where there is a program.
+    let steered = |field: &str| server["steering"]["total"][field].as_u64().unwrap_or(0);
     let locality = server["total"]["locality"]
         .as_f64()
-        .or_else(|| crate::stats::fraction(probes.sum.conns_read_local, probes.sum.conns_read));
+        .or_else(|| crate::stats::fraction(probes.sum.conns_read_local, probes.sum.conns_read))
+        .or_else(|| {
+            let selections = steered("local") + steered("fallback") + steered("unsteered");
+            crate::stats::fraction(steered("local"), selections)
+        });
     let cache_misses = match hw.get("cache_misses") {
         Some(HwCount::Count(count)) => per(*count),
         _ => Metric::Unsupported("unsupported"),
