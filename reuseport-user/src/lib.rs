@@ -11,6 +11,8 @@
 //! - [`listeners`]: one `SO_REUSEPORT` socket per CPU ([`PerCpuListeners`]).
 //! - [`steering`]: load the BPF program, fill slot CPU → listener, attach, read counters
 //!   ([`Steering`]) — the one steering path.
+//! - [`strategy`]: the other ways to the same goal, and `auto`: [`cbpf`] (classic BPF
+//!   `ld cpu; ret a`), [`incoming_cpu`] (`SO_INCOMING_CPU`, Linux >= 6.2), kernel hash.
 //! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener.
 //! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
 //! - [`stats`]: counters, live line and JSON summary.
@@ -29,14 +31,17 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod cbpf;
 pub mod cpus;
 pub mod experiment;
 pub mod http;
+pub mod incoming_cpu;
 pub mod listeners;
 pub mod load;
 pub mod server;
 pub mod stats;
 pub mod steering;
+pub mod strategy;
 pub mod worker;
 
 pub use cpus::CpuList;

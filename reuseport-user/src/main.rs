@@ -136,6 +136,9 @@ struct LoadArgs {
 struct ServeArgs {
     /// percpu: our eBPF program keeps each connection on the CPU that received it.
     /// hash: no program, the kernel's default 4-tuple hash.
+    /// cbpf: classic BPF `ld cpu; ret a` (no privileges; drifts when a listener closes).
+    /// incoming-cpu: SO_INCOMING_CPU on each listener (no program; Linux >= 6.2).
+    /// auto: percpu if this process may load BPF, else incoming-cpu if honoured, else cbpf.
     #[arg(long, value_enum, default_value_t = SteeringMode::Percpu)]
     mode: SteeringMode,
     /// Address to serve (IPv4 or [IPv6]); port 0 picks a free port.
@@ -224,10 +227,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     let program = match server.steering() {
         Some(steering) => format!("steering program id {}", steering.program_id()?),
-        None => "no steering program (kernel hash)".to_owned(),
+        None => "no eBPF steering program".to_owned(),
     };
     println!(
-        "reuseport: serving {} on {} with workers on CPUs {}, mode {}, {}; {}",
+        "reuseport: serving {} on {} with workers on CPUs {}, mode {}{}, {}; {}",
         match args.proto {
             Protocol::Tcp => "http",
             Protocol::Udp => "udp",
@@ -235,6 +238,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.local_addr(),
         server.cpus(),
         server.mode(),
+        if args.mode == SteeringMode::Auto {
+            format!(" ({})", server.mode_reason())
+        } else {
+            String::new()
+        },
         program,
         match args.duration {
             Some(d) => format!("stopping after {}", humantime::format_duration(d)),

@@ -10,7 +10,8 @@ use crate::{
     cpus::{CpuError, CpuList},
     listeners::{ListenerError, PerCpuListeners, Protocol},
     stats::{Snapshot, WorkerStats},
-    steering::{Steering, SteeringError, SteeringMode, SteeringProgram},
+    steering::{Steering, SteeringMode, SteeringProgram},
+    strategy::{self, StrategyError},
     worker::{Worker, WorkerError},
 };
 
@@ -23,9 +24,12 @@ pub enum ServerError {
     /// Creating the listeners failed.
     #[error(transparent)]
     Listener(#[from] ListenerError),
-    /// Loading or attaching the steering program failed.
+    /// Putting the steering strategy in place failed.
     #[error(transparent)]
-    Steering(#[from] SteeringError),
+    Strategy(#[from] StrategyError),
+    /// Reading the steering program's counters failed.
+    #[error(transparent)]
+    Steering(#[from] crate::steering::SteeringError),
     /// A worker failed to start or panicked.
     #[error(transparent)]
     Worker(#[from] WorkerError),
@@ -38,7 +42,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// TCP (HTTP/1.1 demo) or UDP (datagram echo).
     pub protocol: Protocol,
-    /// How the kernel picks a listener for each connection.
+    /// How the kernel picks a listener for each connection (`auto` is resolved at start).
     pub mode: SteeringMode,
     /// CPUs to run workers on; `None` means every CPU this process may run on.
     pub cpus: Option<CpuList>,
@@ -66,6 +70,7 @@ impl ServerConfig {
 pub struct Server {
     listen: SocketAddr,
     mode: SteeringMode,
+    mode_reason: String,
     protocol: Protocol,
     cpus: CpuList,
     workers: Vec<Worker>,
@@ -75,7 +80,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the listeners, attaches steering (in `percpu` mode) and starts the workers.
+    /// Binds the listeners, puts the steering mode in place (resolving `auto`) and starts the
+    /// workers.
     ///
     /// On error everything created so far is closed again, so nothing stays attached.
     pub fn start(config: ServerConfig) -> Result<Self, ServerError> {
@@ -87,12 +93,8 @@ impl Server {
         let listeners =
             PerCpuListeners::bind(config.listen, config.protocol, &cpus, config.backlog)?;
         let listen = listeners.local_addr();
-        let steering = match config.mode {
-            SteeringMode::Percpu => {
-                Some(Steering::attach_program(&listeners.fds(), config.program)?)
-            }
-            SteeringMode::Hash => None,
-        };
+        let choice = strategy::choose(config.mode);
+        let steering = strategy::apply(choice.mode, &listeners, config.program)?;
         let (shutdown, stop_signal) = watch::channel(false);
         let mut workers = Vec::with_capacity(cpus.len());
         for listener in listeners.into_inner() {
@@ -101,7 +103,8 @@ impl Server {
         }
         Ok(Self {
             listen,
-            mode: config.mode,
+            mode: choice.mode,
+            mode_reason: choice.reason,
             protocol: config.protocol,
             cpus,
             workers,
@@ -116,9 +119,14 @@ impl Server {
         self.listen
     }
 
-    /// The steering mode.
+    /// The steering mode in use (`auto` resolved).
     pub fn mode(&self) -> SteeringMode {
         self.mode
+    }
+
+    /// Why [`Server::mode`] is in use (`as requested`, or what `auto` found).
+    pub fn mode_reason(&self) -> &str {
+        &self.mode_reason
     }
 
     /// The protocol served.

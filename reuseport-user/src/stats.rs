@@ -165,7 +165,7 @@ impl Snapshot {
                     None => line.push_str(" | - ns/select"),
                 }
             }
-            None => line.push_str(" | no bpf (kernel hash)"),
+            None => line.push_str(" | no eBPF counters"),
         }
         line
     }
@@ -363,7 +363,16 @@ impl Summary {
                     )
                 );
             }
-            None => out.push_str("  bpf: none (kernel hash selection)\n"),
+            None => {
+                let how = match self.mode {
+                    SteeringMode::Cbpf => {
+                        "classic BPF filter `ld cpu; ret a`, which counts nothing"
+                    }
+                    SteeringMode::IncomingCpu => "SO_INCOMING_CPU preference, which counts nothing",
+                    _ => "kernel hash selection",
+                };
+                let _ = writeln!(out, "  bpf: none ({how})");
+            }
         }
         out
     }

@@ -25,13 +25,22 @@ pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// How the kernel chooses a listener of the reuseport group for each new connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum SteeringMode {
     /// Our `SK_REUSEPORT` program picks the listener of the worker pinned to the CPU that received
     /// the SYN, so the connection's whole life stays on that CPU.
     Percpu,
     /// No program: the kernel's default selection by a hash of the 4-tuple.
     Hash,
+    /// A classic BPF filter returning the CPU as the listener's index in the group (no
+    /// privileges needed; drifts when a listener closes, see [`crate::cbpf`]).
+    Cbpf,
+    /// No program: each listener's `SO_INCOMING_CPU` is its worker's CPU, which the kernel's
+    /// selection prefers since Linux 6.2 (see [`crate::incoming_cpu`]).
+    IncomingCpu,
+    /// `percpu` when this process may load BPF programs, else `incoming-cpu` when the kernel
+    /// honours it, else `cbpf` (see [`crate::strategy::choose`]).
+    Auto,
 }
 
 impl std::fmt::Display for SteeringMode {
@@ -39,6 +48,9 @@ impl std::fmt::Display for SteeringMode {
         f.write_str(match self {
             Self::Percpu => "percpu",
             Self::Hash => "hash",
+            Self::Cbpf => "cbpf",
+            Self::IncomingCpu => "incoming-cpu",
+            Self::Auto => "auto",
         })
     }
 }
@@ -185,8 +197,7 @@ impl Steering {
         let Some((_, group_member)) = listeners.first() else {
             return Err(SteeringError::NoListeners);
         };
-        check_capabilities()?;
-        check_kernel_support()?;
+        Self::check_available()?;
         let possible_cpus = possible_cpus()?;
         if let Some(&(cpu, _)) = listeners.iter().find(|(cpu, _)| *cpu >= possible_cpus) {
             return Err(SteeringError::CpuOutOfRange {
@@ -215,6 +226,14 @@ impl Steering {
         steering.write_fallbacks()?;
         steering.program_mut()?.attach(group_member)?;
         Ok(steering)
+    }
+
+    /// Succeeds if this process may load the steering program on this kernel: it has CAP_BPF
+    /// (or CAP_SYS_ADMIN) and the kernel has `SK_REUSEPORT` programs and `REUSEPORT_SOCKARRAY`
+    /// maps. Otherwise says which is missing.
+    pub fn check_available() -> Result<(), SteeringError> {
+        check_capabilities()?;
+        check_kernel_support()
     }
 
     /// Puts `socket` (a member of the same group) into slot `cpu`, replacing what was there.

@@ -232,10 +232,11 @@ async fn serve_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
                 continue;
             }
         };
-        // The kernel updates SO_INCOMING_CPU only for connected UDP sockets, so for this
-        // unconnected one it normally stays unknown; the steering program's per-CPU counters
-        // say where UDP datagrams arrived.
-        let incoming_cpu = incoming_cpu(SockRef::from(socket));
+        // The kernel records a datagram's CPU in SO_INCOMING_CPU only for connected UDP sockets;
+        // on this unconnected one the option holds -1 or, in incoming-cpu mode, the value we set
+        // ourselves. Neither is an observation, so say "unknown"; the steering program's per-CPU
+        // counters say where datagrams arrived.
+        let incoming_cpu = None;
         count_arrival(counters, cpu, incoming_cpu);
         let served_by = ServedBy {
             worker_cpu: cpu,

@@ -4,74 +4,14 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
-    net::{SocketAddr, TcpListener},
-    process::{Child, Command, Output, Stdio},
-    sync::mpsc,
+    net::TcpListener,
+    process::{Command, Output},
     thread,
     time::Duration,
 };
 
 use aya::programs::loaded_programs;
 use common::*;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_reuseport");
-
-/// A `reuseport serve` process whose stdout lines arrive on a channel.
-struct ServeProcess {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    addr: SocketAddr,
-    program_id: Option<u32>,
-}
-
-impl ServeProcess {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(BINARY)
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn reuseport");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = lines
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the serving line");
-        // "reuseport: serving http on 127.0.0.1:PORT with workers on CPUs ..., steering program id N; ..."
-        let addr = first
-            .split_once(" on ")
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {first:?}"));
-        let program_id = first
-            .split_once("steering program id ")
-            .and_then(|(_, rest)| rest.split(';').next())
-            .and_then(|id| id.parse().ok());
-        Self {
-            child,
-            lines,
-            addr,
-            program_id,
-        }
-    }
-
-    /// Waits for exit; returns the exit status, the rest of stdout, and stderr.
-    fn finish(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
-        let status = self.child.wait().expect("wait");
-        let stderr = std::io::read_to_string(self.child.stderr.take().expect("stderr"))
-            .expect("read stderr");
-        (status, self.lines.iter().collect(), stderr)
-    }
-}
 
 fn program_is_loaded(id: u32) -> bool {
     loaded_programs()

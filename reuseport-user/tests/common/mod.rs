@@ -6,13 +6,93 @@
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
     thread,
     time::Duration,
 };
 
 use reuseport::{CpuList, cpus::pin_current_thread};
+
+/// The `reuseport` binary under test.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_reuseport");
+
+/// `setpriv` arguments that drop every capability (uid stays 0, so files stay readable).
+pub const WITHOUT_CAPABILITIES: &[&str] = &["--bounding-set=-all", "--inh-caps=-all", "--"];
+
+/// A `reuseport serve` process whose stdout lines arrive on a channel.
+pub struct ServeProcess {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    pub addr: SocketAddr,
+    pub program_id: Option<u32>,
+    /// The first stdout line ("reuseport: serving ...").
+    pub first_line: String,
+}
+
+impl ServeProcess {
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with(&[], args)
+    }
+
+    /// `reuseport serve ARGS` run through `wrapper` (e.g. `setpriv ... --`).
+    pub fn start_with(wrapper: &[&str], args: &[&str]) -> Self {
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(BINARY);
+                command
+            }
+            None => Command::new(BINARY),
+        };
+        let mut child = command
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn reuseport");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the serving line");
+        // "reuseport: serving http on 127.0.0.1:PORT with workers on CPUs ..., steering program id N; ..."
+        let addr = first
+            .split_once(" on ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {first:?}"));
+        let program_id = first
+            .split_once("steering program id ")
+            .and_then(|(_, rest)| rest.split(';').next())
+            .and_then(|id| id.parse().ok());
+        Self {
+            child,
+            lines,
+            addr,
+            program_id,
+            first_line: first,
+        }
+    }
+
+    /// Waits for exit; returns the exit status, the rest of stdout, and stderr.
+    pub fn finish(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
+        let status = self.child.wait().expect("wait");
+        let stderr = std::io::read_to_string(self.child.stderr.take().expect("stderr"))
+            .expect("read stderr");
+        (status, self.lines.iter().collect(), stderr)
+    }
+}
 
 /// Connections each pinned client makes (the issue asks for at least 200 per CPU).
 pub const CONNECTIONS_PER_CPU: usize = 200;
