@@ -13,6 +13,8 @@
 //!   ([`Steering`]) — the one steering path.
 //! - [`strategy`]: the other ways to the same goal, and `auto`: [`cbpf`] (classic BPF
 //!   `ld cpu; ret a`), [`incoming_cpu`] (`SO_INCOMING_CPU`, Linux >= 6.2), kernel hash.
+//! - [`attach`]: the same steering for a running server's listeners (nginx, prefork servers),
+//!   found through `/proc` ([`procfs`]) and taken with `pidfd_getfd`.
 //! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener.
 //! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
 //! - [`stats`]: counters, live line and JSON summary.
@@ -31,6 +33,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod attach;
 pub mod cbpf;
 pub mod cpus;
 pub mod experiment;
@@ -38,6 +41,7 @@ pub mod http;
 pub mod incoming_cpu;
 pub mod listeners;
 pub mod load;
+pub mod procfs;
 pub mod server;
 pub mod stats;
 pub mod steering;

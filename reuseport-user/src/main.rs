@@ -54,6 +54,62 @@ enum Command {
     /// Writes DIR/results.json (every run and the summary) and DIR/results.svg, and prints a
     /// table of median [min-max] per mode with the percpu/hash ratio. Needs root.
     Ab(AbArgs),
+    /// Steer a running server's listeners per CPU, without touching its code.
+    ///
+    /// Finds the SO_REUSEPORT listeners on --port held by --pid and its descendants (e.g.
+    /// nginx's master), matches each to the worker process that serves it (its epoll
+    /// registrations) and that worker's single CPU, and attaches the steering program. Prints a
+    /// live line until Ctrl-C, then detaches (or, with --persist, leaves it pinned).
+    Attach(AttachArgs),
+    /// Remove steering left in place by `attach --persist`.
+    Detach {
+        /// The port given to `attach`.
+        #[arg(long)]
+        port: u16,
+    },
+    /// Show persistent steering: program, slots (and holes), fallbacks, counters.
+    Status {
+        /// Only this port.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AttachArgs {
+    /// The port the server listens on.
+    #[arg(long)]
+    port: u16,
+    /// A process of the server (any: the command also searches its descendants). Repeatable.
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// A listening socket this process already holds (inherited, systemd LISTEN_FDS), paired
+    /// with the --cpu that follows it. Repeatable.
+    #[arg(long = "fd")]
+    fds: Vec<i32>,
+    /// The CPU of the preceding --fd.
+    #[arg(long = "cpu")]
+    fd_cpus: Vec<u32>,
+    /// percpu: attach the steering program; hash: detach any program and leave the group to
+    /// the kernel's hash (after checking what attach would steer).
+    #[arg(long, value_enum, default_value_t = AttachMode::Percpu)]
+    mode: AttachMode,
+    /// Leave the steering in place after exit, pinned under /sys/fs/bpf/reuseport/PORT/
+    /// (`reuseport detach --port PORT` removes it).
+    #[arg(long)]
+    persist: bool,
+    /// Detach after this long (default: at Ctrl-C or SIGTERM).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Do not print the live line every second.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AttachMode {
+    Percpu,
+    Hash,
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,6 +234,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Load(args) => load(args),
         Command::Ab(args) => ab(args),
+        Command::Attach(args) => attach(args),
+        Command::Detach { port } => detach(port),
+        Command::Status { port } => status(port),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -370,5 +429,188 @@ fn ab(args: AbArgs) -> anyhow::Result<()> {
     report.write_json(&json)?;
     report.write_svg(&svg)?;
     println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+fn attach(args: AttachArgs) -> anyhow::Result<()> {
+    use std::os::fd::AsFd;
+
+    if args.pids.is_empty() == args.fds.is_empty() {
+        anyhow::bail!(
+            "give the server's processes with --pid, or sockets with --fd/--cpu (not both)"
+        );
+    }
+    if args.fds.len() != args.fd_cpus.len() {
+        anyhow::bail!(
+            "every --fd needs its --cpu (got {} --fd, {} --cpu)",
+            args.fds.len(),
+            args.fd_cpus.len()
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handler")?;
+    }
+    // Find and check everything first: on any error nothing has been attached.
+    let (mut steering, slots, description) = if args.pids.is_empty() {
+        let pairs: Vec<(i32, u32)> = args
+            .fds
+            .iter()
+            .copied()
+            .zip(args.fd_cpus.iter().copied())
+            .collect();
+        let checked = reuseport::attach::check_fds(&pairs)?;
+        if args.mode == AttachMode::Hash {
+            aya::programs::SkReuseport::detach(checked[0].1).context("detaching")?;
+            println!("reuseport: port {} is on hash selection", args.port);
+            return Ok(());
+        }
+        let description = pairs
+            .iter()
+            .map(|(fd, cpu)| format!("cpu{cpu} <- fd {fd}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (
+            reuseport::Steering::attach(&checked)?,
+            Vec::new(),
+            description,
+        )
+    } else {
+        let found = reuseport::attach::from_pid(&args.pids, args.port)?;
+        let description = found
+            .iter()
+            .map(|f| {
+                format!(
+                    "cpu{} <- pid {} ({})",
+                    f.cpu,
+                    f.pid,
+                    reuseport::procfs::comm(f.pid)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        if args.mode == AttachMode::Hash {
+            aya::programs::SkReuseport::detach(found[0].fd.as_fd()).context("detaching")?;
+            println!(
+                "reuseport: port {} is on hash selection ({description})",
+                args.port
+            );
+            return Ok(());
+        }
+        let slots = found.iter().map(|f| (f.cpu, f.pid, f.inode)).collect();
+        (reuseport::attach::steer(found)?, slots, description)
+    };
+    let program_id = steering.program_id()?;
+    if args.persist {
+        let dir = reuseport::attach::persist(&mut steering, args.port, &args.pids, slots)?;
+        println!(
+            "reuseport: steering port {} ({description}), program id {program_id}, pinned in {}; \
+             `reuseport detach --port {}` removes it",
+            args.port,
+            dir.display(),
+            args.port
+        );
+        return Ok(());
+    }
+    println!(
+        "reuseport: steering port {} ({description}), program id {program_id}; {}",
+        args.port,
+        match args.duration {
+            Some(d) => format!("detaching after {}", humantime::format_duration(d)),
+            None => "Ctrl-C detaches".to_owned(),
+        }
+    );
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + d);
+    let mut previous = Snapshot::default();
+    let mut next_line = started + Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+        thread::sleep(Duration::from_millis(50));
+        if Instant::now() >= next_line {
+            next_line += Duration::from_secs(1);
+            let now = Snapshot {
+                elapsed: started.elapsed(),
+                workers: Vec::new(),
+                steering: Some(steering.stats()?),
+                program: steering.run_stats()?,
+            };
+            if !args.quiet {
+                println!("{}", now.since(&previous).live_line(now.elapsed));
+            }
+            previous = now;
+        }
+    }
+    if args.pids.is_empty() {
+        // SAFETY: the caller passed these fds for this process's life.
+        let member = unsafe { std::os::fd::BorrowedFd::borrow_raw(args.fds[0]) };
+        steering.detach(member)?;
+    } else {
+        let member = reuseport::attach::any_member(&args.pids, args.port)?;
+        steering.detach(&member)?;
+    }
+    println!(
+        "reuseport: detached; port {} is back on hash selection",
+        args.port
+    );
+    Ok(())
+}
+
+fn detach(port: u16) -> anyhow::Result<()> {
+    let state = reuseport::attach::detach_persisted(port)?;
+    println!(
+        "reuseport: detached program {} from port {port} and removed its pins; hash selection again",
+        state.program_id
+    );
+    Ok(())
+}
+
+fn status(port: Option<u16>) -> anyhow::Result<()> {
+    let ports = match port {
+        Some(port) => vec![port],
+        None => reuseport::attach::persisted_ports(),
+    };
+    if ports.is_empty() {
+        println!("reuseport: no persistent steering (attach --persist creates some)");
+    }
+    for port in ports {
+        let state = reuseport::attach::persisted(port)?;
+        let dir = reuseport::attach::persist_dir(port);
+        let fallbacks = reuseport::steering::pinned_fallbacks(&dir)?;
+        let stats = reuseport::steering::pinned_stats(&dir)?;
+        println!(
+            "port {port}: program id {}, pinned in {}",
+            state.program_id,
+            dir.display()
+        );
+        for &(cpu, pid, inode) in &state.slots {
+            let alive = reuseport::attach::slot_alive(pid, inode);
+            let fallback = fallbacks.get(cpu as usize).copied().unwrap_or(cpu);
+            println!(
+                "  slot cpu{cpu}: pid {pid} socket {inode} {}",
+                if alive {
+                    "live".to_owned()
+                } else {
+                    format!(
+                        "CLOSED (hole: CPU {cpu}'s connections go to CPU {fallback}'s listener)"
+                    )
+                }
+            );
+        }
+        let mut total = reuseport::SteeringStats::default();
+        for (cpu, s) in stats.iter().enumerate() {
+            total.add(s);
+            if s.total() + s.errors > 0 {
+                println!(
+                    "  arrived on cpu{cpu}: local {} fallback {} hash {} errors {}",
+                    s.local, s.fallback, s.unsteered, s.errors
+                );
+            }
+        }
+        println!(
+            "  total: local {} fallback {} hash {} errors {}",
+            total.local, total.fallback, total.unsteered, total.errors
+        );
+    }
     Ok(())
 }

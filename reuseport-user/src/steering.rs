@@ -132,6 +132,9 @@ pub enum SteeringError {
     /// Updating or reading a map failed.
     #[error("BPF map operation failed")]
     Map(#[from] MapError),
+    /// Pinning the program or a map to bpffs failed.
+    #[error("pinning to bpffs failed")]
+    Pin(#[from] aya::pin::PinError),
     /// The feature probe itself failed.
     #[error("probing kernel BPF support failed")]
     Probe(#[source] io::Error),
@@ -275,8 +278,25 @@ impl Steering {
             .ebpf
             .map(names::STEERING_STATS)
             .ok_or(SteeringError::MissingFromObject(names::STEERING_STATS))?;
-        let stats = PerCpuArray::<_, SteeringStats>::try_from(map)?;
-        Ok(stats.get(&0, 0)?.iter().copied().collect())
+        read_stats(map)
+    }
+
+    /// Pins the program and its maps into `dir` (on bpffs), so the steering outlives this
+    /// process; [`pinned_stats`] and [`pinned_fallbacks`] read them back.
+    pub fn pin(&mut self, dir: &std::path::Path) -> Result<(), SteeringError> {
+        let name = self.program.name();
+        self.program_mut()?.pin(dir.join(name))?;
+        for map in [
+            names::CPU_LISTENERS,
+            names::CPU_FALLBACK,
+            names::STEERING_STATS,
+        ] {
+            self.ebpf
+                .map(map)
+                .ok_or(SteeringError::MissingFromObject(map))?
+                .pin(dir.join(map))?;
+        }
+        Ok(())
     }
 
     /// How often the program ran and for how long, or `None` where the kernel's BPF run-time
@@ -353,6 +373,26 @@ impl Steering {
         }
         Ok(())
     }
+}
+
+fn read_stats(map: &aya::maps::Map) -> Result<Vec<SteeringStats>, SteeringError> {
+    let stats = PerCpuArray::<_, SteeringStats>::try_from(map)?;
+    Ok(stats.get(&0, 0)?.iter().copied().collect())
+}
+
+/// The counters of steering pinned into `dir` by [`Steering::pin`].
+pub fn pinned_stats(dir: &std::path::Path) -> Result<Vec<SteeringStats>, SteeringError> {
+    let data = aya::maps::MapData::from_pin(dir.join(names::STEERING_STATS))?;
+    read_stats(&aya::maps::Map::PerCpuArray(data))
+}
+
+/// The fallback table of steering pinned into `dir` by [`Steering::pin`]: entry `c` is the CPU
+/// whose listener takes CPU `c`'s connections when slot `c` is empty.
+pub fn pinned_fallbacks(dir: &std::path::Path) -> Result<Vec<u32>, SteeringError> {
+    let data = aya::maps::MapData::from_pin(dir.join(names::CPU_FALLBACK))?;
+    let map = aya::maps::Map::Array(data);
+    let fallback = Array::<_, u32>::try_from(&map)?;
+    Ok(fallback.iter().collect::<Result<_, _>>()?)
 }
 
 /// Whether the kernel keeps BPF run-time statistics (run count and time per program) for us.

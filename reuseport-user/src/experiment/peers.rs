@@ -61,7 +61,7 @@ pub(crate) fn start_nginx(
     let mut guard = ChildGuard::spawn(command, "nginx (apt-get install nginx)")?;
     // Ready when all workers exist (the master binds the reuseport sockets before forking them).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while children_of(guard.pid()).len() < workers {
+    while crate::procfs::children_of(guard.pid()).len() < workers {
         if Instant::now() > deadline || matches!(guard.child_mut().try_wait(), Ok(Some(_))) {
             let stderr = guard.kill_and_read_stderr();
             let log = fs::read_to_string(dir.join("error.log")).unwrap_or_default();
@@ -73,27 +73,6 @@ pub(crate) fn start_nginx(
         thread::sleep(Duration::from_millis(20));
     }
     Ok((guard, addr))
-}
-
-/// The PIDs whose parent is `pid` (`/proc/*/stat` field 4).
-pub fn children_of(pid: u32) -> Vec<u32> {
-    fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| {
-            let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-            // The command name may contain spaces; fields after its closing ')' are plain.
-            let ppid: u32 = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            (ppid == pid).then_some(child)
-        })
-        .collect()
 }
 
 /// Runs wrk on the client side against `addr` and returns its requests per second.

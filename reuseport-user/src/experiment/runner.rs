@@ -404,15 +404,9 @@ fn serving_address(guard: &mut ChildGuard) -> Result<SocketAddr, RunnerError> {
 
 /// The thread ids of `pid` and, for a prefork server, its children (`/proc/PID/task/*`).
 pub fn server_threads(pid: u32) -> Vec<u32> {
-    let mut pids = vec![pid];
-    pids.extend(crate::experiment::peers::children_of(pid));
-    pids.iter()
-        .flat_map(|pid| {
-            fs::read_dir(format!("/proc/{pid}/task"))
-                .into_iter()
-                .flatten()
-                .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        })
+    std::iter::once(pid)
+        .chain(crate::procfs::children_of(pid))
+        .flat_map(crate::procfs::threads)
         .collect()
 }
 

@@ -1,0 +1,569 @@
+//! `reuseport attach`: per-CPU steering for a server that is already running, without touching
+//! its code — nginx, HAProxy, Envoy or your own, as long as each worker is a process pinned to
+//! one CPU and owns a `SO_REUSEPORT` listener.
+//!
+//! How a listener is matched to its worker (the part that must be robust):
+//! 1. The listening sockets on the port are read from `/proc/PID/net/tcp{,6}` (in the target's
+//!    network namespace): state `LISTEN`, local port, owner uid and inode.
+//! 2. Every process in the target's tree (the given PIDs and all their descendants) is searched
+//!    for file descriptors pointing at those inodes (`/proc/PID/fd/N -> socket:[INODE]`).
+//! 3. A prefork server's master and workers may *all* hold every listener (nginx does), so
+//!    holding a socket does not say who serves it. What does: the worker registers the listener
+//!    it accepts on in its epoll instance, and `/proc/PID/fdinfo/<epoll fd>` lists every
+//!    registered file's inode (`tfd: … ino:…`). A socket registered by exactly one process is
+//!    served by that process. Servers that block in `accept(2)` register nothing; then the
+//!    socket must be held by exactly one process of the tree.
+//! 4. That process must be pinned to exactly one CPU (`sched_getaffinity`), and no two
+//!    listeners may share a CPU: the CPU is the listener's slot.
+//! 5. The sockets are duplicated with `pidfd_open` + `pidfd_getfd`, checked (a socket,
+//!    listening, `SO_REUSEPORT`, one address, one owner), put into the slots through
+//!    [`Steering::attach`] — the same path `serve` uses — and the duplicates are closed again: the
+//!    map holds no reference, so a worker that exits still closes its listener, emptying its slot.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+use serde::{Deserialize, Serialize};
+use socket2::SockRef;
+use thiserror::Error;
+
+use crate::{
+    cpus::CpuList,
+    procfs::{self, ProcError},
+    steering::{Steering, SteeringError},
+};
+
+/// Errors from finding, checking or steering a running server's listeners.
+#[derive(Debug, Error)]
+pub enum AttachError {
+    /// Reading `/proc` failed (e.g. no such process).
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// Nothing listens on the port in those processes.
+    #[error("no process in the tree of pid {pids} has a TCP listener on port {port}")]
+    NoListener {
+        /// The port.
+        port: u16,
+        /// The PIDs searched, comma-separated.
+        pids: String,
+    },
+    /// Duplicating a socket from another process was refused.
+    #[error(
+        "not allowed to take pid {pid}'s sockets (pidfd_getfd needs ptrace rights over it: \
+         run as its user or root, with CAP_SYS_PTRACE)"
+    )]
+    Permission {
+        /// The process.
+        pid: u32,
+    },
+    /// `pidfd_open`/`pidfd_getfd` failed otherwise (Linux >= 5.6 is needed).
+    #[error("duplicating fd {fd} of pid {pid} failed (pidfd_getfd needs Linux 5.6 or later)")]
+    Duplicate {
+        /// The process.
+        pid: u32,
+        /// Its fd.
+        fd: i32,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A listener does not have `SO_REUSEPORT`.
+    #[error(
+        "the listener on {addr} (fd {fd} of pid {pid}) has no SO_REUSEPORT: only a reuseport \
+         group can be steered (nginx: `listen ... reuseport`)"
+    )]
+    NotReuseport {
+        /// Holder.
+        pid: u32,
+        /// Its fd.
+        fd: i32,
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// An fd given with `--fd` is not a socket.
+    #[error("fd {fd} is not a socket")]
+    NotASocket {
+        /// The fd.
+        fd: i32,
+    },
+    /// A socket given with `--fd` is not listening.
+    #[error("fd {fd} is a socket but not a listening TCP socket")]
+    NotListening {
+        /// The fd.
+        fd: i32,
+    },
+    /// The listeners are bound to different addresses, so they are different groups.
+    #[error(
+        "the listeners belong to different reuseport groups ({addrs}); steer one group at a time"
+    )]
+    DifferentGroups {
+        /// The addresses.
+        addrs: String,
+    },
+    /// The listeners have different owners, so they cannot be one group.
+    #[error(
+        "the listeners are owned by different users (uids {uids}); a reuseport group has one owner"
+    )]
+    DifferentOwners {
+        /// The uids.
+        uids: String,
+    },
+    /// More than one process serves one socket.
+    #[error(
+        "the listener with inode {inode} is served by several processes ({pids}); cannot give it one CPU"
+    )]
+    Ambiguous {
+        /// The socket.
+        inode: u64,
+        /// The processes.
+        pids: String,
+    },
+    /// All listeners are served by one process: a threaded server.
+    #[error(
+        "all {count} listeners are served by one process (pid {pid}, {comm}): its workers are \
+         threads, which cannot be told apart from outside; use the library in the server \
+         (Steering::attach) or `reuseport serve`"
+    )]
+    Threaded {
+        /// The process.
+        pid: u32,
+        /// Its name.
+        comm: String,
+        /// Listeners.
+        count: usize,
+    },
+    /// A serving process may run on several CPUs.
+    #[error(
+        "pid {pid} ({comm}) serves a listener but may run on CPUs {cpus}: every worker must be \
+         pinned to one CPU (nginx: `worker_cpu_affinity auto;`)"
+    )]
+    Unpinned {
+        /// The process.
+        pid: u32,
+        /// Its name.
+        comm: String,
+        /// Its affinity.
+        cpus: CpuList,
+    },
+    /// Two serving processes are pinned to the same CPU.
+    #[error(
+        "pids {first} and {second} are both pinned to CPU {cpu}: each CPU can have one \
+         listener (nginx: `worker_cpu_affinity auto;`)"
+    )]
+    Doubled {
+        /// The CPU.
+        cpu: u32,
+        /// One process.
+        first: u32,
+        /// The other.
+        second: u32,
+    },
+    /// Steering itself failed.
+    #[error(transparent)]
+    Steering(#[from] SteeringError),
+    /// Nothing is pinned for the port.
+    #[error("no persistent steering for port {port} (nothing under {dir})")]
+    NotPersisted {
+        /// The port.
+        port: u16,
+        /// Where it would be.
+        dir: String,
+    },
+    /// Reading or writing the pinned state failed.
+    #[error("{path}")]
+    State {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A running server's listener, duplicated into this process, with the CPU of its worker.
+#[derive(Debug)]
+pub struct FoundListener {
+    /// The CPU the serving process is pinned to: the listener's slot.
+    pub cpu: u32,
+    /// The serving process.
+    pub pid: u32,
+    /// The socket's inode.
+    pub inode: u64,
+    /// Its local address.
+    pub addr: SocketAddr,
+    /// This process's duplicate of the socket (close it once the slot is filled).
+    pub fd: OwnedFd,
+}
+
+/// Finds the listeners on `port` of `pids` and their descendants, and the CPU of the process
+/// that serves each (see the module documentation for how).
+pub fn from_pid(pids: &[u32], port: u16) -> Result<Vec<FoundListener>, AttachError> {
+    let pid_list = pids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut tree: Vec<u32> = Vec::new();
+    for &pid in pids {
+        for member in procfs::process_tree(pid)? {
+            if !tree.contains(&member) {
+                tree.push(member);
+            }
+        }
+    }
+    let no_listener = || AttachError::NoListener {
+        port,
+        pids: pid_list.clone(),
+    };
+    let root = *tree.first().ok_or_else(no_listener)?;
+    let sockets: BTreeMap<u64, procfs::ProcSocket> = procfs::listening_tcp(root, port)?
+        .into_iter()
+        .map(|socket| (socket.inode, socket))
+        .collect();
+    // inode -> processes (and their fd) holding it.
+    let mut holders: BTreeMap<u64, Vec<(u32, i32)>> = BTreeMap::new();
+    for &pid in &tree {
+        let fds = match procfs::socket_fds(pid) {
+            Ok(fds) => fds,
+            Err(ProcError::Read { source, .. })
+                if source.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                return Err(AttachError::Permission { pid });
+            }
+            // A process may exit while we look; it then holds nothing.
+            Err(_) => Vec::new(),
+        };
+        for (fd, inode) in fds {
+            if sockets.contains_key(&inode) {
+                holders.entry(inode).or_default().push((pid, fd));
+            }
+        }
+    }
+    if holders.is_empty() {
+        return Err(no_listener());
+    }
+    let epoll: BTreeMap<u32, BTreeSet<u64>> = tree
+        .iter()
+        .map(|&pid| (pid, procfs::epoll_targets(pid)))
+        .collect();
+
+    let mut serving: Vec<(u64, u32, i32)> = Vec::new();
+    for (&inode, held) in &holders {
+        let registered: Vec<(u32, i32)> = held
+            .iter()
+            .copied()
+            .filter(|(pid, _)| epoll.get(pid).is_some_and(|set| set.contains(&inode)))
+            .collect();
+        let servers = if registered.is_empty() {
+            held.clone()
+        } else {
+            registered
+        };
+        match servers.as_slice() {
+            [(pid, fd)] => serving.push((inode, *pid, *fd)),
+            _ => {
+                return Err(AttachError::Ambiguous {
+                    inode,
+                    pids: servers
+                        .iter()
+                        .map(|(p, _)| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                });
+            }
+        }
+    }
+    let serving_pids: BTreeSet<u32> = serving.iter().map(|&(_, pid, _)| pid).collect();
+    if let ([pid], count @ 2..) = (
+        serving_pids.iter().copied().collect::<Vec<_>>().as_slice(),
+        serving.len(),
+    ) {
+        return Err(AttachError::Threaded {
+            pid: *pid,
+            comm: procfs::comm(*pid),
+            count,
+        });
+    }
+
+    let mut by_cpu: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut found = Vec::with_capacity(serving.len());
+    for (inode, pid, fd) in serving {
+        let cpus = procfs::affinity(pid)?;
+        let cpu = match cpus.iter().collect::<Vec<_>>().as_slice() {
+            [cpu] => *cpu,
+            _ => {
+                return Err(AttachError::Unpinned {
+                    pid,
+                    comm: procfs::comm(pid),
+                    cpus,
+                });
+            }
+        };
+        if let Some(&first) = by_cpu.get(&cpu) {
+            return Err(AttachError::Doubled {
+                cpu,
+                first,
+                second: pid,
+            });
+        }
+        by_cpu.insert(cpu, pid);
+        let socket = &sockets[&inode];
+        let dup = duplicate(pid, fd)?;
+        if !SockRef::from(&dup).reuse_port().unwrap_or(false) {
+            return Err(AttachError::NotReuseport {
+                pid,
+                fd,
+                addr: socket.addr,
+            });
+        }
+        found.push(FoundListener {
+            cpu,
+            pid,
+            inode,
+            addr: socket.addr,
+            fd: dup,
+        });
+    }
+    check_one_group(found.iter().map(|f| (f.addr, sockets[&f.inode].uid)))?;
+    found.sort_by_key(|f| f.cpu);
+    Ok(found)
+}
+
+/// Fails unless every `(address, owner uid)` is the same: one reuseport group.
+fn check_one_group(members: impl Iterator<Item = (SocketAddr, u32)>) -> Result<(), AttachError> {
+    let (addrs, uids): (BTreeSet<SocketAddr>, BTreeSet<u32>) = members.unzip();
+    let join = |items: Vec<String>| items.join(", ");
+    if addrs.len() > 1 {
+        return Err(AttachError::DifferentGroups {
+            addrs: join(addrs.iter().map(ToString::to_string).collect()),
+        });
+    }
+    if uids.len() > 1 {
+        return Err(AttachError::DifferentOwners {
+            uids: join(uids.iter().map(ToString::to_string).collect()),
+        });
+    }
+    Ok(())
+}
+
+/// Duplicates `fd` of process `pid` into this process (`pidfd_open` + `pidfd_getfd`).
+pub fn duplicate(pid: u32, fd: i32) -> Result<OwnedFd, AttachError> {
+    let target = Pid::from_raw(pid as i32).ok_or(ProcError::NoSuchProcess(pid))?;
+    let duplicate_error = |err: rustix::io::Errno| {
+        if err == rustix::io::Errno::PERM || err == rustix::io::Errno::ACCESS {
+            AttachError::Permission { pid }
+        } else if err == rustix::io::Errno::SRCH {
+            AttachError::Proc(ProcError::NoSuchProcess(pid))
+        } else {
+            AttachError::Duplicate {
+                pid,
+                fd,
+                source: err.into(),
+            }
+        }
+    };
+    let pidfd = pidfd_open(target, PidfdFlags::empty()).map_err(duplicate_error)?;
+    // `fd` is a number in the other process's table, which pidfd_getfd duplicates into ours.
+    pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).map_err(duplicate_error)
+}
+
+/// Checks `(fd, cpu)` pairs of sockets this process already holds (inherited, or systemd's
+/// `LISTEN_FDS`): each a listening `SO_REUSEPORT` socket, all in one group.
+pub fn check_fds(pairs: &[(i32, u32)]) -> Result<Vec<(u32, BorrowedFd<'static>)>, AttachError> {
+    let mut checked = Vec::with_capacity(pairs.len());
+    let mut members = Vec::with_capacity(pairs.len());
+    for &(fd, cpu) in pairs {
+        // SAFETY: the caller passed this fd number as one it holds open for this process's life.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let stat = rustix::fs::fstat(borrowed).map_err(|_| AttachError::NotASocket { fd })?;
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
+            return Err(AttachError::NotASocket { fd });
+        }
+        let socket = SockRef::from(&borrowed);
+        if !socket.is_listener().unwrap_or(false) {
+            return Err(AttachError::NotListening { fd });
+        }
+        let addr = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or(AttachError::NotListening { fd })?;
+        if !socket.reuse_port().unwrap_or(false) {
+            return Err(AttachError::NotReuseport {
+                pid: std::process::id(),
+                fd,
+                addr,
+            });
+        }
+        members.push((addr, rustix::process::geteuid().as_raw()));
+        checked.push((cpu, borrowed));
+    }
+    check_one_group(members.into_iter())?;
+    Ok(checked)
+}
+
+/// Steers the listeners `found` (see [`from_pid`]) through [`Steering::attach`], then closes the
+/// duplicates so that the target's processes remain the only holders.
+pub fn steer(found: Vec<FoundListener>) -> Result<Steering, AttachError> {
+    let pairs: Vec<(u32, BorrowedFd<'_>)> = found.iter().map(|f| (f.cpu, f.fd.as_fd())).collect();
+    let steering = Steering::attach(&pairs)?;
+    drop(pairs);
+    drop(found);
+    Ok(steering)
+}
+
+/// Where `--persist` pins the program and maps of the steering for `port`.
+pub fn persist_dir(port: u16) -> PathBuf {
+    Path::new("/sys/fs/bpf/reuseport").join(port.to_string())
+}
+
+/// What `--persist` records beside the pins, for `status` and `detach`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedState {
+    /// The port.
+    pub port: u16,
+    /// The PIDs given to `attach`.
+    pub pids: Vec<u32>,
+    /// The kernel's id of the pinned program.
+    pub program_id: u32,
+    /// Slot by slot: CPU, serving PID, socket inode.
+    pub slots: Vec<(u32, u32, u64)>,
+}
+
+/// Pins `steering` under [`persist_dir`] with a `state.json`, so it outlives this process.
+pub fn persist(
+    steering: &mut Steering,
+    port: u16,
+    pids: &[u32],
+    slots: Vec<(u32, u32, u64)>,
+) -> Result<PathBuf, AttachError> {
+    let dir = persist_dir(port);
+    mount_bpffs()?;
+    fs::create_dir_all(&dir).map_err(|source| AttachError::State {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    steering.pin(&dir)?;
+    let state = PersistedState {
+        port,
+        pids: pids.to_vec(),
+        program_id: steering.program_id()?,
+        slots,
+    };
+    write_state(&dir, &state)?;
+    Ok(dir)
+}
+
+fn write_state(dir: &Path, state: &PersistedState) -> Result<(), AttachError> {
+    let path = dir.join("state.json");
+    let json = serde_json::to_string_pretty(state).map_err(|e| AttachError::State {
+        path: path.display().to_string(),
+        source: io::Error::other(e),
+    })?;
+    fs::write(&path, json).map_err(|source| AttachError::State {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Reads what `--persist` recorded for `port`.
+pub fn persisted(port: u16) -> Result<PersistedState, AttachError> {
+    let dir = persist_dir(port);
+    let path = dir.join("state.json");
+    let text = fs::read_to_string(&path).map_err(|_| AttachError::NotPersisted {
+        port,
+        dir: dir.display().to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| AttachError::State {
+        path: path.display().to_string(),
+        source: io::Error::other(e),
+    })
+}
+
+/// Every port with persistent steering.
+pub fn persisted_ports() -> Vec<u16> {
+    let mut ports: Vec<u16> = fs::read_dir(Path::new("/sys/fs/bpf/reuseport"))
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+/// A socket of the group on `port` served by `pids`' tree, to detach through.
+pub fn any_member(pids: &[u32], port: u16) -> Result<OwnedFd, AttachError> {
+    let pid_list = pids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    for &pid in pids {
+        for member in procfs::process_tree(pid).unwrap_or_default() {
+            let inodes: BTreeSet<u64> = procfs::listening_tcp(member, port)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.inode)
+                .collect();
+            for (fd, inode) in procfs::socket_fds(member).unwrap_or_default() {
+                if inodes.contains(&inode) {
+                    return duplicate(member, fd);
+                }
+            }
+        }
+    }
+    Err(AttachError::NoListener {
+        port,
+        pids: pid_list,
+    })
+}
+
+/// Removes the persistent steering of `port`: detaches the program from the group (through a
+/// socket taken from the recorded processes) and deletes the pins.
+pub fn detach_persisted(port: u16) -> Result<PersistedState, AttachError> {
+    let state = persisted(port)?;
+    // The server may be gone already (its group with it): then there is nothing to detach.
+    if let Ok(member) = any_member(&state.pids, port) {
+        aya::programs::SkReuseport::detach(&member).map_err(SteeringError::from)?;
+    }
+    let dir = persist_dir(port);
+    fs::remove_dir_all(&dir).map_err(|source| AttachError::State {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    Ok(state)
+}
+
+/// Whether the recorded slot's socket is still open in its serving process.
+pub fn slot_alive(pid: u32, inode: u64) -> bool {
+    procfs::socket_fds(pid).is_ok_and(|fds| fds.iter().any(|&(_, i)| i == inode))
+}
+
+fn mount_bpffs() -> Result<(), AttachError> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    let mounted = fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    });
+    if mounted {
+        return Ok(());
+    }
+    rustix::mount::mount(
+        "bpf",
+        bpffs,
+        "bpf",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .map_err(|err| AttachError::State {
+        path: "mounting bpffs on /sys/fs/bpf".into(),
+        source: err.into(),
+    })
+}

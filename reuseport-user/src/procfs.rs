@@ -1,0 +1,234 @@
+//! What `/proc` says about other processes: their children, their socket file descriptors, the
+//! sockets registered in their epoll instances, their listening sockets and their CPU affinity.
+//! Used to find a running server's listeners (`reuseport attach`) and a peer's threads.
+
+use std::{collections::BTreeSet, fs, io, net::SocketAddr};
+
+use rustix::{process::Pid, thread::sched_getaffinity};
+use thiserror::Error;
+
+use crate::cpus::CpuList;
+
+/// Errors from reading `/proc`.
+#[derive(Debug, Error)]
+pub enum ProcError {
+    /// The process does not exist (or exited).
+    #[error("no process with pid {0}")]
+    NoSuchProcess(u32),
+    /// A `/proc` file could not be read.
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn read(path: String) -> Result<String, ProcError> {
+    fs::read_to_string(&path).map_err(|source| ProcError::Read { path, source })
+}
+
+/// The PIDs whose parent is `pid` (`/proc/*/stat`, field 4).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            // The command name may contain spaces; the fields after its closing ')' are plain.
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == pid).then_some(child)
+        })
+        .collect()
+}
+
+/// `pid` and all its descendants, parents first.
+pub fn process_tree(pid: u32) -> Result<Vec<u32>, ProcError> {
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(ProcError::NoSuchProcess(pid));
+    }
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while let Some(&parent) = tree.get(next) {
+        tree.extend(children_of(parent));
+        next += 1;
+    }
+    Ok(tree)
+}
+
+/// The thread ids of `pid` (`/proc/PID/task/*`).
+pub fn threads(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The process's command name (`/proc/PID/comm`).
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|comm| comm.trim().to_owned())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// The CPUs `pid`'s main thread may run on.
+pub fn affinity(pid: u32) -> Result<CpuList, ProcError> {
+    let target = Pid::from_raw(pid as i32).ok_or(ProcError::NoSuchProcess(pid))?;
+    let mask = sched_getaffinity(Some(target)).map_err(|_| ProcError::NoSuchProcess(pid))?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&cpu| mask.is_set(cpu))
+        .filter_map(|cpu| u32::try_from(cpu).ok())
+        .collect())
+}
+
+/// `(fd, inode)` of every socket `pid` has open (`/proc/PID/fd/N -> socket:[INODE]`).
+pub fn socket_fds(pid: u32) -> Result<Vec<(i32, u64)>, ProcError> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = fs::read_dir(&dir).map_err(|source| ProcError::Read { path: dir, source })?;
+    Ok(entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let target = fs::read_link(entry.path()).ok()?;
+            let inode = target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
+            Some((fd, inode))
+        })
+        .collect())
+}
+
+/// The inodes of every file registered in any of `pid`'s epoll instances: each epoll fd's
+/// `/proc/PID/fdinfo/N` lists its targets as `tfd: 5 events: 19 data: ... ino:2b1c sdev:8`.
+pub fn epoll_targets(pid: u32) -> BTreeSet<u64> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return BTreeSet::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            fs::read_link(entry.path()).is_ok_and(|t| t.to_str() == Some("anon_inode:[eventpoll]"))
+        })
+        .filter_map(|entry| {
+            fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                entry.file_name().to_str()?
+            ))
+            .ok()
+        })
+        .flat_map(|info| {
+            info.lines()
+                .filter(|line| line.starts_with("tfd:"))
+                .filter_map(|line| {
+                    let hex = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("ino:"))?;
+                    u64::from_str_radix(hex, 16).ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A listening TCP socket (or bound UDP socket) as `/proc/PID/net/{tcp,tcp6}` lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcSocket {
+    /// The local address.
+    pub addr: SocketAddr,
+    /// The owner's uid.
+    pub uid: u32,
+    /// The socket's inode.
+    pub inode: u64,
+}
+
+/// Listening TCP sockets on `port` in `pid`'s network namespace.
+pub fn listening_tcp(pid: u32, port: u16) -> Result<Vec<ProcSocket>, ProcError> {
+    let mut sockets = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = read(format!("/proc/{pid}/net/{table}"))?;
+        sockets.extend(text.lines().skip(1).filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (local, state, uid, inode) = (
+                fields.get(1)?,
+                fields.get(3)?,
+                fields.get(7)?,
+                fields.get(9)?,
+            );
+            const TCP_LISTEN: &str = "0A";
+            if *state != TCP_LISTEN {
+                return None;
+            }
+            let addr = parse_proc_addr(local)?;
+            (addr.port() == port).then_some(ProcSocket {
+                addr,
+                uid: uid.parse().ok()?,
+                inode: inode.parse().ok()?,
+            })
+        }));
+    }
+    Ok(sockets)
+}
+
+/// Parses `/proc/net/tcp`'s `0100007F:1F90` (IPv4, host-order words) or the 32-hex-digit IPv6
+/// form.
+fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).map(u32::from_be))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+    match bytes.len() {
+        4 => Some(SocketAddr::from((<[u8; 4]>::try_from(bytes).ok()?, port))),
+        16 => Some(SocketAddr::from((<[u8; 16]>::try_from(bytes).ok()?, port))),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses_parse() {
+        assert_eq!(
+            parse_proc_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_addr("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn this_process_and_its_listener_are_visible() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let me = std::process::id();
+        let found = listening_tcp(me, port).unwrap();
+        assert_eq!(found.len(), 1);
+        let fds = socket_fds(me).unwrap();
+        assert!(fds.iter().any(|&(_, inode)| inode == found[0].inode));
+        assert!(process_tree(me).unwrap().starts_with(&[me]));
+        assert!(matches!(
+            process_tree(u32::MAX),
+            Err(ProcError::NoSuchProcess(_))
+        ));
+    }
+}
