@@ -291,6 +291,11 @@ pub fn from_pid(pids: &[u32], port: u16) -> Result<Vec<FoundListener>, AttachErr
         });
     }
 
+    // One group first: otherwise CPU conflicts between two servers would be reported instead.
+    check_one_group(serving.iter().map(|(inode, _, _)| {
+        let socket = &sockets[inode];
+        (socket.addr, socket.uid)
+    }))?;
     let mut by_cpu: BTreeMap<u32, u32> = BTreeMap::new();
     let mut found = Vec::with_capacity(serving.len());
     for (inode, pid, fd) in serving {
@@ -330,7 +335,6 @@ pub fn from_pid(pids: &[u32], port: u16) -> Result<Vec<FoundListener>, AttachErr
             fd: dup,
         });
     }
-    check_one_group(found.iter().map(|f| (f.addr, sockets[&f.inode].uid)))?;
     found.sort_by_key(|f| f.cpu);
     Ok(found)
 }
@@ -423,6 +427,11 @@ pub fn persist_dir(port: u16) -> PathBuf {
     Path::new("/sys/fs/bpf/reuseport").join(port.to_string())
 }
 
+/// Where `--persist` records what it steers for `port` (bpffs holds only BPF objects).
+pub fn state_path(port: u16) -> PathBuf {
+    Path::new("/run/reuseport").join(format!("{port}.json"))
+}
+
 /// What `--persist` records beside the pins, for `status` and `detach`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PersistedState {
@@ -449,24 +458,38 @@ pub fn persist(
         path: dir.display().to_string(),
         source,
     })?;
-    steering.pin(&dir)?;
-    let state = PersistedState {
-        port,
-        pids: pids.to_vec(),
-        program_id: steering.program_id()?,
-        slots,
-    };
-    write_state(&dir, &state)?;
+    let pinned = steering
+        .pin(&dir)
+        .map_err(AttachError::from)
+        .and_then(|()| {
+            let state = PersistedState {
+                port,
+                pids: pids.to_vec(),
+                program_id: steering.program_id()?,
+                slots,
+            };
+            write_state(&state_path(port), &state)
+        });
+    if let Err(err) = pinned {
+        // Leave nothing half-persisted: without its pins the steering ends with this process.
+        let _ = fs::remove_dir_all(&dir);
+        return Err(err);
+    }
     Ok(dir)
 }
 
-fn write_state(dir: &Path, state: &PersistedState) -> Result<(), AttachError> {
-    let path = dir.join("state.json");
+fn write_state(path: &Path, state: &PersistedState) -> Result<(), AttachError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|source| AttachError::State {
+            path: parent.display().to_string(),
+            source,
+        })?;
+    }
     let json = serde_json::to_string_pretty(state).map_err(|e| AttachError::State {
         path: path.display().to_string(),
         source: io::Error::other(e),
     })?;
-    fs::write(&path, json).map_err(|source| AttachError::State {
+    fs::write(path, json).map_err(|source| AttachError::State {
         path: path.display().to_string(),
         source,
     })
@@ -474,11 +497,10 @@ fn write_state(dir: &Path, state: &PersistedState) -> Result<(), AttachError> {
 
 /// Reads what `--persist` recorded for `port`.
 pub fn persisted(port: u16) -> Result<PersistedState, AttachError> {
-    let dir = persist_dir(port);
-    let path = dir.join("state.json");
+    let path = state_path(port);
     let text = fs::read_to_string(&path).map_err(|_| AttachError::NotPersisted {
         port,
-        dir: dir.display().to_string(),
+        dir: persist_dir(port).display().to_string(),
     })?;
     serde_json::from_str(&text).map_err(|e| AttachError::State {
         path: path.display().to_string(),
@@ -537,6 +559,14 @@ pub fn detach_persisted(port: u16) -> Result<PersistedState, AttachError> {
         path: dir.display().to_string(),
         source,
     })?;
+    let _ = fs::remove_file(state_path(port));
+    // Remove the parent directories once they are empty (remove_dir refuses otherwise).
+    for parent in [persist_dir(port).parent(), state_path(port).parent()]
+        .into_iter()
+        .flatten()
+    {
+        let _ = fs::remove_dir(parent);
+    }
     Ok(state)
 }
 

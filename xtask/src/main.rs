@@ -95,8 +95,8 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             toolchain::ensure_apt_packages(
-                &["iproute2"],
-                "the experiment tests create network namespaces and veth pairs",
+                &["iproute2", "nginx"],
+                "the tests create network namespaces and veth pairs, and attach to a real nginx",
             )?;
             if !no_lint {
                 run_checked(cargo().args(["fmt", "--all", "--check"]))?;

@@ -134,6 +134,41 @@ pub fn http_get(addr: SocketAddr) -> Served {
     parse_served(&response)
 }
 
+/// One HTTP/1.1 request on a fresh connection; returns the response header `name`.
+pub fn http_get_header(addr: SocketAddr, name: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set timeout");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .expect("send request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read response");
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Response::new(&mut headers);
+    parsed.parse(&response).expect("valid HTTP response");
+    parsed
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+        .unwrap_or_else(|| panic!("no {name} header"))
+}
+
+/// `count` requests from a thread pinned to `cpu`; the `X-Worker-Pid` of each response.
+pub fn worker_pids_from(cpu: u32, addr: SocketAddr, count: usize) -> Vec<u32> {
+    on_cpu(cpu, move || {
+        (0..count)
+            .map(|_| {
+                http_get_header(addr, "x-worker-pid")
+                    .parse()
+                    .expect("a pid")
+            })
+            .collect()
+    })
+}
+
 /// Reads `x-worker-cpu` and `x-incoming-cpu` from a raw HTTP response.
 pub fn parse_served(response: &[u8]) -> Served {
     let mut headers = [httparse::EMPTY_HEADER; 16];

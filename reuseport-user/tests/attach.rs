@@ -1,0 +1,502 @@
+//! `reuseport attach` against real servers: Debian's nginx and a prefork server of our own,
+//! attached by --pid, sockets attached by --fd, a worker exiting under --persist, and every bad
+//! input. Needs root and nginx (`cargo xtask test` installs it).
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, ErrorKind},
+    net::{SocketAddr, TcpListener},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use reuseport::{PerCpuListeners, Protocol, procfs};
+
+/// Stops the child on drop, so no server outlives a failing test: SIGTERM first (nginx's master
+/// then stops its workers; a SIGKILLed master would orphan them), SIGKILL after 5 s.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let pid = rustix::process::Pid::from_child(&self.0);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Debian's nginx on `addr` with two workers (one per CPU) and `affinity`, answering with its
+/// worker's pid in X-Worker-Pid. Returns the guard, the master pid and the workers by CPU.
+fn start_nginx(addr: SocketAddr, affinity: &str) -> (Guard, u32, Vec<(u32, u32)>) {
+    let dir = std::env::temp_dir().join(format!(
+        "reuseport-nginx-{}-{}",
+        std::process::id(),
+        addr.port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let workers = allowed_cpus().len();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nuser root;\nworker_processes {workers};\n{affinity}\n\
+         pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+         http {{ access_log off; client_body_temp_path {d}/b; proxy_temp_path {d}/p; \
+         fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+         server {{ listen {addr} reuseport; add_header X-Worker-Pid $pid; \
+         location / {{ return 200 \"ok\\n\"; }} }} }}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx is installed (cargo xtask test installs it: apt-get install nginx)");
+    let master = child.id();
+    let guard = Guard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procfs::children_of(master).len() < workers {
+        assert!(Instant::now() < deadline, "nginx workers did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The workers pin themselves right after fork; wait until they have.
+    std::thread::sleep(Duration::from_millis(200));
+    (guard, master, workers_by_cpu(master))
+}
+
+/// `(cpu, pid)` of the master's children pinned to one CPU.
+fn workers_by_cpu(master: u32) -> Vec<(u32, u32)> {
+    let mut workers: Vec<(u32, u32)> = procfs::children_of(master)
+        .into_iter()
+        .filter_map(|pid| {
+            let cpus: Vec<u32> = procfs::affinity(pid).ok()?.iter().collect();
+            (cpus.len() == 1).then(|| (cpus[0], pid))
+        })
+        .collect();
+    workers.sort_unstable();
+    workers
+}
+
+/// Our prefork server with `flags`; returns the guard, its address, master and workers.
+fn start_prefork(flags: &[&str]) -> (Guard, SocketAddr, u32) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prefork-demo"))
+        .args(["--listen", "127.0.0.1:0", "--duration", "60s"])
+        .args(flags)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start prefork-demo");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // "prefork-demo: listening on ADDR with master PID and workers A,B"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let addr = words[3].parse().unwrap_or_else(|_| panic!("{line:?}"));
+    let master = words[6].parse().unwrap_or_else(|_| panic!("{line:?}"));
+    (Guard(child), addr, master)
+}
+
+/// `reuseport attach ARGS` running until stopped; returns once it is steering, with its stdout
+/// (kept open: it prints again when it detaches).
+fn start_attach(args: &[&str]) -> (Guard, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(BINARY)
+        .arg("attach")
+        .args(args)
+        .arg("--quiet")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start attach");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("reuseport: steering port"), "{first:?}");
+    (Guard(child), stdout)
+}
+
+/// Stops an attach with SIGTERM: it detaches, says so and exits successfully.
+fn stop_attach((mut attach, mut stdout): (Guard, BufReader<std::process::ChildStdout>)) {
+    let pid = rustix::process::Pid::from_child(&attach.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let mut last = String::new();
+    stdout.read_line(&mut last).unwrap();
+    assert!(last.contains("detached"), "{last:?}");
+    let status = attach.0.wait().unwrap();
+    assert!(status.success(), "attach exited with {status}");
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BINARY)
+        .args(args)
+        .output()
+        .expect("run reuseport")
+}
+
+fn assert_one_line_error(output: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+}
+
+/// Before attach, a client on one CPU reaches every worker; while attached, every response to
+/// a client on CPU k comes from the worker pinned to k; after detach, mixed again.
+fn assert_attach_steers(addr: SocketAddr, master: u32, workers: &[(u32, u32)]) {
+    assert!(workers.len() >= 2, "needs two pinned workers: {workers:?}");
+    let all: BTreeSet<u32> = workers.iter().map(|&(_, pid)| pid).collect();
+    let first_cpu = workers[0].0;
+    let seen: BTreeSet<u32> = worker_pids_from(first_cpu, addr, 60).into_iter().collect();
+    assert_eq!(seen, all, "before attach: hash reaches every worker");
+
+    let attach = start_attach(&[
+        "--port",
+        &addr.port().to_string(),
+        "--pid",
+        &master.to_string(),
+    ]);
+    for &(cpu, pid) in workers {
+        for served_by in worker_pids_from(cpu, addr, 100) {
+            assert_eq!(served_by, pid, "client on CPU {cpu} while attached");
+        }
+    }
+    stop_attach(attach);
+
+    let seen: BTreeSet<u32> = worker_pids_from(first_cpu, addr, 60).into_iter().collect();
+    assert_eq!(seen, all, "after detach: hash again");
+}
+
+#[test]
+fn nginx_workers_serve_their_own_cpus_connections_while_attached() {
+    let addr = free_addr();
+    let (_nginx, master, workers) = start_nginx(addr, "worker_cpu_affinity auto;");
+    // nginx's master and every worker hold every listener: the epoll registrations decide.
+    assert_attach_steers(addr, master, &workers);
+}
+
+#[test]
+fn a_prefork_server_attached_by_pid_is_steered() {
+    let (_server, addr, master) = start_prefork(&[]);
+    assert_attach_steers(addr, master, &workers_by_cpu(master));
+}
+
+/// Accepts one pending connection from whichever of `listeners` has it.
+fn accept_from(listeners: &[(u32, TcpListener)]) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        for (cpu, listener) in listeners {
+            match listener.accept() {
+                Ok(_) => return *cpu,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        assert!(Instant::now() < deadline, "no listener got the connection");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn sockets_passed_by_fd_are_steered_through_the_same_path() {
+    let cpus = allowed_cpus();
+    let group = PerCpuListeners::bind("127.0.0.1:0".parse().unwrap(), Protocol::Tcp, &cpus, 256)
+        .expect("bind");
+    let addr = group.local_addr();
+    let listeners: Vec<(u32, TcpListener)> = group
+        .into_inner()
+        .into_iter()
+        .map(|l| {
+            // Inherited by the attach process.
+            l.socket.set_cloexec(false).unwrap();
+            (l.cpu, TcpListener::from(l.socket))
+        })
+        .collect();
+    let mut args = vec!["--port".to_owned(), addr.port().to_string()];
+    for (cpu, listener) in &listeners {
+        args.extend([
+            "--fd".into(),
+            listener.as_raw_fd().to_string(),
+            "--cpu".into(),
+            cpu.to_string(),
+        ]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let attach = start_attach(&args);
+    for cpu in cpus.iter() {
+        for _ in 0..20 {
+            let _client = on_cpu(cpu, move || std::net::TcpStream::connect(addr).unwrap());
+            assert_eq!(accept_from(&listeners), cpu, "client on CPU {cpu}");
+        }
+    }
+    stop_attach(attach);
+}
+
+#[test]
+fn a_persistent_attach_survives_its_command_and_a_worker_exit_leaves_a_served_hole() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    assert!(workers.len() >= 2, "{workers:?}");
+    let port = addr.port().to_string();
+    let output = run(&[
+        "attach",
+        "--port",
+        &port,
+        "--pid",
+        &master.to_string(),
+        "--persist",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The attach command has exited; the steering stays.
+    let (cpu_a, pid_a) = workers[0];
+    let (cpu_b, pid_b) = workers[1];
+    assert!(
+        worker_pids_from(cpu_b, addr, 30)
+            .iter()
+            .all(|&p| p == pid_b)
+    );
+    // Worker B dies: its listener closes, its slot empties, its CPU falls back to A's.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid_b as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        worker_pids_from(cpu_b, addr, 30)
+            .iter()
+            .all(|&p| p == pid_a)
+    );
+    let status = run(&["status", "--port", &port]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("slot cpu{cpu_b}: pid {pid_b}")) && text.contains("CLOSED (hole"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("slot cpu{cpu_a}: pid {pid_a}")),
+        "{text}"
+    );
+    let detach = run(&["detach", "--port", &port]);
+    assert!(
+        detach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+    assert!(!PathBuf::from(format!("/sys/fs/bpf/reuseport/{port}")).exists());
+}
+
+#[test]
+fn no_such_pid() {
+    assert_one_line_error(
+        &run(&["attach", "--port", "80", "--pid", "4194303"]),
+        "no process with pid 4194303",
+    );
+}
+
+#[test]
+fn no_listener_on_the_port() {
+    let (_server, addr, master) = start_prefork(&["--cpus", "0"]);
+    let other = free_addr().port();
+    assert_ne!(other, addr.port());
+    assert_one_line_error(
+        &run(&[
+            "attach",
+            "--port",
+            &other.to_string(),
+            "--pid",
+            &master.to_string(),
+        ]),
+        &format!("has a TCP listener on port {other}"),
+    );
+}
+
+#[test]
+fn a_listener_without_so_reuseport() {
+    let (_server, addr, master) = start_prefork(&["--cpus", "0", "--no-reuseport"]);
+    assert_one_line_error(
+        &run(&[
+            "attach",
+            "--port",
+            &addr.port().to_string(),
+            "--pid",
+            &master.to_string(),
+        ]),
+        "has no SO_REUSEPORT",
+    );
+}
+
+#[test]
+fn unpinned_workers() {
+    if allowed_cpus().len() < 2 {
+        return;
+    }
+    let (_server, addr, master) = start_prefork(&["--unpinned"]);
+    assert_one_line_error(
+        &run(&[
+            "attach",
+            "--port",
+            &addr.port().to_string(),
+            "--pid",
+            &master.to_string(),
+        ]),
+        "worker_cpu_affinity auto",
+    );
+}
+
+#[test]
+fn two_workers_on_one_cpu() {
+    if allowed_cpus().len() < 2 {
+        return;
+    }
+    let (_server, addr, master) = start_prefork(&["--same-cpu"]);
+    assert_one_line_error(
+        &run(&[
+            "attach",
+            "--port",
+            &addr.port().to_string(),
+            "--pid",
+            &master.to_string(),
+        ]),
+        "are both pinned to CPU",
+    );
+}
+
+#[test]
+fn nginx_without_worker_cpu_affinity_is_refused_by_name() {
+    let addr = free_addr();
+    let (_nginx, master, _) = start_nginx(addr, "");
+    assert_one_line_error(
+        &run(&[
+            "attach",
+            "--port",
+            &addr.port().to_string(),
+            "--pid",
+            &master.to_string(),
+        ]),
+        "(nginx) serves a listener but may run on CPUs",
+    );
+}
+
+#[test]
+fn a_threaded_server_is_refused() {
+    let serve = ServeProcess::start(&[
+        "--mode",
+        "hash",
+        "--listen",
+        "127.0.0.1:0",
+        "--duration",
+        "5s",
+    ]);
+    let pid = serve.child.id();
+    let output = run(&[
+        "attach",
+        "--port",
+        &serve.addr.port().to_string(),
+        "--pid",
+        &pid.to_string(),
+    ]);
+    drop(serve);
+    if allowed_cpus().len() > 1 {
+        assert_one_line_error(&output, "its workers are threads");
+    }
+}
+
+#[test]
+fn listeners_of_two_groups_are_refused() {
+    let (_a, addr, master_a) = start_prefork(&["--cpus", "0"]);
+    let mut other = Command::new(env!("CARGO_BIN_EXE_prefork-demo"))
+        .args([
+            "--listen",
+            &format!("127.0.0.2:{}", addr.port()),
+            "--cpus",
+            "0",
+            "--duration",
+            "60s",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(other.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let master_b = other.id();
+    let _b = Guard(other);
+    assert_one_line_error(
+        &run(&[
+            "attach",
+            "--port",
+            &addr.port().to_string(),
+            "--pid",
+            &master_a.to_string(),
+            "--pid",
+            &master_b.to_string(),
+        ]),
+        "different reuseport groups",
+    );
+}
+
+#[test]
+fn an_fd_that_is_not_a_socket_or_not_listening() {
+    assert_one_line_error(
+        &run(&["attach", "--port", "80", "--fd", "0", "--cpu", "0"]),
+        "fd 0 is not a socket",
+    );
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_cloexec(false).unwrap();
+    let fd = socket.as_raw_fd().to_string();
+    assert_one_line_error(
+        &run(&["attach", "--port", "80", "--fd", &fd, "--cpu", "0"]),
+        "not a listening TCP socket",
+    );
+}
+
+#[test]
+fn another_users_attach_is_not_allowed_to_take_the_sockets() {
+    let (_server, addr, master) = start_prefork(&["--cpus", "0"]);
+    // A copy of the binary that user nobody may execute (the build directory may not be).
+    let dir = std::env::temp_dir().join(format!("reuseport-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("reuseport");
+    std::fs::copy(BINARY, &copy).unwrap();
+    for path in [&dir, &copy] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&copy)
+        .args([
+            "attach",
+            "--port",
+            &addr.port().to_string(),
+            "--pid",
+            &master.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_one_line_error(&output, "not allowed to take pid");
+}
