@@ -142,8 +142,9 @@ struct AbArgs {
     /// Directory for results.json, results.svg and per-run files.
     #[arg(long, default_value = "ab-results")]
     out: PathBuf,
-    /// Also run a peer server as a row: nginx (Debian's, reuseport, one pinned worker per CPU).
-    #[arg(long, value_parser = ["nginx"])]
+    /// Also run a peer server as a row: nginx (Debian's, reuseport, one pinned worker per CPU);
+    /// nginx-attach adds a second row, the same nginx steered by `reuseport attach`.
+    #[arg(long, value_parser = ["nginx", "nginx-attach"])]
     peer: Option<String>,
     /// Also run wrk against our server and report its req/s beside the built-in generator's.
     #[arg(long, value_parser = ["wrk"])]
@@ -395,6 +396,7 @@ fn ab(args: AbArgs) -> anyhow::Result<()> {
         binary: std::env::current_exe().context("finding the reuseport binary")?,
         modes: args.modes,
         peer_nginx: args.peer.is_some(),
+        peer_nginx_attach: args.peer.as_deref() == Some("nginx-attach"),
         cross_check_wrk: args.cross_check.is_some(),
         calibrate: args.calibrate,
         topology: args.topology,

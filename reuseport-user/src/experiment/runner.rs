@@ -78,6 +78,8 @@ pub enum Row {
     Mode(SteeringMode),
     /// Debian's nginx with `reuseport`, one worker per CPU, `worker_cpu_affinity auto`.
     Nginx,
+    /// The same nginx, steered per CPU from outside by `reuseport attach --pid <master>`.
+    NginxAttached,
     /// `reuseport serve --mode percpu --bpf-program noop`: calibrates the steering cost figure.
     BpfNoop,
 }
@@ -87,6 +89,7 @@ impl std::fmt::Display for Row {
         match self {
             Self::Mode(mode) => mode.fmt(f),
             Self::Nginx => f.write_str("nginx"),
+            Self::NginxAttached => f.write_str("nginx+attach"),
             Self::BpfNoop => f.write_str("bpf-noop"),
         }
     }
@@ -101,6 +104,8 @@ pub struct AbConfig {
     pub modes: Vec<SteeringMode>,
     /// Also run nginx as a row.
     pub peer_nginx: bool,
+    /// Also run nginx steered by `reuseport attach` as a row.
+    pub peer_nginx_attach: bool,
     /// Also run `wrk` against our server and report its req/s beside the built-in generator's.
     pub cross_check_wrk: bool,
     /// Also run the `bpf-noop` calibration row.
@@ -212,13 +217,17 @@ pub fn run(
     stop: &AtomicBool,
     mut progress: impl FnMut(Progress),
 ) -> Result<AbResults, RunnerError> {
-    if config.modes.is_empty() && !config.peer_nginx && !config.calibrate {
+    if config.modes.is_empty()
+        && !config.peer_nginx
+        && !config.peer_nginx_attach
+        && !config.calibrate
+    {
         return Err(RunnerError::Invalid("nothing to compare: no modes".into()));
     }
     if config.reps == 0 {
         return Err(RunnerError::Invalid("reps must be at least 1".into()));
     }
-    if config.peer_nginx && config.load == LoadKind::Udp {
+    if (config.peer_nginx || config.peer_nginx_attach) && config.load == LoadKind::Udp {
         return Err(RunnerError::Invalid(
             "nginx serves HTTP: use --load crr or rr".into(),
         ));
@@ -232,6 +241,9 @@ pub fn run(
     let mut rows: Vec<Row> = config.modes.iter().copied().map(Row::Mode).collect();
     if config.peer_nginx {
         rows.push(Row::Nginx);
+    }
+    if config.peer_nginx_attach {
+        rows.push(Row::NginxAttached);
     }
     if config.calibrate {
         rows.push(Row::BpfNoop);
@@ -312,6 +324,19 @@ struct RunningServer {
     guard: ChildGuard,
     addr: SocketAddr,
     stats_json: Option<PathBuf>,
+    /// `reuseport attach` steering the server, stopped (detaching) before it.
+    attach: Option<ChildGuard>,
+}
+
+impl RunningServer {
+    /// Stops the attach (which detaches), then the server.
+    fn terminate(mut self, stop: &AtomicBool) -> Result<Option<PathBuf>, RunnerError> {
+        if let Some(mut attach) = self.attach.take() {
+            attach.terminate(stop)?;
+        }
+        self.guard.terminate(stop)?;
+        Ok(self.stats_json)
+    }
 }
 
 fn start_server(
@@ -325,13 +350,37 @@ fn start_server(
     let (mode, program) = match row {
         Row::Mode(mode) => (mode, SteeringProgram::SteerToCpu),
         Row::BpfNoop => (SteeringMode::Percpu, SteeringProgram::Noop),
-        Row::Nginx => {
+        Row::Nginx | Row::NginxAttached => {
             let (guard, addr) =
                 crate::experiment::peers::start_nginx(topology, cpus, files, config.connections)?;
+            let attach = if row == Row::NginxAttached {
+                let mut command = Command::new(&config.binary);
+                command
+                    .arg("attach")
+                    .args(["--port", &addr.port().to_string()])
+                    .args(["--pid", &guard.pid().to_string()])
+                    .args(["--duration", &format!("{}s", limit.as_secs())])
+                    .arg("--quiet")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let mut attach = ChildGuard::spawn(command, "reuseport attach (nginx)")?;
+                let line = first_line(&mut attach)?;
+                if !line.contains("steering port") {
+                    return Err(RunnerError::Child {
+                        what: "reuseport attach (nginx)".into(),
+                        detail: format!("unexpected first line {line:?}"),
+                    });
+                }
+                Some(attach)
+            } else {
+                None
+            };
             return Ok(RunningServer {
                 guard,
                 addr,
                 stats_json: None,
+                attach,
             });
         }
     };
@@ -363,11 +412,13 @@ fn start_server(
         guard,
         addr,
         stats_json: Some(stats_json),
+        attach: None,
     })
 }
 
-/// Reads `reuseport serve`'s first stdout line ("... serving http on ADDR with ...").
-fn serving_address(guard: &mut ChildGuard) -> Result<SocketAddr, RunnerError> {
+/// Reads a child's first stdout line (within 15 s), and keeps draining the rest so the child
+/// never blocks on a full pipe.
+fn first_line(guard: &mut ChildGuard) -> Result<String, RunnerError> {
     let stdout = guard
         .child_mut()
         .stdout
@@ -380,19 +431,23 @@ fn serving_address(guard: &mut ChildGuard) -> Result<SocketAddr, RunnerError> {
     thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let _ = tx.send(lines.next());
-        // Keep draining so the server never blocks on a full pipe.
         for _ in lines {}
     });
-    let line = match rx.recv_timeout(Duration::from_secs(15)) {
-        Ok(Some(Ok(line))) => line,
+    match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(Some(Ok(line))) => Ok(line),
         _ => {
             let stderr = guard.kill_and_read_stderr();
-            return Err(RunnerError::Child {
+            Err(RunnerError::Child {
                 what: guard.what().to_owned(),
-                detail: format!("did not start serving: {}", stderr.trim()),
-            });
+                detail: format!("did not start: {}", stderr.trim()),
+            })
         }
-    };
+    }
+}
+
+/// Reads `reuseport serve`'s first stdout line ("... serving http on ADDR with ...").
+fn serving_address(guard: &mut ChildGuard) -> Result<SocketAddr, RunnerError> {
+    let line = first_line(guard)?;
     line.split_once(" on ")
         .and_then(|(_, rest)| rest.split_whitespace().next())
         .and_then(|addr| addr.parse().ok())
@@ -434,7 +489,7 @@ fn measure(
     })?;
     // The server stops by itself well after the load, should the harness die.
     let server_limit = duration * 3 + Duration::from_secs(30);
-    let mut server = start_server(config, topology, cpus, row, &files, server_limit)?;
+    let server = start_server(config, topology, cpus, row, &files, server_limit)?;
 
     let probes = if probed {
         let mut probes = Probes::attach(server.addr.port())?;
@@ -470,12 +525,12 @@ fn measure(
     let hw = hw.map(HwCounters::stop).unwrap_or_default();
     let totals = probes.as_ref().map(Probes::totals).transpose()?;
     drop(probes);
-    server.guard.terminate(stop)?;
+    let stats_json = server.terminate(stop)?;
     let Some(probes) = totals else {
         return Ok(None);
     };
     let load: LoadReport = read_json(&load_json)?;
-    let server_json: Value = match &server.stats_json {
+    let server_json: Value = match &stats_json {
         Some(path) => read_json(path)?,
         None => Value::Null,
     };
@@ -589,7 +644,7 @@ fn cross_check_wrk(
         source,
     })?;
     let limit = config.duration * 3 + Duration::from_secs(30);
-    let mut server = start_server(config, topology, cpus, Row::Mode(mode), &files, limit)?;
+    let server = start_server(config, topology, cpus, Row::Mode(mode), &files, limit)?;
     let wrk_req_per_s = crate::experiment::peers::run_wrk(
         topology,
         server.addr,
@@ -599,7 +654,7 @@ fn cross_check_wrk(
         config.duration,
         stop,
     )?;
-    server.guard.terminate(stop)?;
+    server.terminate(stop)?;
     let mut builtin: Vec<f64> = runs
         .iter()
         .filter(|r| r.row == mode.to_string())
