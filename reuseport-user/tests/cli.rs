@@ -38,14 +38,6 @@ fn run(args: &[&str]) -> Output {
         .expect("run reuseport")
 }
 
-/// A failure is exactly one line on stderr, exits with `code`, and mentions `needle`.
-fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
-    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
-}
-
 #[test]
 fn serve_prints_live_lines_and_a_json_summary_then_unloads_its_program() {
     let json_path = std::env::temp_dir().join(format!("reuseport-cli-{}.json", std::process::id()));

@@ -4,10 +4,8 @@
 mod common;
 
 use std::{
-    io::ErrorKind,
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsFd,
-    time::{Duration, Instant},
 };
 
 use common::*;
@@ -131,22 +129,6 @@ fn removed_slot_falls_back_to_a_live_cpu_and_refuses_nothing() {
         "counted on the receiving CPU as fallbacks"
     );
     server.stop().expect("stop");
-}
-
-/// Accepts one pending connection from whichever of `listeners` has it.
-fn accept_from(listeners: &[(u32, TcpListener)]) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        for (cpu, listener) in listeners {
-            match listener.accept() {
-                Ok(_) => return *cpu,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
-        assert!(Instant::now() < deadline, "no listener got the connection");
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 fn stats_sum(steering: &Steering) -> SteeringStats {

@@ -5,10 +5,8 @@
 mod common;
 
 use std::{
-    io::ErrorKind,
     net::{TcpListener, TcpStream},
     process::Command,
-    time::{Duration, Instant},
 };
 
 use common::*;
@@ -77,22 +75,6 @@ fn incoming_cpu_keeps_tcp_and_udp_on_the_senders_cpu() {
         return;
     }
     assert_mode_keeps_traffic_local(SteeringMode::IncomingCpu);
-}
-
-/// Accepts one pending connection from whichever of `listeners` has it; returns its CPU label.
-fn accept_from(listeners: &[(u32, TcpListener)]) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        for (cpu, listener) in listeners {
-            match listener.accept() {
-                Ok(_) => return *cpu,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
-        assert!(Instant::now() < deadline, "no listener got the connection");
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// Listeners labelled with `labels` as CPUs (labels, not pins: there may be more than this

@@ -6,12 +6,12 @@
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
-    process::{Child, Command, Stdio},
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::{Child, Command, Output, Stdio},
     sync::mpsc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use reuseport::{CpuList, cpus::pin_current_thread};
@@ -119,9 +119,10 @@ pub fn on_cpu<T: Send + 'static>(cpu: u32, f: impl FnOnce() -> T + Send + 'stati
     .expect("client thread panicked")
 }
 
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`); panics if the connection is
-/// refused or reset, so "none refused" is part of every test that uses it.
-pub fn http_get(addr: SocketAddr) -> Served {
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`); returns the raw response.
+/// Panics if the connection is refused or reset, so "none refused" is part of every test that
+/// uses it.
+fn http_exchange(addr: SocketAddr) -> Vec<u8> {
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -131,20 +132,17 @@ pub fn http_get(addr: SocketAddr) -> Served {
         .expect("send request");
     let mut response = Vec::new();
     stream.read_to_end(&mut response).expect("read response");
-    parse_served(&response)
+    response
+}
+
+/// One request to our server: where it says it was served.
+pub fn http_get(addr: SocketAddr) -> Served {
+    parse_served(&http_exchange(addr))
 }
 
 /// One HTTP/1.1 request on a fresh connection; returns the response header `name`.
 pub fn http_get_header(addr: SocketAddr, name: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set timeout");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .expect("send request");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("read response");
+    let response = http_exchange(addr);
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut parsed = httparse::Response::new(&mut headers);
     parsed.parse(&response).expect("valid HTTP response");
@@ -236,4 +234,29 @@ pub fn udp_requests_from(cpu: u32, addr: SocketAddr, count: usize) -> Vec<u32> {
             })
             .collect()
     })
+}
+
+/// Accepts one pending connection from whichever of `listeners` (labelled by CPU) has it, within
+/// 5 s; returns that listener's CPU.
+pub fn accept_from(listeners: &[(u32, TcpListener)]) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        for (cpu, listener) in listeners {
+            match listener.accept() {
+                Ok(_) => return *cpu,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        assert!(Instant::now() < deadline, "no listener got the connection");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A failure is exactly one line on stderr, exits with `code`, and mentions `needle`.
+pub fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
 }
