@@ -150,6 +150,18 @@ fn run(args: &[&str]) -> Output {
         .expect("run reuseport")
 }
 
+/// `reuseport attach --port <addr's port> --pid <master>` fails with one line naming `needle`.
+fn assert_attach_fails(addr: SocketAddr, master: u32, needle: &str) {
+    let output = run(&[
+        "attach",
+        "--port",
+        &addr.port().to_string(),
+        "--pid",
+        &master.to_string(),
+    ]);
+    assert_one_line_error(&output, 1, needle);
+}
+
 /// Before attach, a client on one CPU reaches every worker; while attached, every response to
 /// a client on CPU k comes from the worker pinned to k; after detach, mixed again.
 fn assert_attach_steers(addr: SocketAddr, master: u32, workers: &[(u32, u32)]) {
@@ -314,17 +326,7 @@ fn no_listener_on_the_port() {
 #[test]
 fn a_listener_without_so_reuseport() {
     let (_server, addr, master) = start_prefork(&["--cpus", "0", "--no-reuseport"]);
-    assert_one_line_error(
-        &run(&[
-            "attach",
-            "--port",
-            &addr.port().to_string(),
-            "--pid",
-            &master.to_string(),
-        ]),
-        1,
-        "has no SO_REUSEPORT",
-    );
+    assert_attach_fails(addr, master, "has no SO_REUSEPORT");
 }
 
 #[test]
@@ -333,17 +335,7 @@ fn unpinned_workers() {
         return;
     }
     let (_server, addr, master) = start_prefork(&["--unpinned"]);
-    assert_one_line_error(
-        &run(&[
-            "attach",
-            "--port",
-            &addr.port().to_string(),
-            "--pid",
-            &master.to_string(),
-        ]),
-        1,
-        "worker_cpu_affinity auto",
-    );
+    assert_attach_fails(addr, master, "worker_cpu_affinity auto");
 }
 
 #[test]
@@ -352,32 +344,16 @@ fn two_workers_on_one_cpu() {
         return;
     }
     let (_server, addr, master) = start_prefork(&["--same-cpu"]);
-    assert_one_line_error(
-        &run(&[
-            "attach",
-            "--port",
-            &addr.port().to_string(),
-            "--pid",
-            &master.to_string(),
-        ]),
-        1,
-        "are both pinned to CPU",
-    );
+    assert_attach_fails(addr, master, "are both pinned to CPU");
 }
 
 #[test]
 fn nginx_without_worker_cpu_affinity_is_refused_by_name() {
     let addr = free_addr();
     let (_nginx, master, _) = start_nginx(addr, "");
-    assert_one_line_error(
-        &run(&[
-            "attach",
-            "--port",
-            &addr.port().to_string(),
-            "--pid",
-            &master.to_string(),
-        ]),
-        1,
+    assert_attach_fails(
+        addr,
+        master,
         "(nginx) serves a listener but may run on CPUs",
     );
 }
