@@ -24,7 +24,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     net::SocketAddr,
-    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -377,19 +377,21 @@ pub fn duplicate(pid: u32, fd: i32) -> Result<OwnedFd, AttachError> {
     pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).map_err(duplicate_error)
 }
 
-/// Checks `(fd, cpu)` pairs of sockets this process already holds (inherited, or systemd's
-/// `LISTEN_FDS`): each a listening `SO_REUSEPORT` socket, all in one group.
-pub fn check_fds(pairs: &[(i32, u32)]) -> Result<Vec<(u32, BorrowedFd<'static>)>, AttachError> {
+/// Checks `(socket, cpu)` pairs of sockets this process already holds (inherited, or systemd's
+/// `LISTEN_FDS`): each a listening `SO_REUSEPORT` socket, all in one group. Returns them as the
+/// `(cpu, socket)` pairs [`Steering::attach`] takes.
+pub fn check_fds<'a>(
+    pairs: &[(BorrowedFd<'a>, u32)],
+) -> Result<Vec<(u32, BorrowedFd<'a>)>, AttachError> {
     let mut checked = Vec::with_capacity(pairs.len());
     let mut members = Vec::with_capacity(pairs.len());
-    for &(fd, cpu) in pairs {
-        // SAFETY: the caller passed this fd number as one it holds open for this process's life.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        let stat = rustix::fs::fstat(borrowed).map_err(|_| AttachError::NotASocket { fd })?;
+    for &(socket_fd, cpu) in pairs {
+        let fd = socket_fd.as_raw_fd();
+        let stat = rustix::fs::fstat(socket_fd).map_err(|_| AttachError::NotASocket { fd })?;
         if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
             return Err(AttachError::NotASocket { fd });
         }
-        let socket = SockRef::from(&borrowed);
+        let socket = SockRef::from(&socket_fd);
         if !socket.is_listener().unwrap_or(false) {
             return Err(AttachError::NotListening { fd });
         }
@@ -406,7 +408,7 @@ pub fn check_fds(pairs: &[(i32, u32)]) -> Result<Vec<(u32, BorrowedFd<'static>)>
             });
         }
         members.push((addr, rustix::process::geteuid().as_raw()));
-        checked.push((cpu, borrowed));
+        checked.push((cpu, socket_fd));
     }
     check_one_group(members.into_iter())?;
     Ok(checked)

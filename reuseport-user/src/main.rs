@@ -460,11 +460,13 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
     }
     // Find and check everything first: on any error nothing has been attached.
     let (mut steering, slots, description) = if args.pids.is_empty() {
-        let pairs: Vec<(i32, u32)> = args
+        let pairs: Vec<(std::os::fd::BorrowedFd<'static>, u32)> = args
             .fds
             .iter()
-            .copied()
-            .zip(args.fd_cpus.iter().copied())
+            .zip(&args.fd_cpus)
+            // SAFETY: --fd names descriptors the caller handed this process for its whole life
+            // (inherited or systemd's LISTEN_FDS); check_fds verifies each is a socket.
+            .map(|(&fd, &cpu)| (unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, cpu))
             .collect();
         let checked = reuseport::attach::check_fds(&pairs)?;
         if args.mode == AttachMode::Hash {
@@ -472,8 +474,10 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
             println!("reuseport: port {} is on hash selection", args.port);
             return Ok(());
         }
-        let description = pairs
+        let description = args
+            .fds
             .iter()
+            .zip(&args.fd_cpus)
             .map(|(fd, cpu)| format!("cpu{cpu} <- fd {fd}"))
             .collect::<Vec<_>>()
             .join(", ");
