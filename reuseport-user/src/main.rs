@@ -594,18 +594,23 @@ fn status(port: Option<u16>) -> anyhow::Result<()> {
             dir.display()
         );
         for &(cpu, pid, inode) in &state.slots {
-            let alive = reuseport::attach::slot_alive(pid, inode);
+            // The kernel says whether the slot is filled; /proc says whether the worker recorded
+            // at attach time still holds that socket (a prefork master may hold it too, so a
+            // filled slot can outlive its worker until the master starts a new one).
+            let filled = reuseport::steering::pinned_slot_filled(&dir, cpu)?;
+            let held = reuseport::attach::slot_alive(pid, inode);
             let fallback = fallbacks.get(cpu as usize).copied().unwrap_or(cpu);
-            println!(
-                "  slot cpu{cpu}: pid {pid} socket {inode} {}",
-                if alive {
-                    "live".to_owned()
-                } else {
-                    format!(
-                        "CLOSED (hole: CPU {cpu}'s connections go to CPU {fallback}'s listener)"
-                    )
+            let state = match (filled, held) {
+                (true, true) => format!("live, served by pid {pid}"),
+                (true, false) => format!(
+                    "filled, but pid {pid} no longer holds it (another process does: a restarted \
+                     worker, or a master keeping it until one starts)"
+                ),
+                (false, _) => {
+                    format!("empty (hole: CPU {cpu}'s connections go to CPU {fallback}'s listener)")
                 }
-            );
+            };
+            println!("  slot cpu{cpu}: socket {inode}, {state}");
         }
         let mut total = reuseport::SteeringStats::default();
         for (cpu, s) in stats.iter().enumerate() {

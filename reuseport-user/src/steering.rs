@@ -383,14 +383,39 @@ fn read_stats(map: &aya::maps::Map) -> Result<Vec<SteeringStats>, SteeringError>
 /// The counters of steering pinned into `dir` by [`Steering::pin`].
 pub fn pinned_stats(dir: &std::path::Path) -> Result<Vec<SteeringStats>, SteeringError> {
     let data = aya::maps::MapData::from_pin(dir.join(names::STEERING_STATS))?;
-    read_stats(&aya::maps::Map::PerCpuArray(data))
+    read_stats(&aya::maps::Map::from_map_data(data)?)
+}
+
+/// Whether slot `cpu` of the steering pinned into `dir` holds a socket, asked of the kernel.
+///
+/// A `REUSEPORT_SOCKARRAY` with 4-byte values cannot be read from userspace, so this asks by
+/// trying an update that cannot succeed: with `BPF_EXIST` and a fresh, unbound socket, the kernel
+/// answers `ENOENT` for an empty slot and `EINVAL` (the socket is in no group) for a filled one,
+/// and changes nothing either way.
+pub fn pinned_slot_filled(dir: &std::path::Path, cpu: u32) -> Result<bool, SteeringError> {
+    const BPF_EXIST: u64 = 2;
+    let data = aya::maps::MapData::from_pin(dir.join(names::CPU_LISTENERS))?;
+    let mut map = aya::maps::Map::from_map_data(data)?;
+    let mut sockets = ReusePortSockArray::try_from(&mut map)?;
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(SteeringError::Capabilities)?;
+    match sockets.set(cpu, &probe, BPF_EXIST) {
+        Err(MapError::SyscallError(err)) => match err.io_error.raw_os_error() {
+            Some(libc::ENOENT) => Ok(false),
+            Some(libc::EINVAL) => Ok(true),
+            _ => Err(MapError::SyscallError(err).into()),
+        },
+        Err(other) => Err(other.into()),
+        // Cannot happen (an unbound socket is never accepted); treat as filled.
+        Ok(()) => Ok(true),
+    }
 }
 
 /// The fallback table of steering pinned into `dir` by [`Steering::pin`]: entry `c` is the CPU
 /// whose listener takes CPU `c`'s connections when slot `c` is empty.
 pub fn pinned_fallbacks(dir: &std::path::Path) -> Result<Vec<u32>, SteeringError> {
     let data = aya::maps::MapData::from_pin(dir.join(names::CPU_FALLBACK))?;
-    let map = aya::maps::Map::Array(data);
+    let map = aya::maps::Map::from_map_data(data)?;
     let fallback = Array::<_, u32>::try_from(&map)?;
     Ok(fallback.iter().collect::<Result<_, _>>()?)
 }
