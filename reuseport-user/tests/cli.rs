@@ -229,3 +229,30 @@ fn a_second_server_on_the_same_port_does_not_join_the_first() {
     let (status, _, stderr) = first.finish();
     assert!(status.success(), "{stderr}");
 }
+
+#[test]
+fn cap_bpf_alone_is_enough_for_percpu_steering() {
+    // Every capability dropped but CAP_BPF: no CAP_NET_ADMIN, no CAP_SYS_ADMIN.
+    let serve = ServeProcess::start_with(
+        &[
+            "setpriv",
+            "--bounding-set=-all,+bpf",
+            "--inh-caps=-all",
+            "--",
+        ],
+        &["--listen", "127.0.0.1:0", "--duration", "2s", "--quiet"],
+    );
+    assert!(serve.program_id.is_some(), "{}", serve.first_line);
+    for cpu in allowed_cpus().iter() {
+        for served in http_gets_from(cpu, serve.addr, 20) {
+            assert_eq!(served.worker_cpu, cpu);
+        }
+    }
+    let (status, lines, stderr) = serve.finish();
+    assert!(status.success(), "{stderr}");
+    // Without CAP_SYS_ADMIN the run-time statistics cannot be switched on, and it says so.
+    assert!(
+        lines.iter().any(|l| l.contains("ns/select unavailable")),
+        "{lines:?}"
+    );
+}
