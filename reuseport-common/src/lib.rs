@@ -18,6 +18,8 @@ pub mod names {
     pub const STEERING_STATS: &str = "steering_stats";
     /// The `SK_REUSEPORT` program that selects the listener of the receiving CPU.
     pub const STEER_TO_CPU: &str = "steer_to_cpu";
+    /// `steer_to_cpu` attached as select-or-migrate: also moves a closing listener's queue.
+    pub const STEER_MIGRATE: &str = "steer_migrate";
     /// A `SK_REUSEPORT` program that selects nothing: calibrates the cost measurement.
     pub const STEER_NOOP: &str = "steer_noop";
 

@@ -53,6 +53,22 @@ const ENOENT: i64 = 2;
 
 #[sk_reuseport]
 pub fn steer_to_cpu(ctx: SkReuseportContext) -> u32 {
+    steer(&ctx)
+}
+
+/// The same choice, attached as `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`: the kernel also runs it when
+/// a listener closes, for each connection still in that listener's accept queue (or handshake),
+/// so the connection moves to the listener this picks instead of being reset. The closing
+/// listener has already left `cpu_listeners`, so its CPU's slot is empty and the fallback (the
+/// nearest live CPU) takes it. Migrations count as selections in `steering_stats`.
+#[sk_reuseport(migrate)]
+pub fn steer_migrate(ctx: SkReuseportContext) -> u32 {
+    steer(&ctx)
+}
+
+/// Local slot, else fallback slot, else the kernel's hash; never a refusal.
+#[inline(always)]
+fn steer(ctx: &SkReuseportContext) -> u32 {
     // SAFETY: the helper takes no arguments and cannot fail.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     // The per-CPU stats entry always exists (index 0 of a one-entry array); the check is for the
@@ -65,7 +81,7 @@ pub fn steer_to_cpu(ctx: SkReuseportContext) -> u32 {
     let stats = unsafe { &mut *stats };
 
     // 1. The listener of this CPU's worker.
-    match CPU_LISTENERS.select_reuseport(&ctx, cpu) {
+    match CPU_LISTENERS.select_reuseport(ctx, cpu) {
         Ok(()) => {
             stats.local += 1;
             return SK_PASS;
@@ -76,7 +92,7 @@ pub fn steer_to_cpu(ctx: SkReuseportContext) -> u32 {
 
     // 2. The nearest live CPU's listener, as userspace chose it.
     if let Some(&fallback) = CPU_FALLBACK.get(cpu) {
-        match CPU_LISTENERS.select_reuseport(&ctx, fallback) {
+        match CPU_LISTENERS.select_reuseport(ctx, fallback) {
             Ok(()) => {
                 stats.fallback += 1;
                 return SK_PASS;

@@ -219,9 +219,11 @@ struct ServeArgs {
     /// Do not print the live line every second.
     #[arg(long)]
     quiet: bool,
-    /// With --mode percpu: the program to attach. `noop` selects nothing (the kernel hashes) and
-    /// only calibrates the ns/select figure: its cost is what the BPF statistics report for an
-    /// empty program on this machine.
+    /// With --mode percpu: the program to attach. `steer-migrate` makes the same choice as
+    /// select-or-migrate (Linux >= 5.14): connections queued on a listener that closes move to
+    /// the nearest live CPU's listener instead of being reset. `noop` selects nothing (the kernel
+    /// hashes) and only calibrates the ns/select figure: its cost is what the BPF statistics
+    /// report for an empty program on this machine.
     #[arg(long, value_enum, default_value_t = SteeringProgram::SteerToCpu)]
     bpf_program: SteeringProgram,
 }

@@ -62,6 +62,10 @@ pub enum SteeringProgram {
     /// `steer_to_cpu`: the listener of the receiving CPU (the product).
     #[default]
     SteerToCpu,
+    /// `steer_migrate`: the same choice, attached as select-or-migrate (Linux >= 5.14), so that
+    /// connections queued on a listener that closes move to the nearest live CPU's listener
+    /// instead of being reset.
+    SteerMigrate,
     /// `steer_noop`: selects nothing (the kernel hashes). For calibrating the ns/select figure:
     /// its cost is the floor the kernel's BPF statistics report on this machine.
     Noop,
@@ -72,6 +76,7 @@ impl SteeringProgram {
     pub fn cli_name(self) -> &'static str {
         match self {
             Self::SteerToCpu => "steer-to-cpu",
+            Self::SteerMigrate => "steer-migrate",
             Self::Noop => "noop",
         }
     }
@@ -80,6 +85,7 @@ impl SteeringProgram {
     pub fn name(self) -> &'static str {
         match self {
             Self::SteerToCpu => names::STEER_TO_CPU,
+            Self::SteerMigrate => names::STEER_MIGRATE,
             Self::Noop => names::STEER_NOOP,
         }
     }
