@@ -43,13 +43,18 @@ pub fn choose(requested: SteeringMode) -> Choice {
             reason: "as requested".to_owned(),
         };
     }
-    let release = incoming_cpu::kernel_release();
-    match Steering::check_available() {
+    resolve_auto(Steering::check_available(), &incoming_cpu::kernel_release())
+}
+
+/// What `auto` becomes, given whether eBPF steering may be loaded here (the result of
+/// [`Steering::check_available`]) and the kernel release (`uname -r`).
+fn resolve_auto(ebpf: Result<(), SteeringError>, release: &str) -> Choice {
+    match ebpf {
         Ok(()) => Choice {
             mode: SteeringMode::Percpu,
             reason: "auto: this process may load BPF programs".to_owned(),
         },
-        Err(why) if incoming_cpu::honoured_by(&release) => Choice {
+        Err(why) if incoming_cpu::honoured_by(release) => Choice {
             mode: SteeringMode::IncomingCpu,
             reason: format!(
                 "auto: no eBPF ({}); kernel {release} honours SO_INCOMING_CPU",
@@ -93,5 +98,46 @@ pub fn apply(
             Ok(None)
         }
         SteeringMode::Hash | SteeringMode::Auto => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every branch of `auto`, including the ones this machine's kernel and privileges do not
+    /// reach in the integration tests (`cbpf` needs a kernel before 6.2).
+    #[test]
+    fn auto_prefers_ebpf_then_incoming_cpu_then_cbpf() {
+        let percpu = resolve_auto(Ok(()), "5.10.0");
+        assert_eq!(percpu.mode, SteeringMode::Percpu);
+        assert_eq!(percpu.reason, "auto: this process may load BPF programs");
+
+        let incoming = resolve_auto(Err(SteeringError::MissingCapabilities), "6.18.44-fc-v657");
+        assert_eq!(incoming.mode, SteeringMode::IncomingCpu);
+        assert_eq!(
+            incoming.reason,
+            "auto: no eBPF (no CAP_BPF); kernel 6.18.44-fc-v657 honours SO_INCOMING_CPU"
+        );
+
+        let cbpf = resolve_auto(Err(SteeringError::MissingCapabilities), "6.1.119-1-cloud");
+        assert_eq!(cbpf.mode, SteeringMode::Cbpf);
+        assert_eq!(
+            cbpf.reason,
+            "auto: no eBPF (no CAP_BPF); kernel 6.1.119-1-cloud ignores SO_INCOMING_CPU (< 6.2); \
+             classic BPF needs no privileges"
+        );
+
+        let unsupported = SteeringError::Unsupported {
+            what: "SK_REUSEPORT BPF programs",
+        };
+        let old = resolve_auto(Err(unsupported), "4.9.0");
+        assert_eq!(old.mode, SteeringMode::Cbpf);
+        assert!(
+            old.reason
+                .starts_with("auto: no eBPF (kernel lacks SK_REUSEPORT support); kernel 4.9.0"),
+            "{}",
+            old.reason
+        );
     }
 }
