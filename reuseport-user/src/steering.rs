@@ -97,13 +97,14 @@ pub enum SteeringError {
     /// The process lacks the capability to load BPF programs.
     #[error(
         "per-CPU steering loads a BPF program, which needs CAP_BPF (or CAP_SYS_ADMIN, e.g. root); \
-         this process has neither. Run as root, or use --mode hash (no BPF)"
+         this process has neither. Run as root, or use --mode auto (it picks incoming-cpu or cbpf, \
+         which need no privileges) or --mode hash"
     )]
     MissingCapabilities,
     /// The kernel cannot run `SK_REUSEPORT` programs or has no `REUSEPORT_SOCKARRAY` maps.
     #[error(
         "this kernel does not support {what} (Linux >= 4.19 with CONFIG_BPF_SYSCALL is needed); \
-         use --mode hash"
+         use --mode auto (it picks incoming-cpu or cbpf, which need no eBPF) or --mode hash"
     )]
     Unsupported {
         /// The missing feature.

@@ -181,23 +181,23 @@ fn a_port_held_without_so_reuseport_is_refused() {
 /// `reuseport serve` with every capability dropped (still uid 0, so files stay readable).
 fn without_capabilities(args: &[&str]) -> Output {
     Command::new("setpriv")
-        .args([
-            "--bounding-set=-all",
-            "--inh-caps=-all",
-            "--",
-            BINARY,
-            "serve",
-        ])
+        .args(WITHOUT_CAPABILITIES)
+        .args([BINARY, "serve"])
         .args(args)
         .output()
         .expect("run setpriv (util-linux)")
 }
 
 #[test]
-fn percpu_without_cap_bpf_says_so_and_suggests_hash() {
+fn percpu_without_cap_bpf_says_so_and_suggests_auto_and_hash() {
     let output = without_capabilities(&["--listen", "127.0.0.1:0", "--duration", "1s"]);
     assert_one_line_error(&output, 1, "needs CAP_BPF");
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--mode hash"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--mode auto (it picks incoming-cpu or cbpf"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--mode hash"), "{stderr}");
 }
 
 #[test]
