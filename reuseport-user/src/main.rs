@@ -277,12 +277,43 @@ fn usage_error(err: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// A flag that SIGINT or SIGTERM sets, for loops that must end cleanly (detaching, tearing down).
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing signal handler")?;
     }
+    Ok(stop)
+}
+
+/// Waits until `stop` is set or `duration` has passed, printing once a second (unless `quiet`)
+/// the live line of what happened in that second, from `snapshot`'s counters.
+fn show_live_until_stopped(
+    stop: &AtomicBool,
+    duration: Option<Duration>,
+    quiet: bool,
+    mut snapshot: impl FnMut() -> anyhow::Result<Snapshot>,
+) -> anyhow::Result<()> {
+    let deadline = duration.map(|d| Instant::now() + d);
+    let mut previous = Snapshot::default();
+    let mut next_line = Instant::now() + Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+        thread::sleep(Duration::from_millis(50));
+        if Instant::now() >= next_line {
+            next_line += Duration::from_secs(1);
+            let now = snapshot()?;
+            if !quiet {
+                println!("{}", now.since(&previous).live_line(now.elapsed));
+            }
+            previous = now;
+        }
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let stop = stop_on_signals()?;
     let server = Server::start(ServerConfig {
         listen: args.listen,
         protocol: args.proto,
@@ -316,20 +347,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     );
 
-    let deadline = args.duration.map(|d| Instant::now() + d);
-    let mut previous = Snapshot::default();
-    let mut next_line = Instant::now() + Duration::from_secs(1);
-    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
-        thread::sleep(Duration::from_millis(50));
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
-            let now = server.snapshot()?;
-            if !args.quiet {
-                println!("{}", now.since(&previous).live_line(now.elapsed));
-            }
-            previous = now;
-        }
-    }
+    show_live_until_stopped(&stop, args.duration, args.quiet, || Ok(server.snapshot()?))?;
 
     let (mode, protocol, listen) = (server.mode(), server.protocol(), server.local_addr());
     let last = server.stop()?;
@@ -384,11 +402,7 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
 }
 
 fn ab(args: AbArgs) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing signal handler")?;
-    }
+    let stop = stop_on_signals()?;
     let (duration, warmup, reps) = if args.quick {
         (Duration::from_secs(3), Duration::from_secs(1), 2)
     } else {
@@ -455,11 +469,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
             args.fd_cpus.len()
         );
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing signal handler")?;
-    }
+    let stop = stop_on_signals()?;
     // Find and check everything first: on any error nothing has been attached.
     let (mut steering, slots, description) = if args.pids.is_empty() {
         let pairs: Vec<(std::os::fd::BorrowedFd<'static>, u32)> = args
@@ -534,25 +544,15 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         }
     );
     let started = Instant::now();
-    let deadline = args.duration.map(|d| started + d);
-    let mut previous = Snapshot::default();
-    let mut next_line = started + Duration::from_secs(1);
-    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
-        thread::sleep(Duration::from_millis(50));
-        if Instant::now() >= next_line {
-            next_line += Duration::from_secs(1);
-            let now = Snapshot {
-                elapsed: started.elapsed(),
-                workers: Vec::new(),
-                steering: Some(steering.stats()?),
-                program: steering.run_stats()?,
-            };
-            if !args.quiet {
-                println!("{}", now.since(&previous).live_line(now.elapsed));
-            }
-            previous = now;
-        }
-    }
+    show_live_until_stopped(&stop, args.duration, args.quiet, || {
+        Ok(Snapshot {
+            elapsed: started.elapsed(),
+            // A foreign server's workers keep no counters of ours: only the program's.
+            workers: Vec::new(),
+            steering: Some(steering.stats()?),
+            program: steering.run_stats()?,
+        })
+    })?;
     if args.pids.is_empty() {
         // SAFETY: the caller passed these fds for this process's life.
         let member = unsafe { std::os::fd::BorrowedFd::borrow_raw(args.fds[0]) };
