@@ -27,17 +27,6 @@ fn netns_exists(name: &str) -> bool {
     harness_namespaces().iter().any(|ns| ns == name)
 }
 
-fn two_cpus() -> Option<(u32, u32)> {
-    let cpus = allowed_cpus();
-    match (cpus.iter().next(), cpus.iter().nth(1)) {
-        (Some(a), Some(b)) => Some((a, b)),
-        _ => {
-            eprintln!("skipped: needs two CPUs, this process may use {cpus}");
-            None
-        }
-    }
-}
-
 #[test]
 fn veth_topology_sets_up_rps_and_is_removed_on_drop() {
     let cpus = allowed_cpus();

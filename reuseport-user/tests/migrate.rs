@@ -6,12 +6,12 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     time::{Duration, Instant},
 };
 
 use common::*;
-use reuseport::{PerCpuListeners, Protocol, Steering, steering::SteeringProgram};
+use reuseport::steering::SteeringProgram;
 
 /// `TCPMigrateReqSuccess` from /proc/net/netstat.
 fn migrate_req_success() -> u64 {
@@ -36,20 +36,7 @@ fn queued_connections_after_their_listener_closes(
     closing: u32,
     count: usize,
 ) -> (usize, usize) {
-    let group = PerCpuListeners::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Protocol::Tcp,
-        &[keep, closing].into_iter().collect(),
-        256,
-    )
-    .expect("bind");
-    let addr = group.local_addr();
-    let _steering = Steering::attach_program(&group.fds(), program).expect("attach");
-    let mut listeners: Vec<(u32, TcpListener)> = group
-        .into_inner()
-        .into_iter()
-        .map(|l| (l.cpu, TcpListener::from(l.socket)))
-        .collect();
+    let (addr, _steering, mut listeners) = steered_group(&[keep, closing], program);
     let clients: Vec<TcpStream> = on_cpu(closing, move || {
         (0..count)
             .map(|_| TcpStream::connect(addr).expect("connect"))
@@ -88,9 +75,7 @@ fn queued_connections_after_their_listener_closes(
 
 #[test]
 fn a_closing_listeners_queue_migrates_to_the_nearest_live_cpu() {
-    let cpus = allowed_cpus();
-    let (Some(keep), Some(closing)) = (cpus.iter().next(), cpus.iter().nth(1)) else {
-        eprintln!("skipped: needs two CPUs, this process may use {cpus}");
+    let Some((keep, closing)) = two_cpus() else {
         return;
     };
     let before = migrate_req_success();
@@ -113,9 +98,7 @@ fn a_closing_listeners_queue_migrates_to_the_nearest_live_cpu() {
 
 #[test]
 fn without_migration_a_closing_listeners_queue_is_reset() {
-    let cpus = allowed_cpus();
-    let (Some(keep), Some(closing)) = (cpus.iter().next(), cpus.iter().nth(1)) else {
-        eprintln!("skipped: needs two CPUs, this process may use {cpus}");
+    let Some((keep, closing)) = two_cpus() else {
         return;
     };
     let sysctl = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap_or_default();

@@ -4,13 +4,14 @@
 mod common;
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::fd::AsFd,
 };
 
 use common::*;
 use reuseport::{
-    PerCpuListeners, Protocol, Server, ServerConfig, Steering, SteeringMode, SteeringStats,
+    Protocol, Server, ServerConfig, Steering, SteeringMode, SteeringStats,
+    steering::SteeringProgram,
 };
 
 fn start(listen: &str, protocol: Protocol, mode: SteeringMode) -> Server {
@@ -92,10 +93,7 @@ fn hash_spreads_connections_over_workers_regardless_of_cpu() {
 
 #[test]
 fn removed_slot_falls_back_to_a_live_cpu_and_refuses_nothing() {
-    let cpus = allowed_cpus();
-    let [first, second] = [cpus.iter().next(), cpus.iter().nth(1)];
-    let (Some(keep), Some(empty)) = (first, second) else {
-        eprintln!("skipped: needs two CPUs, this process may use {cpus}");
+    let Some((keep, empty)) = two_cpus() else {
         return;
     };
     let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), SteeringMode::Percpu);
@@ -142,34 +140,13 @@ fn stats_sum(steering: &Steering) -> SteeringStats {
         })
 }
 
-/// A TCP group with one listener per CPU in `cpus`, steered, but with no workers: the test
-/// accepts by hand. Returns the address, the steering and the listeners.
-fn steered_group(cpus: &[u32]) -> (SocketAddr, Steering, Vec<(u32, TcpListener)>) {
-    let group = PerCpuListeners::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Protocol::Tcp,
-        &cpus.iter().copied().collect(),
-        256,
-    )
-    .expect("bind");
-    let addr = group.local_addr();
-    let steering = Steering::attach(&group.fds()).expect("attach");
-    let listeners = group
-        .into_inner()
-        .into_iter()
-        .map(|l| (l.cpu, TcpListener::from(l.socket)))
-        .collect();
-    (addr, steering, listeners)
-}
-
 #[test]
 fn closed_listener_empties_its_slot_and_its_cpu_falls_back() {
-    let cpus = allowed_cpus();
-    let (Some(keep), Some(closed)) = (cpus.iter().next(), cpus.iter().nth(1)) else {
-        eprintln!("skipped: needs two CPUs, this process may use {cpus}");
+    let Some((keep, closed)) = two_cpus() else {
         return;
     };
-    let (addr, steering, mut listeners) = steered_group(&[keep, closed]);
+    let (addr, steering, mut listeners) =
+        steered_group(&[keep, closed], SteeringProgram::SteerToCpu);
     // Close CPU `closed`'s listener: the kernel removes it from the group and from the map.
     listeners.retain(|(cpu, _)| *cpu != closed);
 
@@ -186,7 +163,7 @@ fn closed_listener_empties_its_slot_and_its_cpu_falls_back() {
 fn with_every_slot_empty_the_kernel_hash_still_serves() {
     let cpus = allowed_cpus();
     let cpu = cpus.iter().next().expect("a CPU");
-    let (addr, mut steering, listeners) = steered_group(&[cpu]);
+    let (addr, mut steering, listeners) = steered_group(&[cpu], SteeringProgram::SteerToCpu);
     steering.remove(cpu).expect("empty the only slot");
     for _ in 0..20 {
         let _client = on_cpu(cpu, move || TcpStream::connect(addr).expect("connect"));
@@ -199,12 +176,10 @@ fn with_every_slot_empty_the_kernel_hash_still_serves() {
 
 #[test]
 fn detach_returns_the_group_to_hash_selection() {
-    let cpus = allowed_cpus();
-    let (Some(a), Some(b)) = (cpus.iter().next(), cpus.iter().nth(1)) else {
-        eprintln!("skipped: needs two CPUs, this process may use {cpus}");
+    let Some((a, b)) = two_cpus() else {
         return;
     };
-    let (addr, steering, listeners) = steered_group(&[a, b]);
+    let (addr, steering, listeners) = steered_group(&[a, b], SteeringProgram::SteerToCpu);
     steering.detach(listeners[0].1.as_fd()).expect("detach");
     // Without the program, a client on CPU `a` reaches both listeners.
     let mut seen = std::collections::BTreeSet::new();

@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reuseport::{CpuList, cpus::pin_current_thread};
+use reuseport::{
+    CpuList, PerCpuListeners, Protocol, Steering, cpus::pin_current_thread,
+    steering::SteeringProgram,
+};
 
 /// The `reuseport` binary under test.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_reuseport");
@@ -259,4 +262,39 @@ pub fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
     assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
     assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+}
+
+/// The first two CPUs this process may use, or `None` (after saying the test is skipped).
+pub fn two_cpus() -> Option<(u32, u32)> {
+    let cpus = allowed_cpus();
+    match (cpus.iter().next(), cpus.iter().nth(1)) {
+        (Some(a), Some(b)) => Some((a, b)),
+        _ => {
+            eprintln!("skipped: needs two CPUs, this process may use {cpus}");
+            None
+        }
+    }
+}
+
+/// A TCP group with one listener per CPU in `cpus`, steered by `program`, but with no workers:
+/// the test accepts by hand. Returns the address, the steering and the listeners.
+pub fn steered_group(
+    cpus: &[u32],
+    program: SteeringProgram,
+) -> (SocketAddr, Steering, Vec<(u32, TcpListener)>) {
+    let group = PerCpuListeners::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Protocol::Tcp,
+        &cpus.iter().copied().collect(),
+        256,
+    )
+    .expect("bind");
+    let addr = group.local_addr();
+    let steering = Steering::attach_program(&group.fds(), program).expect("attach");
+    let listeners = group
+        .into_inner()
+        .into_iter()
+        .map(|l| (l.cpu, TcpListener::from(l.socket)))
+        .collect();
+    (addr, steering, listeners)
 }
