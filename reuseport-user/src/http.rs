@@ -20,7 +20,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::{
+    net::TcpStream,
+    sync::{Notify, watch},
+};
 
 /// Response header naming the CPU the serving worker is pinned to.
 pub const WORKER_CPU_HEADER: &str = "x-worker-cpu";
@@ -53,16 +56,22 @@ impl ServedBy {
 }
 
 /// Serves HTTP/1.1 requests on `stream` until the client closes it, counting each in `requests`.
+/// Once `shutdown` becomes `true` the connection closes gracefully: an idle one at once, a busy
+/// one after answering its current request (with `connection: close`).
 pub async fn serve_connection(
     stream: TcpStream,
     served_by: ServedBy,
     requests: Arc<AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error> {
     let body = Bytes::from(format!("{}\n", served_by.line()));
     let incoming = served_by.incoming();
     let worker = served_by.worker_cpu.to_string();
+    let request_seen = Arc::new(Notify::new());
+    let seen = Arc::clone(&request_seen);
     let service = service_fn(move |_request: Request<Incoming>| {
         requests.fetch_add(1, Ordering::Relaxed);
+        seen.notify_one();
         let response = Response::builder()
             .header(WORKER_CPU_HEADER, worker.as_str())
             .header(INCOMING_CPU_HEADER, incoming.as_str())
@@ -73,8 +82,24 @@ pub async fn serve_connection(
             Ok::<_, Infallible>(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
         }
     });
-    http1::Builder::new()
+    let connection = http1::Builder::new()
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service)
-        .await
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        _ = shutdown.wait_for(|stop| *stop) => {}
+    }
+    // A connection accepted just before shutdown may not have sent its request yet, and hyper
+    // closes a connection without a request at once: wait (briefly) for one first.
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        () = request_seen.notified() => {}
+        () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    connection.await
 }
+
+/// How long a connection accepted just before shutdown has to send its first request.
+const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(1);

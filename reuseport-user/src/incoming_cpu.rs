@@ -37,10 +37,7 @@ pub enum IncomingCpuError {
 
 /// The running kernel's release (`uname -r`).
 pub fn kernel_release() -> String {
-    rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned()
+    crate::kernel::release()
 }
 
 /// Whether the running kernel's reuseport selection honours `SO_INCOMING_CPU`.
@@ -51,13 +48,7 @@ pub fn honoured() -> bool {
 /// Whether kernel `release` (e.g. `6.18.44-foo`) honours `SO_INCOMING_CPU` in reuseport
 /// selection.
 pub fn honoured_by(release: &str) -> bool {
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|part| part.parse::<u32>().ok());
-    match (numbers.next(), numbers.next()) {
-        (Some(major), Some(minor)) => (major, minor) >= FIRST_HONOURING_KERNEL,
-        _ => false,
-    }
+    crate::kernel::release_at_least(release, FIRST_HONOURING_KERNEL)
 }
 
 /// Sets each listener's `SO_INCOMING_CPU` to its worker's CPU, after checking the kernel honours it.
@@ -68,15 +59,16 @@ pub fn apply(listeners: &PerCpuListeners) -> Result<(), IncomingCpuError> {
         });
     }
     for listener in listeners.iter() {
-        listener
-            .socket
-            .set_cpu_affinity(listener.cpu as usize)
-            .map_err(|source| IncomingCpuError::Set {
-                cpu: listener.cpu,
-                source,
-            })?;
+        set(&listener.socket, listener.cpu)?;
     }
     Ok(())
+}
+
+/// Sets one listener's `SO_INCOMING_CPU` to `cpu` (e.g. a restarted worker's new listener).
+pub fn set(socket: &socket2::Socket, cpu: u32) -> Result<(), IncomingCpuError> {
+    socket
+        .set_cpu_affinity(cpu as usize)
+        .map_err(|source| IncomingCpuError::Set { cpu, source })
 }
 
 #[cfg(test)]

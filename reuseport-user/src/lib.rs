@@ -15,6 +15,7 @@
 //!   `ld cpu; ret a`), [`incoming_cpu`] (`SO_INCOMING_CPU`, Linux >= 6.2), kernel hash.
 //! - [`attach`]: the same steering for a running server's listeners (nginx, prefork servers),
 //!   found through `/proc` ([`procfs`]) and taken with `pidfd_getfd`.
+//! - [`kernel`]: the running kernel's release, for features that depend on it.
 //! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener.
 //! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
 //! - [`stats`]: counters, live line and JSON summary.
@@ -39,6 +40,7 @@ pub mod cpus;
 pub mod experiment;
 pub mod http;
 pub mod incoming_cpu;
+pub mod kernel;
 pub mod listeners;
 pub mod load;
 pub mod procfs;

@@ -2,6 +2,7 @@
 //! CPU that received it, and show what that does.
 
 use std::{
+    cell::RefCell,
     fs,
     net::SocketAddr,
     path::PathBuf,
@@ -24,7 +25,7 @@ use reuseport::{
         topology::TopologyKind,
     },
     load::{LoadConfig, LoadKind},
-    stats::{Snapshot, Summary},
+    stats::{Migrations, Snapshot, Summary},
     steering::SteeringProgram,
 };
 
@@ -219,13 +220,14 @@ struct ServeArgs {
     /// Do not print the live line every second.
     #[arg(long)]
     quiet: bool,
-    /// With --mode percpu: the program to attach. `steer-migrate` makes the same choice as
-    /// select-or-migrate (Linux >= 5.14): connections queued on a listener that closes move to
-    /// the nearest live CPU's listener instead of being reset. `noop` selects nothing (the kernel
+    /// With --mode percpu: the program to attach. Default: `steer-migrate` on Linux >= 5.14,
+    /// else `steer-to-cpu`. Both make the same choice; `steer-migrate` is attached as
+    /// select-or-migrate, so connections queued on a listener that closes (a restarting worker)
+    /// move to a live listener instead of being reset. `noop` selects nothing (the kernel
     /// hashes) and only calibrates the ns/select figure: its cost is what the BPF statistics
     /// report for an empty program on this machine.
-    #[arg(long, value_enum, default_value_t = SteeringProgram::SteerToCpu)]
-    bpf_program: SteeringProgram,
+    #[arg(long, value_enum)]
+    bpf_program: Option<SteeringProgram>,
 }
 
 fn main() -> ExitCode {
@@ -288,18 +290,21 @@ fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 /// Waits until `stop` is set or `duration` has passed, printing once a second (unless `quiet`)
-/// the live line of what happened in that second, from `snapshot`'s counters.
+/// the live line of what happened in that second, from `snapshot`'s counters. Calls `tick`
+/// every 50 ms in between (e.g. to act on SIGHUP).
 fn show_live_until_stopped(
     stop: &AtomicBool,
     duration: Option<Duration>,
     quiet: bool,
     mut snapshot: impl FnMut() -> anyhow::Result<Snapshot>,
+    mut tick: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let deadline = duration.map(|d| Instant::now() + d);
     let mut previous = Snapshot::default();
     let mut next_line = Instant::now() + Duration::from_secs(1);
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
         thread::sleep(Duration::from_millis(50));
+        tick()?;
         if Instant::now() >= next_line {
             next_line += Duration::from_secs(1);
             let now = snapshot()?;
@@ -320,7 +325,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         mode: args.mode,
         cpus: args.cpus,
         backlog: args.backlog,
-        program: args.bpf_program,
+        program: args
+            .bpf_program
+            .unwrap_or_else(SteeringProgram::recommended),
     })?;
     let program = match server.steering() {
         Some(steering) => format!("steering program id {}", steering.program_id()?),
@@ -347,8 +354,31 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     );
 
-    show_live_until_stopped(&stop, args.duration, args.quiet, || Ok(server.snapshot()?))?;
+    // SIGHUP: restart the workers one at a time (zero-downtime, see `Server::restart_worker`).
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
+        .context("installing the SIGHUP handler")?;
+    let server = RefCell::new(server);
+    show_live_until_stopped(
+        &stop,
+        args.duration,
+        args.quiet,
+        || Ok(server.borrow().snapshot()?),
+        || {
+            if hangup.swap(false, Ordering::Relaxed) {
+                let started = Instant::now();
+                server.borrow_mut().restart_workers()?;
+                println!(
+                    "reuseport: SIGHUP: restarted {} workers one at a time in {:.0?}",
+                    server.borrow().cpus().len(),
+                    started.elapsed()
+                );
+            }
+            Ok(())
+        },
+    )?;
 
+    let server = server.into_inner();
     let (mode, protocol, listen) = (server.mode(), server.protocol(), server.local_addr());
     let last = server.stop()?;
     let summary = Summary::new(mode, protocol, listen, &last);
@@ -544,15 +574,25 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         }
     );
     let started = Instant::now();
-    show_live_until_stopped(&stop, args.duration, args.quiet, || {
-        Ok(Snapshot {
-            elapsed: started.elapsed(),
-            // A foreign server's workers keep no counters of ours: only the program's.
-            workers: Vec::new(),
-            steering: Some(steering.stats()?),
-            program: steering.run_stats()?,
-        })
-    })?;
+    let migrations_at_start = Migrations::read();
+    show_live_until_stopped(
+        &stop,
+        args.duration,
+        args.quiet,
+        || {
+            Ok(Snapshot {
+                elapsed: started.elapsed(),
+                // A foreign server's workers keep no counters of ours: only the program's.
+                workers: Vec::new(),
+                steering: Some(steering.stats()?),
+                program: steering.run_stats()?,
+                // The server's own worker restarts migrate through our program.
+                migrations: Migrations::read().since(&migrations_at_start),
+                restarts: 0,
+            })
+        },
+        || Ok(()),
+    )?;
     if args.pids.is_empty() {
         // SAFETY: the caller passed these fds for this process's life.
         let member = unsafe { std::os::fd::BorrowedFd::borrow_raw(args.fds[0]) };

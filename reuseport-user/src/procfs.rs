@@ -1,6 +1,7 @@
 //! What `/proc` says about other processes: their children, their socket file descriptors, the
 //! sockets registered in their epoll instances, their listening sockets and their CPU affinity.
-//! Used to find a running server's listeners (`reuseport attach`) and a peer's threads.
+//! Used to find a running server's listeners (`reuseport attach`) and a peer's threads. Also the
+//! kernel's TCP counters (`/proc/net/netstat`) and a process's open fds and resident memory.
 
 use std::{collections::BTreeSet, fs, io, net::SocketAddr};
 
@@ -200,9 +201,70 @@ fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
     }
 }
 
+/// The `TcpExt` counters of this network namespace (`/proc/net/netstat`, as `nstat` shows them),
+/// by name; empty if the file cannot be read.
+pub fn tcp_ext_counters() -> std::collections::BTreeMap<String, u64> {
+    let text = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    parse_tcp_ext(&text)
+}
+
+fn parse_tcp_ext(text: &str) -> std::collections::BTreeMap<String, u64> {
+    // Two lines per group: `TcpExt: Name1 Name2 ...` then `TcpExt: 1 2 ...`.
+    let mut lines = text.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return Default::default();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
+        .collect()
+}
+
+/// How many file descriptors `pid` has open (`/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> Result<usize, ProcError> {
+    let path = format!("/proc/{pid}/fd");
+    fs::read_dir(&path)
+        .map(Iterator::count)
+        .map_err(|source| ProcError::Read { path, source })
+}
+
+/// `pid`'s resident memory in KiB (`VmRSS` in `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> Result<u64, ProcError> {
+    let path = format!("/proc/{pid}/status");
+    read(path.clone())?
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| ProcError::Read {
+            path,
+            source: io::Error::other("no VmRSS line"),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_ext_counters_pair_names_with_values() {
+        let text = "TcpExt: SyncookiesSent TCPMigrateReqSuccess TCPMigrateReqFailure\n\
+                    TcpExt: 0 17 2\n\
+                    IpExt: InNoRoutes\n\
+                    IpExt: 5\n";
+        let counters = parse_tcp_ext(text);
+        assert_eq!(counters["TCPMigrateReqSuccess"], 17);
+        assert_eq!(counters["TCPMigrateReqFailure"], 2);
+        assert!(!counters.contains_key("InNoRoutes"));
+    }
+
+    #[test]
+    fn this_process_has_fds_and_memory() {
+        let me = std::process::id();
+        assert!(open_fds(me).unwrap() >= 3);
+        assert!(rss_kib(me).unwrap() > 0);
+    }
 
     #[test]
     fn proc_net_addresses_parse() {

@@ -1,15 +1,17 @@
 //! A whole server: per-CPU listeners, steering (in `percpu` mode) and pinned workers, started and
-//! stopped together. `reuseport serve`, the tests and the example all run this.
+//! stopped together, and restarted one worker at a time without refusing a connection.
+//! `reuseport serve`, the tests and the example all run this.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{net::SocketAddr, os::fd::AsFd, time::Instant};
 
 use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::{
     cpus::{CpuError, CpuList},
-    listeners::{ListenerError, PerCpuListeners, Protocol},
-    stats::{Snapshot, WorkerStats},
+    incoming_cpu::IncomingCpuError,
+    listeners::{self, CpuListener, ListenerError, PerCpuListeners, Protocol},
+    stats::{Migrations, Snapshot, WorkerStats},
     steering::{Steering, SteeringMode, SteeringProgram},
     strategy::{self, StrategyError},
     worker::{Worker, WorkerError},
@@ -33,6 +35,15 @@ pub enum ServerError {
     /// A worker failed to start or panicked.
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    /// [`Server::restart_worker`] was asked for a CPU without a worker.
+    #[error("no worker runs on CPU {cpu}")]
+    NoWorker {
+        /// The CPU asked for.
+        cpu: u32,
+    },
+    /// Setting `SO_INCOMING_CPU` on a restarted worker's listener failed.
+    #[error(transparent)]
+    IncomingCpu(#[from] IncomingCpuError),
 }
 
 /// What to serve and how.
@@ -48,12 +59,12 @@ pub struct ServerConfig {
     pub cpus: Option<CpuList>,
     /// TCP accept-queue length of each listener.
     pub backlog: i32,
-    /// The program `percpu` attaches (another than the default only to calibrate measurements).
+    /// The program `percpu` attaches ([`SteeringProgram::recommended`] by default).
     pub program: SteeringProgram,
 }
 
 impl ServerConfig {
-    /// TCP on `listen` with `mode`, on every allowed CPU, backlog 1024.
+    /// TCP on `listen` with `mode`, on every allowed CPU, backlog 1024, the recommended program.
     pub fn new(listen: SocketAddr, mode: SteeringMode) -> Self {
         Self {
             listen,
@@ -61,7 +72,7 @@ impl ServerConfig {
             mode,
             cpus: None,
             backlog: 1024,
-            program: SteeringProgram::SteerToCpu,
+            program: SteeringProgram::recommended(),
         }
     }
 }
@@ -72,11 +83,35 @@ pub struct Server {
     mode: SteeringMode,
     mode_reason: String,
     protocol: Protocol,
+    backlog: i32,
     cpus: CpuList,
-    workers: Vec<Worker>,
+    workers: Vec<RunningWorker>,
+    /// Final counters of workers replaced by [`Server::restart_worker`].
+    retired: Vec<WorkerStats>,
+    restarts: u64,
     steering: Option<Steering>,
-    shutdown: watch::Sender<bool>,
     started: Instant,
+    migrations_at_start: Migrations,
+}
+
+/// A worker and the switch that stops it.
+struct RunningWorker {
+    worker: Worker,
+    shutdown: watch::Sender<bool>,
+}
+
+impl RunningWorker {
+    fn spawn(listener: CpuListener) -> Result<Self, WorkerError> {
+        let (shutdown, stop_signal) = watch::channel(false);
+        // On error `shutdown` drops, which a started worker also takes as the signal to stop.
+        let worker = Worker::spawn(listener, stop_signal)?;
+        Ok(Self { worker, shutdown })
+    }
+
+    fn stop(self) -> Result<WorkerStats, WorkerError> {
+        let _ = self.shutdown.send(true);
+        self.worker.join()
+    }
 }
 
 impl Server {
@@ -93,25 +128,81 @@ impl Server {
         let listeners =
             PerCpuListeners::bind(config.listen, config.protocol, &cpus, config.backlog)?;
         let listen = listeners.local_addr();
+        let migrations_at_start = Migrations::read();
         let choice = strategy::choose(config.mode);
         let steering = strategy::apply(choice.mode, &listeners, config.program)?;
-        let (shutdown, stop_signal) = watch::channel(false);
         let mut workers = Vec::with_capacity(cpus.len());
         for listener in listeners.into_inner() {
-            // On error, `shutdown` drops and stops the workers already started.
-            workers.push(Worker::spawn(listener, stop_signal.clone())?);
+            // On error, the workers already started stop as their switches drop.
+            workers.push(RunningWorker::spawn(listener)?);
         }
         Ok(Self {
             listen,
             mode: choice.mode,
             mode_reason: choice.reason,
             protocol: config.protocol,
+            backlog: config.backlog,
             cpus,
             workers,
+            retired: Vec::new(),
+            restarts: 0,
             steering,
-            shutdown,
             started: Instant::now(),
+            migrations_at_start,
         })
+    }
+
+    /// Replaces the worker on `cpu` with a new one, without refusing a connection:
+    ///
+    /// 1. a new listener binds and joins the reuseport group, and a new worker pinned to `cpu`
+    ///    starts serving it;
+    /// 2. the new listener takes `cpu`'s place: its steering slot (`percpu`) or its
+    ///    `SO_INCOMING_CPU` (`incoming-cpu`); from now on new connections go to it;
+    /// 3. the old worker closes its listener (with the select-or-migrate program the kernel moves
+    ///    the connections still queued on it to the new listener instead of resetting them; see
+    ///    [`Snapshot::migrations`]), lets its open connections finish their current request and
+    ///    exits.
+    ///
+    /// In `hash` and `cbpf` modes there is no program to migrate with: requests queued on the old
+    /// listener when it closes are reset unless `net.ipv4.tcp_migrate_req` is 1. If a step fails,
+    /// the old worker keeps serving.
+    pub fn restart_worker(&mut self, cpu: u32) -> Result<(), ServerError> {
+        let index = self
+            .workers
+            .iter()
+            .position(|running| running.worker.cpu() == cpu)
+            .ok_or(ServerError::NoWorker { cpu })?;
+        let socket = listeners::bind_one(self.listen, self.protocol, self.backlog)?;
+        if self.mode == SteeringMode::IncomingCpu {
+            crate::incoming_cpu::set(&socket, cpu)?;
+        }
+        // The new socket is in the group but in no slot yet: it only gets connections the
+        // program leaves to the kernel's hash until the slot switches below.
+        let fd = socket
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| WorkerError::Start { cpu, source })?;
+        let replacement = RunningWorker::spawn(CpuListener { cpu, socket })?;
+        if let Some(steering) = self.steering.as_mut()
+            && let Err(err) = steering.insert(cpu, fd.as_fd())
+        {
+            let _ = replacement.stop();
+            return Err(err.into());
+        }
+        drop(fd);
+        let old = std::mem::replace(&mut self.workers[index], replacement);
+        self.retired.push(old.stop()?);
+        self.restarts += 1;
+        Ok(())
+    }
+
+    /// Restarts every worker in turn ([`Server::restart_worker`]), as `reuseport serve` does on
+    /// SIGHUP.
+    pub fn restart_workers(&mut self) -> Result<(), ServerError> {
+        for cpu in self.cpus.iter().collect::<Vec<_>>() {
+            self.restart_worker(cpu)?;
+        }
+        Ok(())
     }
 
     /// The address served, with the port filled in.
@@ -151,31 +242,54 @@ impl Server {
 
     /// All counters, now.
     pub fn snapshot(&self) -> Result<Snapshot, ServerError> {
-        let workers = self.workers.iter().map(Worker::stats).collect();
+        let workers = self
+            .workers
+            .iter()
+            .map(|running| running.worker.stats())
+            .collect();
         self.snapshot_with(workers)
     }
 
     /// Stops the workers (closing every listener, which also ends the group and with it the
     /// program's attachment) and returns the final counters.
     pub fn stop(mut self) -> Result<Snapshot, ServerError> {
-        let _ = self.shutdown.send(true);
         let mut workers = Vec::with_capacity(self.workers.len());
-        for worker in self.workers.drain(..) {
-            workers.push(worker.join()?);
+        // Signal every worker first, so they drain in parallel.
+        for running in &self.workers {
+            let _ = running.shutdown.send(true);
+        }
+        for running in self.workers.drain(..) {
+            workers.push(running.stop()?);
         }
         self.snapshot_with(workers)
     }
 
-    fn snapshot_with(&self, workers: Vec<WorkerStats>) -> Result<Snapshot, ServerError> {
+    fn snapshot_with(&self, live: Vec<WorkerStats>) -> Result<Snapshot, ServerError> {
         let (steering, program) = match &self.steering {
             Some(steering) => (Some(steering.stats()?), steering.run_stats()?),
             None => (None, None),
         };
         Ok(Snapshot {
             elapsed: self.started.elapsed(),
-            workers,
+            workers: with_retired(live, &self.retired),
             steering,
             program,
+            migrations: Migrations::read().since(&self.migrations_at_start),
+            restarts: self.restarts,
         })
     }
+}
+
+/// Per-CPU counters of the live workers plus those of the workers they replaced.
+fn with_retired(mut live: Vec<WorkerStats>, retired: &[WorkerStats]) -> Vec<WorkerStats> {
+    for old in retired {
+        if let Some(now) = live.iter_mut().find(|now| now.cpu == old.cpu) {
+            now.accepted += old.accepted;
+            now.local += old.local;
+            now.unknown_incoming += old.unknown_incoming;
+            now.requests += old.requests;
+            now.errors += old.errors;
+        }
+    }
+    live
 }

@@ -37,6 +37,37 @@ impl WorkerStats {
     }
 }
 
+/// Connection requests the kernel moved from a closing listener to a live one of its group
+/// (`TCPMigrateReqSuccess` / `TCPMigrateReqFailure` in `/proc/net/netstat`). The kernel counts
+/// them per network namespace, so other servers in the namespace add to them too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Migrations {
+    /// Requests moved to a live listener instead of being reset.
+    pub success: u64,
+    /// Requests that could not be moved (reset).
+    pub failure: u64,
+}
+
+impl Migrations {
+    /// The kernel's counters now.
+    pub fn read() -> Self {
+        let counters = crate::procfs::tcp_ext_counters();
+        let get = |name: &str| counters.get(name).copied().unwrap_or(0);
+        Self {
+            success: get("TCPMigrateReqSuccess"),
+            failure: get("TCPMigrateReqFailure"),
+        }
+    }
+
+    /// The migrations between `earlier` and `self`.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            success: self.success.saturating_sub(earlier.success),
+            failure: self.failure.saturating_sub(earlier.failure),
+        }
+    }
+}
+
 /// Everything the server counts, at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
@@ -48,6 +79,10 @@ pub struct Snapshot {
     pub steering: Option<Vec<SteeringStats>>,
     /// The steering program's run count and time; `None` in hash mode or without BPF statistics.
     pub program: Option<ProgramRunStats>,
+    /// Requests migrated by the kernel since the server started (see [`Migrations`]).
+    pub migrations: Migrations,
+    /// Workers restarted since the server started (`Server::restart_workers`, SIGHUP).
+    pub restarts: u64,
 }
 
 /// Fraction of `local` in `total`, `None` when `total` is 0.
@@ -132,6 +167,8 @@ impl Snapshot {
             workers,
             steering,
             program,
+            migrations: self.migrations.since(&earlier.migrations),
+            restarts: self.restarts.saturating_sub(earlier.restarts),
         }
     }
 
@@ -167,6 +204,16 @@ impl Snapshot {
             }
             None => line.push_str(" | no eBPF counters"),
         }
+        if self.restarts > 0 {
+            let _ = write!(line, " | restarted {}", self.restarts);
+        }
+        if self.migrations != Migrations::default() {
+            let _ = write!(
+                line,
+                " | migrated {} failed {}",
+                self.migrations.success, self.migrations.failure
+            );
+        }
         line
     }
 }
@@ -193,6 +240,10 @@ pub struct Summary {
     pub total: WorkerSummary,
     /// The steering program's counters and cost; null in hash mode.
     pub steering: Option<SteeringSummary>,
+    /// Requests the kernel migrated from closing listeners (network-namespace wide).
+    pub migrations: Migrations,
+    /// Workers restarted (SIGHUP).
+    pub restarts: u64,
 }
 
 /// One worker's (or all workers') counters plus locality.
@@ -309,6 +360,8 @@ impl Summary {
                 .collect(),
             total: WorkerSummary::new(None, last.totals()),
             steering,
+            migrations: last.migrations,
+            restarts: last.restarts,
         }
     }
 
@@ -374,6 +427,12 @@ impl Summary {
                 let _ = writeln!(out, "  bpf: none ({how})");
             }
         }
+        let _ = writeln!(
+            out,
+            "  restarts: {} workers; kernel migrated {} queued requests, failed {} \
+             (TCPMigrateReq*, whole network namespace)",
+            self.restarts, self.migrations.success, self.migrations.failure
+        );
         out
     }
 }
@@ -404,6 +463,8 @@ mod tests {
                 run_count: bpf_local,
                 run_time_ns: bpf_local * 40,
             }),
+            migrations: Migrations::default(),
+            restarts: 0,
         }
     }
 
@@ -413,6 +474,23 @@ mod tests {
         assert_eq!(
             interval.live_line(Duration::from_secs(3)),
             "   3s | cpu1 20 conn 100.0% local | bpf local 20 fallback 0 hash 0 err 0 | 40 ns/select"
+        );
+    }
+
+    #[test]
+    fn live_line_adds_restarts_and_migrations_only_when_they_happened() {
+        let mut later = snapshot(30, 30, 30);
+        later.restarts = 2;
+        later.migrations = Migrations {
+            success: 5,
+            failure: 0,
+        };
+        let line = later
+            .since(&snapshot(10, 10, 10))
+            .live_line(Duration::from_secs(3));
+        assert!(
+            line.ends_with("| 40 ns/select | restarted 2 | migrated 5 failed 0"),
+            "{line}"
         );
     }
 

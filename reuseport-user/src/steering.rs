@@ -55,23 +55,42 @@ impl std::fmt::Display for SteeringMode {
     }
 }
 
-/// Which `SK_REUSEPORT` program [`Steering`] attaches.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+/// Which `SK_REUSEPORT` program [`Steering`] attaches ([`SteeringProgram::recommended`] unless
+/// asked otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum SteeringProgram {
-    /// `steer_to_cpu`: the listener of the receiving CPU (the product).
-    #[default]
+    /// `steer_to_cpu`: the listener of the receiving CPU, select only: connections queued on a
+    /// listener that closes are reset (the default before Linux 5.14).
     SteerToCpu,
     /// `steer_migrate`: the same choice, attached as select-or-migrate (Linux >= 5.14), so that
-    /// connections queued on a listener that closes move to the nearest live CPU's listener
-    /// instead of being reset.
+    /// connections queued on a listener that closes move to a live listener (its replacement
+    /// on the same CPU, else the nearest live CPU's) instead of being reset. The default where
+    /// the kernel has it.
     SteerMigrate,
     /// `steer_noop`: selects nothing (the kernel hashes). For calibrating the ns/select figure:
     /// its cost is the floor the kernel's BPF statistics report on this machine.
     Noop,
 }
 
+/// The first kernel with `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`.
+pub const FIRST_MIGRATING_KERNEL: (u32, u32) = (5, 14);
+
 impl SteeringProgram {
+    /// `steer-migrate` where the running kernel can migrate (Linux >= 5.14), else `steer-to-cpu`.
+    pub fn recommended() -> Self {
+        Self::recommended_for(&crate::kernel::release())
+    }
+
+    /// [`SteeringProgram::recommended`] for kernel `release`.
+    pub fn recommended_for(release: &str) -> Self {
+        if crate::kernel::release_at_least(release, FIRST_MIGRATING_KERNEL) {
+            Self::SteerMigrate
+        } else {
+            Self::SteerToCpu
+        }
+    }
+
     /// The value `reuseport serve --bpf-program` takes for it.
     pub fn cli_name(self) -> &'static str {
         match self {
@@ -190,16 +209,16 @@ pub struct Steering {
 }
 
 impl Steering {
-    /// Loads the steering program, puts each `(cpu, socket)` into slot `cpu` and attaches the
-    /// program to the sockets' reuseport group.
+    /// Loads the steering program ([`SteeringProgram::recommended`]), puts each `(cpu, socket)`
+    /// into slot `cpu` and attaches the program to the sockets' reuseport group.
     ///
     /// All sockets must belong to one reuseport group (same address, `SO_REUSEPORT`, listening
     /// for TCP). The program is attached last, so on error nothing is attached.
     pub fn attach(listeners: &[(u32, BorrowedFd<'_>)]) -> Result<Self, SteeringError> {
-        Self::attach_program(listeners, SteeringProgram::SteerToCpu)
+        Self::attach_program(listeners, SteeringProgram::recommended())
     }
 
-    /// [`Steering::attach`] with a chosen program (only calibration needs another one).
+    /// [`Steering::attach`] with a chosen program.
     pub fn attach_program(
         listeners: &[(u32, BorrowedFd<'_>)],
         program: SteeringProgram,
@@ -513,6 +532,22 @@ mod tests {
     fn fallback_points_at_the_nearest_other_live_cpu() {
         let live: BTreeSet<u32> = [0, 3].into_iter().collect();
         assert_eq!(fallback_table(6, &live), [3, 0, 3, 0, 3, 3]);
+    }
+
+    #[test]
+    fn migration_is_recommended_from_linux_5_14() {
+        assert_eq!(
+            SteeringProgram::recommended_for("6.18.44-fc-v669"),
+            SteeringProgram::SteerMigrate
+        );
+        assert_eq!(
+            SteeringProgram::recommended_for("5.14.0"),
+            SteeringProgram::SteerMigrate
+        );
+        assert_eq!(
+            SteeringProgram::recommended_for("5.10.0-28-amd64"),
+            SteeringProgram::SteerToCpu
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use thiserror::Error;
 use tokio::{
     net::{TcpListener, UdpSocket},
     sync::watch,
+    task::JoinSet,
 };
 
 use crate::{
@@ -84,9 +85,16 @@ pub struct Worker {
 /// How long to back off after an accept error such as `EMFILE`, so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
+/// How long a stopping worker lets its accepted connections finish their current request.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Worker {
     /// Starts a thread pinned to `listener.cpu` that serves `listener` until `shutdown` becomes
     /// `true` (or its sender is dropped). Returns once the thread is pinned and serving.
+    ///
+    /// On shutdown the worker closes its listener (so, with the select-or-migrate program, its
+    /// accept queue moves to a live listener), tells each open connection to close after its
+    /// current request, and waits for them up to [`DRAIN_TIMEOUT`].
     pub fn spawn(
         listener: CpuListener,
         shutdown: watch::Receiver<bool>,
@@ -181,21 +189,41 @@ async fn serve(
                 _ = shutdown.wait_for(|stop| *stop) => {}
                 () = serve_udp(&socket, cpu, counters) => {}
             }
+            // Answer what is already queued on the socket before it closes (a restart has
+            // already pointed new datagrams at the replacement).
+            answer_queued_udp(&socket, cpu, counters);
         }
         _ => {
             let listener = TcpListener::from_std(StdTcpListener::from(listener.socket))?;
             ready();
+            let mut connections = JoinSet::new();
+            let for_connections = shutdown.clone();
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => {}
-                () = serve_tcp(&listener, cpu, counters) => {}
+                () = serve_tcp(&listener, cpu, counters, &mut connections, &for_connections) => {}
             }
+            // Close the listener first: with the select-or-migrate program the kernel moves what
+            // is still in its accept queue to a live listener instead of resetting it.
+            drop(listener);
+            // Then let the connections already accepted finish (each was told to close after its
+            // current request), for at most DRAIN_TIMEOUT.
+            let drained = async { while connections.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
         }
     }
     Ok(())
 }
 
-async fn serve_tcp(listener: &TcpListener, cpu: u32, counters: &WorkerCounters) {
+async fn serve_tcp(
+    listener: &TcpListener,
+    cpu: u32,
+    counters: &WorkerCounters,
+    connections: &mut JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+) {
     loop {
+        // Forget the connections that have ended.
+        while connections.try_join_next().is_some() {}
         match listener.accept().await {
             Ok((stream, _peer)) => {
                 let incoming_cpu = incoming_cpu(SockRef::from(&stream));
@@ -207,11 +235,10 @@ async fn serve_tcp(listener: &TcpListener, cpu: u32, counters: &WorkerCounters) 
                     incoming_cpu,
                 };
                 // The runtime is single-threaded: the connection stays on this worker's CPU.
-                tokio::spawn(serve_connection(
-                    stream,
-                    served_by,
-                    Arc::clone(&counters.requests),
-                ));
+                let (requests, shutdown) = (Arc::clone(&counters.requests), shutdown.clone());
+                connections.spawn(async move {
+                    let _ = serve_connection(stream, served_by, requests, shutdown).await;
+                });
             }
             Err(_) => {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -245,6 +272,24 @@ async fn serve_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
         let mut reply = format!("{}\n", served_by.line()).into_bytes();
         reply.extend_from_slice(&buffer[..len]);
         match socket.send_to(&reply, peer).await {
+            Ok(_) => counters.requests.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Answers the datagrams already queued on `socket`, without waiting for more.
+fn answer_queued_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
+    let mut buffer = vec![0u8; 65536];
+    while let Ok((len, peer)) = socket.try_recv_from(&mut buffer) {
+        count_arrival(counters, cpu, None);
+        let served_by = ServedBy {
+            worker_cpu: cpu,
+            incoming_cpu: None,
+        };
+        let mut reply = format!("{}\n", served_by.line()).into_bytes();
+        reply.extend_from_slice(&buffer[..len]);
+        match socket.try_send_to(&reply, peer) {
             Ok(_) => counters.requests.fetch_add(1, Ordering::Relaxed),
             Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
         };

@@ -348,7 +348,7 @@ fn start_server(
     limit: Duration,
 ) -> Result<RunningServer, RunnerError> {
     let (mode, program) = match row {
-        Row::Mode(mode) => (mode, SteeringProgram::SteerToCpu),
+        Row::Mode(mode) => (mode, SteeringProgram::recommended()),
         Row::BpfNoop => (SteeringMode::Percpu, SteeringProgram::Noop),
         Row::Nginx | Row::NginxAttached => {
             let (guard, addr) =
