@@ -8,7 +8,8 @@
 //! SYN ─► softirq on CPU c ─► __inet_lookup_listener ─► reuseport group of the port
 //!          ─► steer_to_cpu: bpf_sk_select_reuseport(CPU_LISTENERS, c)
 //!               ├─ slot c holds a listener ─► that listener (its worker is pinned to CPU c)
-//!               ├─ slot c is empty          ─► slot CPU_FALLBACK[c] (nearest live CPU)
+//!               ├─ slot c is empty          ─► slot CPU_FALLBACK[c] (nearest live CPU:
+//!               │                              SMT sibling, then same LLC, node, package)
 //!               └─ that is empty too        ─► SK_PASS without a choice: the kernel hashes
 //! ```
 //!

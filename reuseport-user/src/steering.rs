@@ -18,7 +18,10 @@ use reuseport_common::{SteeringStats, names};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::cpus::{CpuError, possible_cpus};
+use crate::{
+    cpu_topology::CpuTopology,
+    cpus::{CpuError, possible_cpus},
+};
 
 /// The BPF object built from `reuseport-ebpf` by this crate's `build.rs`.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport"));
@@ -204,6 +207,7 @@ pub struct Steering {
     ebpf: Ebpf,
     program: SteeringProgram,
     possible_cpus: u32,
+    topology: CpuTopology,
     live: BTreeSet<u32>,
     run_stats: RunStats,
 }
@@ -244,6 +248,7 @@ impl Steering {
             ebpf,
             program,
             possible_cpus,
+            topology: CpuTopology::read(possible_cpus),
             live: BTreeSet::new(),
             run_stats,
         };
@@ -388,7 +393,7 @@ impl Steering {
 
     /// Rewrites `cpu_fallback` so that every CPU points at its nearest other live CPU.
     fn write_fallbacks(&mut self) -> Result<(), SteeringError> {
-        let table = fallback_table(self.possible_cpus, &self.live);
+        let table = fallback_table(self.possible_cpus, &self.live, &self.topology);
         let map = self
             .ebpf
             .map_mut(names::CPU_FALLBACK)
@@ -470,15 +475,17 @@ impl RunStats {
 }
 
 /// For each of `possible` CPUs, the CPU whose listener takes its connections when its own slot is
-/// empty: the nearest live CPU other than itself by CPU number (the lower one on a tie), or itself
-/// when it is the only live CPU or none is live.
-pub fn fallback_table(possible: u32, live: &BTreeSet<u32>) -> Vec<u32> {
+/// empty: the nearest live CPU other than itself, where nearest means first the same core (SMT
+/// sibling), then the same last-level cache, NUMA node and package (see [`CpuTopology`]), and
+/// among equals the nearest CPU number (the lower one on a tie); itself when it is the only live
+/// CPU or none is live.
+pub fn fallback_table(possible: u32, live: &BTreeSet<u32>, topology: &CpuTopology) -> Vec<u32> {
     (0..possible)
         .map(|cpu| {
             live.iter()
                 .copied()
                 .filter(|&other| other != cpu)
-                .min_by_key(|&other| (other.abs_diff(cpu), other))
+                .min_by_key(|&other| (topology.distance(cpu, other), other.abs_diff(cpu), other))
                 .unwrap_or(cpu)
         })
         .collect()
@@ -528,10 +535,48 @@ fn check_kernel_support() -> Result<(), SteeringError> {
 mod tests {
     use super::*;
 
+    use crate::cpu_topology::CpuPlace;
+
+    fn place(core: &str, llc: &str, node: u32) -> CpuPlace {
+        CpuPlace {
+            core: Some(core.into()),
+            llc: Some(llc.into()),
+            node: Some(node),
+            package: Some("0-7".into()),
+        }
+    }
+
     #[test]
-    fn fallback_points_at_the_nearest_other_live_cpu() {
+    fn without_topology_fallback_points_at_the_nearest_cpu_number() {
         let live: BTreeSet<u32> = [0, 3].into_iter().collect();
-        assert_eq!(fallback_table(6, &live), [3, 0, 3, 0, 3, 3]);
+        let flat = CpuTopology::default();
+        assert_eq!(fallback_table(6, &live, &flat), [3, 0, 3, 0, 3, 3]);
+    }
+
+    #[test]
+    fn fallback_prefers_the_smt_sibling_then_the_cache_then_the_node() {
+        // Two nodes of one LLC each; cores are SMT pairs {0,4} {1,5} {2,6} {3,7}.
+        let topology = CpuTopology::from_places(
+            (0..8)
+                .map(|cpu| {
+                    let core = format!("{},{}", cpu % 4, cpu % 4 + 4);
+                    match cpu % 4 {
+                        0 | 1 => place(&core, "0-1,4-5", 0),
+                        _ => place(&core, "2-3,6-7", 1),
+                    }
+                })
+                .collect(),
+        );
+        let live: BTreeSet<u32> = [1, 2, 4].into_iter().collect();
+        let table = fallback_table(8, &live, &topology);
+        // 0: sibling 4 beats 1 (one number away); 1: same LLC as 4 and 0; 2: same LLC is nobody
+        // live but itself, so the other node's nearest number; 3: same LLC as 2.
+        assert_eq!(table[0], 4);
+        assert_eq!(table[1], 4);
+        assert_eq!(table[2], 1);
+        assert_eq!(table[3], 2);
+        assert_eq!(table[5], 1, "SMT sibling of 5 is 1");
+        assert_eq!(table[6], 2, "SMT sibling of 6 is 2");
     }
 
     #[test]
@@ -552,7 +597,8 @@ mod tests {
 
     #[test]
     fn a_lone_or_absent_cpu_points_at_itself() {
-        assert_eq!(fallback_table(2, &[1].into_iter().collect()), [1, 1]);
-        assert_eq!(fallback_table(2, &BTreeSet::new()), [0, 1]);
+        let flat = CpuTopology::default();
+        assert_eq!(fallback_table(2, &[1].into_iter().collect(), &flat), [1, 1]);
+        assert_eq!(fallback_table(2, &BTreeSet::new(), &flat), [0, 1]);
     }
 }
