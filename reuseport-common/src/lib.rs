@@ -14,6 +14,10 @@ pub mod names {
     /// `ARRAY` of `u32`: slot N holds the CPU whose listener takes connections that arrive on
     /// CPU N when slot N of [`CPU_LISTENERS`] is empty (the nearest live CPU).
     pub const CPU_FALLBACK: &str = "cpu_fallback";
+    /// `ARRAY` of `u32`: slot N holds 1 + the CPU whose listener takes the connections that
+    /// arrive on CPU N while CPU N's accept queue is over the spill threshold, or
+    /// [`NO_SPILL`](crate::NO_SPILL) (`--mode percpu-spill`; userspace samples the queues).
+    pub const CPU_SPILL: &str = "cpu_spill";
     /// `PERCPU_ARRAY` with one [`SteeringStats`](crate::SteeringStats) per CPU.
     pub const STEERING_STATS: &str = "steering_stats";
     /// The `SK_REUSEPORT` program that selects the listener of the receiving CPU.
@@ -142,6 +146,10 @@ impl ProbeCounts {
 /// size written into the object file.
 pub const MAX_CPUS: u32 = 4096;
 
+/// A [`names::CPU_SPILL`] entry meaning "not spilling: stay local". Entries are 1 + the target
+/// CPU otherwise, so a freshly created (zeroed) map spills nothing.
+pub const NO_SPILL: u32 = 0;
+
 /// What the steering program did with the connections (TCP SYNs, UDP datagrams) that arrived on
 /// one CPU. Stored per CPU in [`names::STEERING_STATS`]; userspace sums or lists them.
 #[repr(C)]
@@ -149,6 +157,9 @@ pub const MAX_CPUS: u32 = 4096;
 pub struct SteeringStats {
     /// Selected the listener of the CPU the program ran on (the CPU that received the packet).
     pub local: u64,
+    /// The local listener's accept queue was over the spill threshold: selected the spill
+    /// target's listener (the least-loaded one) instead.
+    pub spilled: u64,
     /// The local slot was empty or closed; selected the fallback slot's listener instead.
     pub fallback: u64,
     /// Neither the local nor the fallback slot held a live listener: the program returned
@@ -163,6 +174,7 @@ impl SteeringStats {
     /// Adds `other` into `self`, field by field.
     pub fn add(&mut self, other: &Self) {
         self.local += other.local;
+        self.spilled += other.spilled;
         self.fallback += other.fallback;
         self.unsteered += other.unsteered;
         self.errors += other.errors;
@@ -170,7 +182,7 @@ impl SteeringStats {
 
     /// Every selection the program made, whatever its outcome.
     pub fn total(&self) -> u64 {
-        self.local + self.fallback + self.unsteered
+        self.local + self.spilled + self.fallback + self.unsteered
     }
 }
 

@@ -7,6 +7,8 @@
 //! ```text
 //! SYN ─► softirq on CPU c ─► __inet_lookup_listener ─► reuseport group of the port
 //!          ─► steer_to_cpu: bpf_sk_select_reuseport(CPU_LISTENERS, c)
+//!               ├─ CPU c is spilling       ─► slot CPU_SPILL[c] (least-loaded listener;
+//!               │                              only --mode percpu-spill sets it)
 //!               ├─ slot c holds a listener ─► that listener (its worker is pinned to CPU c)
 //!               ├─ slot c is empty          ─► slot CPU_FALLBACK[c] (nearest live CPU:
 //!               │                              SMT sibling, then same LLC, node, package)
@@ -24,6 +26,7 @@
 //! |------------------|-----------------------|----------|-----------------------------------|
 //! | `cpu_listeners`  | `REUSEPORT_SOCKARRAY` | CPU `c`  | listener of the worker on CPU `c` |
 //! | `cpu_fallback`   | `ARRAY`               | CPU `c`  | CPU to use when slot `c` is empty |
+//! | `cpu_spill`      | `ARRAY`               | CPU `c`  | 1 + CPU to use while `c` is overloaded; 0: not |
 //! | `steering_stats` | `PERCPU_ARRAY`        | `0`      | `SteeringStats` of this CPU       |
 //!
 //! A closed listener leaves its `cpu_listeners` slot empty by itself (the kernel removes it).
@@ -35,7 +38,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
-use reuseport_common::{MAX_CPUS, SteeringStats};
+use reuseport_common::{MAX_CPUS, NO_SPILL, SteeringStats};
 
 /// Slot `c`: the listener of the worker pinned to CPU `c`.
 #[map(name = "cpu_listeners")]
@@ -44,6 +47,12 @@ static CPU_LISTENERS: ReusePortSockArray = ReusePortSockArray::with_max_entries(
 /// Slot `c`: the CPU whose listener takes CPU `c`'s connections when slot `c` is empty.
 #[map(name = "cpu_fallback")]
 static CPU_FALLBACK: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
+
+/// Slot `c`: 1 + the CPU whose listener takes CPU `c`'s connections while `c`'s accept queue is
+/// over the spill threshold, or `NO_SPILL` (0, so a fresh map spills nothing). Userspace samples
+/// the queues and writes it (`--mode percpu-spill`).
+#[map(name = "cpu_spill")]
+static CPU_SPILL: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
 
 /// One `SteeringStats` per CPU (a per-CPU array needs no atomics).
 #[map(name = "steering_stats")]
@@ -67,7 +76,8 @@ pub fn steer_migrate(ctx: SkReuseportContext) -> u32 {
     steer(&ctx)
 }
 
-/// Local slot, else fallback slot, else the kernel's hash; never a refusal.
+/// Spill target while overloaded, else local slot, else fallback slot, else the kernel's hash;
+/// never a refusal.
 #[inline(always)]
 fn steer(ctx: &SkReuseportContext) -> u32 {
     // SAFETY: the helper takes no arguments and cannot fail.
@@ -80,6 +90,21 @@ fn steer(ctx: &SkReuseportContext) -> u32 {
     // SAFETY: a per-CPU array entry is only touched by this CPU, and the program is not
     // preempted while it runs.
     let stats = unsafe { &mut *stats };
+
+    // 0. This CPU's listener is overloaded: the least-loaded listener, as userspace chose it.
+    if let Some(&target) = CPU_SPILL.get(cpu)
+        && target != NO_SPILL
+    {
+        match CPU_LISTENERS.select_reuseport(ctx, target - 1) {
+            Ok(()) => {
+                stats.spilled += 1;
+                return SK_PASS;
+            }
+            // A target that just closed: carry on locally.
+            Err(err) if err != -ENOENT => stats.errors += 1,
+            Err(_) => {}
+        }
+    }
 
     // 1. The listener of this CPU's worker.
     match CPU_LISTENERS.select_reuseport(ctx, cpu) {

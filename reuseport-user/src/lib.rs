@@ -19,6 +19,7 @@
 //! - [`kernel`]: the running kernel's release, for features that depend on it.
 //! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener.
 //! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
+//! - [`spill`]: `percpu-spill`, per-CPU steering that spills an overloaded CPU's connections.
 //! - [`stats`]: counters, live line and JSON summary.
 //! - [`server`]: all of the above started and stopped together ([`Server`]).
 //! - [`load`]: the built-in load generator (crr, rr, udp; closed or open loop, HdrHistogram).
@@ -47,6 +48,7 @@ pub mod listeners;
 pub mod load;
 pub mod procfs;
 pub mod server;
+pub mod spill;
 pub mod stats;
 pub mod steering;
 pub mod strategy;

@@ -25,6 +25,7 @@ use reuseport::{
         topology::TopologyKind,
     },
     load::{LoadConfig, LoadKind},
+    spill::SpillConfig,
     stats::{Migrations, Snapshot, Summary},
     steering::SteeringProgram,
 };
@@ -122,6 +123,11 @@ struct AbArgs {
     /// loopback: clients pinned round-robin to CPUs.
     #[arg(long, value_enum, default_value_t = TopologyKind::Veth)]
     topology: TopologyKind,
+    /// Process every SYN on the first CPU (veth: RPS mask of one CPU; loopback: all clients
+    /// pinned there), as with a one-queue NIC or one bursty client. Compare
+    /// `--modes hash,percpu,percpu-spill`.
+    #[arg(long)]
+    skew: bool,
     /// crr: a new connection per request; rr: keep-alive; udp: datagram request/reply.
     #[arg(long, value_enum, default_value_t = LoadKind::Crr)]
     load: LoadKind,
@@ -196,9 +202,18 @@ struct ServeArgs {
     /// hash: no program, the kernel's default 4-tuple hash.
     /// cbpf: classic BPF `ld cpu; ret a` (no privileges; drifts when a listener closes).
     /// incoming-cpu: SO_INCOMING_CPU on each listener (no program; Linux >= 6.2).
+    /// percpu-spill: percpu, but a CPU whose accept queue reaches --spill-threshold sends new
+    /// connections to the least-loaded listener until it drains (TCP).
     /// auto: percpu if this process may load BPF, else incoming-cpu if honoured, else cbpf.
     #[arg(long, value_enum, default_value_t = SteeringMode::Percpu)]
     mode: SteeringMode,
+    /// percpu-spill: accept-queue depth at which a CPU starts spilling (stops below half).
+    #[arg(long, default_value_t = SpillConfig::default().threshold,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    spill_threshold: u32,
+    /// percpu-spill: how often the accept queues are sampled.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1ms")]
+    spill_period: Duration,
     /// Address to serve (IPv4 or [IPv6]); port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -328,6 +343,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         program: args
             .bpf_program
             .unwrap_or_else(SteeringProgram::recommended),
+        spill: SpillConfig {
+            threshold: args.spill_threshold,
+            period: args.spill_period,
+        },
     })?;
     let program = match server.steering() {
         Some(steering) => format!("steering program id {}", steering.program_id()?),
@@ -446,6 +465,7 @@ fn ab(args: AbArgs) -> anyhow::Result<()> {
         cross_check_wrk: args.cross_check.is_some(),
         calibrate: args.calibrate,
         topology: args.topology,
+        skew: args.skew,
         load: args.load,
         connections: args.connections,
         duration,
@@ -589,6 +609,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
                 // The server's own worker restarts migrate through our program.
                 migrations: Migrations::read().since(&migrations_at_start),
                 restarts: 0,
+                spill: None,
             })
         },
         || Ok(()),

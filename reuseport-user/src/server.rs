@@ -8,9 +8,11 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::{
+    cpu_topology::CpuTopology,
     cpus::{CpuError, CpuList},
     incoming_cpu::IncomingCpuError,
     listeners::{self, CpuListener, ListenerError, PerCpuListeners, Protocol},
+    spill::{SpillConfig, SpillError, SpillSampler},
     stats::{Migrations, Snapshot, WorkerStats},
     steering::{Steering, SteeringMode, SteeringProgram},
     strategy::{self, StrategyError},
@@ -29,6 +31,9 @@ pub enum ServerError {
     /// Putting the steering strategy in place failed.
     #[error(transparent)]
     Strategy(#[from] StrategyError),
+    /// Starting the spill sampler failed.
+    #[error(transparent)]
+    Spill(#[from] SpillError),
     /// Reading the steering program's counters failed.
     #[error(transparent)]
     Steering(#[from] crate::steering::SteeringError),
@@ -61,6 +66,8 @@ pub struct ServerConfig {
     pub backlog: i32,
     /// The program `percpu` attaches ([`SteeringProgram::recommended`] by default).
     pub program: SteeringProgram,
+    /// When `percpu-spill` spills (ignored by other modes).
+    pub spill: SpillConfig,
 }
 
 impl ServerConfig {
@@ -73,6 +80,7 @@ impl ServerConfig {
             cpus: None,
             backlog: 1024,
             program: SteeringProgram::recommended(),
+            spill: SpillConfig::default(),
         }
     }
 }
@@ -90,6 +98,8 @@ pub struct Server {
     retired: Vec<WorkerStats>,
     restarts: u64,
     steering: Option<Steering>,
+    /// Samples the accept queues in `percpu-spill` mode (TCP).
+    spill: Option<SpillSampler>,
     started: Instant,
     migrations_at_start: Migrations,
 }
@@ -130,7 +140,26 @@ impl Server {
         let listen = listeners.local_addr();
         let migrations_at_start = Migrations::read();
         let choice = strategy::choose(config.mode);
-        let steering = strategy::apply(choice.mode, &listeners, config.program)?;
+        let mut steering = strategy::apply(choice.mode, &listeners, config.program)?;
+        let spill = match steering.as_mut() {
+            Some(steering)
+                if choice.mode == SteeringMode::PercpuSpill && config.protocol == Protocol::Tcp =>
+            {
+                let fds = listeners
+                    .iter()
+                    .map(|l| Ok((l.cpu, l.socket.as_fd().try_clone_to_owned()?)))
+                    .collect::<Result<Vec<_>, std::io::Error>>()
+                    .map_err(SpillError::Start)?;
+                let topology = CpuTopology::read(crate::cpus::possible_cpus()?);
+                Some(SpillSampler::start(
+                    steering.take_spill_map()?,
+                    fds,
+                    topology,
+                    config.spill,
+                )?)
+            }
+            _ => None,
+        };
         let mut workers = Vec::with_capacity(cpus.len());
         for listener in listeners.into_inner() {
             // On error, the workers already started stop as their switches drop.
@@ -147,6 +176,7 @@ impl Server {
             retired: Vec::new(),
             restarts: 0,
             steering,
+            spill,
             started: Instant::now(),
             migrations_at_start,
         })
@@ -189,7 +219,11 @@ impl Server {
             let _ = replacement.stop();
             return Err(err.into());
         }
-        drop(fd);
+        // The sampler lets go of the old listener (so it can close) and samples the new one.
+        match &self.spill {
+            Some(spill) => spill.replace_listener(cpu, fd),
+            None => drop(fd),
+        }
         let old = std::mem::replace(&mut self.workers[index], replacement);
         self.retired.push(old.stop()?);
         self.restarts += 1;
@@ -253,6 +287,8 @@ impl Server {
     /// Stops the workers (closing every listener, which also ends the group and with it the
     /// program's attachment) and returns the final counters.
     pub fn stop(mut self) -> Result<Snapshot, ServerError> {
+        // The sampler holds duplicates of the listeners: let go of them first.
+        self.spill = None;
         let mut workers = Vec::with_capacity(self.workers.len());
         // Signal every worker first, so they drain in parallel.
         for running in &self.workers {
@@ -276,6 +312,7 @@ impl Server {
             program,
             migrations: Migrations::read().since(&self.migrations_at_start),
             restarts: self.restarts,
+            spill: self.spill.as_ref().map(SpillSampler::counters),
         })
     }
 }

@@ -6,7 +6,9 @@ use std::{fmt::Write as _, net::SocketAddr, time::Duration};
 use reuseport_common::SteeringStats;
 use serde::Serialize;
 
-use crate::{listeners::Protocol, steering::ProgramRunStats, steering::SteeringMode};
+use crate::{
+    listeners::Protocol, spill::SpillCounters, steering::ProgramRunStats, steering::SteeringMode,
+};
 
 /// One worker's counters at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -83,6 +85,8 @@ pub struct Snapshot {
     pub migrations: Migrations,
     /// Workers restarted since the server started (`Server::restart_workers`, SIGHUP).
     pub restarts: u64,
+    /// The spill sampler's counters (`percpu-spill` over TCP only).
+    pub spill: Option<SpillCounters>,
 }
 
 /// Fraction of `local` in `total`, `None` when `total` is 0.
@@ -151,6 +155,7 @@ impl Snapshot {
                         .unwrap_or_default();
                     SteeringStats {
                         local: now.local.saturating_sub(before.local),
+                        spilled: now.spilled.saturating_sub(before.spilled),
                         fallback: now.fallback.saturating_sub(before.fallback),
                         unsteered: now.unsteered.saturating_sub(before.unsteered),
                         errors: now.errors.saturating_sub(before.errors),
@@ -169,6 +174,7 @@ impl Snapshot {
             program,
             migrations: self.migrations.since(&earlier.migrations),
             restarts: self.restarts.saturating_sub(earlier.restarts),
+            spill: self.spill,
         }
     }
 
@@ -190,10 +196,14 @@ impl Snapshot {
         }
         match self.steering_totals() {
             Some(bpf) => {
+                let _ = write!(line, " | bpf local {}", bpf.local);
+                if bpf.spilled > 0 {
+                    let _ = write!(line, " spilled {}", bpf.spilled);
+                }
                 let _ = write!(
                     line,
-                    " | bpf local {} fallback {} hash {} err {}",
-                    bpf.local, bpf.fallback, bpf.unsteered, bpf.errors
+                    " fallback {} hash {} err {}",
+                    bpf.fallback, bpf.unsteered, bpf.errors
                 );
                 match self.program.and_then(|p| p.ns_per_run()) {
                     Some(ns) => {
@@ -244,6 +254,8 @@ pub struct Summary {
     pub migrations: Migrations,
     /// Workers restarted (SIGHUP).
     pub restarts: u64,
+    /// The spill sampler's counters (`percpu-spill` over TCP); null otherwise.
+    pub spill: Option<SpillCounters>,
 }
 
 /// One worker's (or all workers') counters plus locality.
@@ -298,6 +310,8 @@ pub struct SteeringSummary {
 pub struct SteeringCounters {
     /// Steered to the receiving CPU's listener.
     pub local: u64,
+    /// Steered to the least-loaded listener because the local one was overloaded (spill mode).
+    pub spilled: u64,
     /// Steered to the fallback CPU's listener (local slot empty).
     pub fallback: u64,
     /// Left to the kernel's hash (no live slot found).
@@ -310,6 +324,7 @@ impl From<SteeringStats> for SteeringCounters {
     fn from(s: SteeringStats) -> Self {
         Self {
             local: s.local,
+            spilled: s.spilled,
             fallback: s.fallback,
             unsteered: s.unsteered,
             errors: s.errors,
@@ -362,6 +377,7 @@ impl Summary {
             steering,
             migrations: last.migrations,
             restarts: last.restarts,
+            spill: last.spill,
         }
     }
 
@@ -402,8 +418,9 @@ impl Summary {
             Some(s) => {
                 let _ = writeln!(
                     out,
-                    "  bpf: local {} fallback {} hash {} errors {}; {}",
+                    "  bpf: local {} spilled {} fallback {} hash {} errors {}; {}",
                     s.total.local,
+                    s.total.spilled,
                     s.total.fallback,
                     s.total.unsteered,
                     s.total.errors,
@@ -426,6 +443,13 @@ impl Summary {
                 };
                 let _ = writeln!(out, "  bpf: none ({how})");
             }
+        }
+        if let Some(spill) = self.spill {
+            let _ = writeln!(
+                out,
+                "  spill: {} samples, {} spill starts, deepest accept queue {}",
+                spill.samples, spill.spill_starts, spill.max_depth
+            );
         }
         let _ = writeln!(
             out,
@@ -465,6 +489,7 @@ mod tests {
             }),
             migrations: Migrations::default(),
             restarts: 0,
+            spill: None,
         }
     }
 

@@ -41,6 +41,9 @@ pub enum SteeringMode {
     /// No program: each listener's `SO_INCOMING_CPU` is its worker's CPU, which the kernel's
     /// selection prefers since Linux 6.2 (see [`crate::incoming_cpu`]).
     IncomingCpu,
+    /// `percpu`, except that a CPU whose listener's accept queue reaches a threshold sends its
+    /// new connections to the least-loaded listener until it drains (see [`crate::spill`]).
+    PercpuSpill,
     /// `percpu` when this process may load BPF programs, else `incoming-cpu` when the kernel
     /// honours it, else `cbpf` (see [`crate::strategy::choose`]).
     Auto,
@@ -50,6 +53,7 @@ impl std::fmt::Display for SteeringMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Percpu => "percpu",
+            Self::PercpuSpill => "percpu-spill",
             Self::Hash => "hash",
             Self::Cbpf => "cbpf",
             Self::IncomingCpu => "incoming-cpu",
@@ -243,6 +247,7 @@ impl Steering {
         let ebpf = EbpfLoader::new()
             .map_max_entries(names::CPU_LISTENERS, possible_cpus)
             .map_max_entries(names::CPU_FALLBACK, possible_cpus)
+            .map_max_entries(names::CPU_SPILL, possible_cpus)
             .load(BPF_OBJECT)?;
         let mut steering = Self {
             ebpf,
@@ -294,6 +299,17 @@ impl Steering {
             }
             other => Ok(other?),
         }
+    }
+
+    /// Hands over the `cpu_spill` map, for a [`SpillSampler`](crate::spill::SpillSampler) to
+    /// write (`--mode percpu-spill`). Only once; until then (and without a sampler) it spills
+    /// nothing.
+    pub fn take_spill_map(&mut self) -> Result<Array<aya::maps::MapData, u32>, SteeringError> {
+        let map = self
+            .ebpf
+            .take_map(names::CPU_SPILL)
+            .ok_or(SteeringError::MissingFromObject(names::CPU_SPILL))?;
+        Ok(Array::try_from(map)?)
     }
 
     /// The CPUs whose slots were filled through this `Steering` (a slot whose socket has since

@@ -80,7 +80,8 @@ fn short(error: &SteeringError) -> &'static str {
     }
 }
 
-/// Puts `mode` in place on `listeners`' group; returns the eBPF [`Steering`] for `percpu`.
+/// Puts `mode` in place on `listeners`' group; returns the eBPF [`Steering`] for `percpu` and
+/// `percpu-spill` (whose sampler [`crate::Server`] starts).
 /// `program` only matters for `percpu` (calibration). `mode` must be resolved (see [`choose`]).
 pub fn apply(
     mode: SteeringMode,
@@ -88,7 +89,9 @@ pub fn apply(
     program: SteeringProgram,
 ) -> Result<Option<Steering>, StrategyError> {
     match mode {
-        SteeringMode::Percpu => Ok(Some(Steering::attach_program(&listeners.fds(), program)?)),
+        SteeringMode::Percpu | SteeringMode::PercpuSpill => {
+            Ok(Some(Steering::attach_program(&listeners.fds(), program)?))
+        }
         SteeringMode::Cbpf => {
             cbpf::attach(listeners)?;
             Ok(None)

@@ -169,6 +169,8 @@ pub struct Machine {
     pub kernel: String,
     /// `veth` or `loopback`.
     pub topology: String,
+    /// Whether every SYN was processed on one CPU (`--skew`).
+    pub skew: bool,
     /// `crr`, `rr` or `udp`.
     pub load: String,
     /// Concurrent clients.
@@ -238,15 +240,13 @@ impl Report {
                 .collect(),
             _ => BTreeMap::new(),
         };
-        let kernel = rustix::system::uname()
-            .release()
-            .to_string_lossy()
-            .into_owned();
+        let kernel = crate::kernel::release();
         Self {
             machine: Machine {
                 cpus,
                 kernel,
                 topology: format!("{:?}", config.topology).to_lowercase(),
+                skew: config.skew,
                 load: format!("{:?}", config.load).to_lowercase(),
                 connections: config.connections,
                 duration_s: config.duration.as_secs_f64(),

@@ -112,6 +112,9 @@ pub struct AbConfig {
     pub calibrate: bool,
     /// Where server and clients run.
     pub topology: TopologyKind,
+    /// Process every SYN on the first CPU only (RPS mask or client pinning), as with a NIC with
+    /// one queue or one bursty client: the load strict per-CPU steering cannot spread.
+    pub skew: bool,
     /// The load.
     pub load: LoadKind,
     /// Concurrent clients.
@@ -237,7 +240,12 @@ pub fn run(
         source,
     })?;
     let cpus = CpuList::allowed()?;
-    let topology = Topology::create(config.topology, &cpus)?;
+    let rx_cpus = if config.skew {
+        cpus.iter().take(1).collect()
+    } else {
+        cpus.clone()
+    };
+    let topology = Topology::create_receiving_on(config.topology, &rx_cpus)?;
     let mut rows: Vec<Row> = config.modes.iter().copied().map(Row::Mode).collect();
     if config.peer_nginx {
         rows.push(Row::Nginx);
@@ -508,7 +516,7 @@ fn measure(
         .args(["--kind", &format!("{:?}", config.load).to_lowercase()])
         .args(["--connections", &config.connections.to_string()])
         .args(["--duration", &format!("{}ms", duration.as_millis())])
-        .args(["--cpus", &cpus.to_string()])
+        .args(["--cpus", &topology.client_cpus(cpus).to_string()])
         .arg("--json")
         .arg(&load_json)
         .stdin(Stdio::null())

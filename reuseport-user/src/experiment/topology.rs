@@ -120,17 +120,30 @@ pub struct Topology {
     kind: TopologyKind,
     server: Option<NetNs>,
     client: Option<NetNs>,
+    rx_cpus: CpuList,
 }
 
 impl Topology {
-    /// Creates the topology for a server on `server_cpus`.
+    /// Creates the topology for a server on `server_cpus`, receiving on all of them.
     pub fn create(kind: TopologyKind, server_cpus: &CpuList) -> Result<Self, TopologyError> {
+        Self::create_receiving_on(kind, server_cpus)
+    }
+
+    /// Creates a topology whose SYNs are processed only on `rx_cpus` (all the server's CPUs, or
+    /// fewer to skew the load): the RPS mask (veth) or the CPUs the clients are pinned to
+    /// (loopback).
+    pub fn create_receiving_on(
+        kind: TopologyKind,
+        rx_cpus: &CpuList,
+    ) -> Result<Self, TopologyError> {
         remove_stale_namespaces();
+        let rx_cpus = rx_cpus.clone();
         match kind {
             TopologyKind::Loopback => Ok(Self {
                 kind,
                 server: None,
                 client: None,
+                rx_cpus,
             }),
             TopologyKind::Veth => {
                 let pid = std::process::id();
@@ -172,13 +185,14 @@ impl Topology {
                 // `ip netns exec` mounts the namespace's own /sys, where its devices are.
                 let rps = format!(
                     "echo {} > /sys/class/net/{server_dev}/queues/rx-0/rps_cpus",
-                    cpu_mask(server_cpus)
+                    cpu_mask(&rx_cpus)
                 );
                 ip(&["netns", "exec", server.name(), "sh", "-c", &rps])?;
                 Ok(Self {
                     kind,
                     server: Some(server),
                     client: Some(client),
+                    rx_cpus,
                 })
             }
         }
@@ -201,6 +215,15 @@ impl Topology {
     /// where RPS picks it).
     pub fn pin_clients(&self) -> bool {
         self.kind == TopologyKind::Loopback
+    }
+
+    /// The CPUs for load-generator threads: on loopback the CPUs that are to receive the SYNs
+    /// (clients are pinned there); across veth `all` (RPS picks the receiving CPU).
+    pub fn client_cpus(&self, all: &CpuList) -> CpuList {
+        match self.kind {
+            TopologyKind::Loopback => self.rx_cpus.clone(),
+            TopologyKind::Veth => all.clone(),
+        }
     }
 
     /// Makes `command` run on the server side.
