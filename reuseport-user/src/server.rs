@@ -288,7 +288,7 @@ impl Server {
     /// program's attachment) and returns the final counters.
     pub fn stop(mut self) -> Result<Snapshot, ServerError> {
         // The sampler holds duplicates of the listeners: let go of them first.
-        self.spill = None;
+        let spill = self.spill.take().map(|sampler| sampler.counters());
         let mut workers = Vec::with_capacity(self.workers.len());
         // Signal every worker first, so they drain in parallel.
         for running in &self.workers {
@@ -297,7 +297,9 @@ impl Server {
         for running in self.workers.drain(..) {
             workers.push(running.stop()?);
         }
-        self.snapshot_with(workers)
+        let mut last = self.snapshot_with(workers)?;
+        last.spill = spill;
+        Ok(last)
     }
 
     fn snapshot_with(&self, live: Vec<WorkerStats>) -> Result<Snapshot, ServerError> {
