@@ -128,6 +128,13 @@ struct AbArgs {
     /// `--modes hash,percpu,percpu-spill`.
     #[arg(long)]
     skew: bool,
+    /// percpu-spill rows: accept-queue depth at which a CPU spills.
+    #[arg(long, default_value_t = SpillConfig::default().threshold,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    spill_threshold: u32,
+    /// percpu-spill rows: how often the accept queues are sampled.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1ms")]
+    spill_period: Duration,
     /// crr: a new connection per request; rr: keep-alive; udp: datagram request/reply.
     #[arg(long, value_enum, default_value_t = LoadKind::Crr)]
     load: LoadKind,
@@ -204,10 +211,12 @@ struct ServeArgs {
     /// incoming-cpu: SO_INCOMING_CPU on each listener (no program; Linux >= 6.2).
     /// percpu-spill: percpu, but a CPU whose accept queue reaches --spill-threshold sends new
     /// connections to the least-loaded listener until it drains (TCP).
-    /// auto: percpu if this process may load BPF, else incoming-cpu if honoured, else cbpf.
-    #[arg(long, value_enum, default_value_t = SteeringMode::Percpu)]
+    /// auto: percpu-spill if this process may load BPF, else incoming-cpu if honoured, else
+    /// cbpf.
+    #[arg(long, value_enum, default_value_t = SteeringMode::PercpuSpill)]
     mode: SteeringMode,
-    /// percpu-spill: accept-queue depth at which a CPU starts spilling (stops below half).
+    /// percpu-spill: accept-queue depth at which a CPU starts spilling (held for 3 samples;
+    /// it stops once its queue is no deeper than the target's).
     #[arg(long, default_value_t = SpillConfig::default().threshold,
           value_parser = clap::value_parser!(u32).range(1..))]
     spill_threshold: u32,
@@ -466,6 +475,10 @@ fn ab(args: AbArgs) -> anyhow::Result<()> {
         calibrate: args.calibrate,
         topology: args.topology,
         skew: args.skew,
+        spill: SpillConfig {
+            threshold: args.spill_threshold,
+            period: args.spill_period,
+        },
         load: args.load,
         connections: args.connections,
         duration,

@@ -153,6 +153,7 @@ impl Server {
                 let topology = CpuTopology::read(crate::cpus::possible_cpus()?);
                 Some(SpillSampler::start(
                     steering.take_spill_map()?,
+                    steering.stats_map_handle()?,
                     fds,
                     topology,
                     config.spill,

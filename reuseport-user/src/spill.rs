@@ -5,15 +5,16 @@
 //! CPUs (one bursty client, a NIC with few queues, RPS off), every connection lands on those CPUs'
 //! workers and the other workers idle. A sampler thread reads each listener's accept-queue depth
 //! every `period` (`getsockopt(TCP_INFO)`, whose `tcpi_unacked` is the listener's
-//! `sk_ack_backlog`) and, for a CPU whose queue reaches `threshold`, writes the least-loaded CPU
-//! into the program's `cpu_spill` map; the program then sends that CPU's new connections there
-//! until the queue drains below half the threshold. A CPU that keeps up is never touched, so
-//! balanced load stays 100 % local.
+//! `sk_ack_backlog`) and, for a CPU whose queue stays at or over `threshold` for a few samples
+//! while another queue is at most half as deep, writes the least-loaded CPU into the program's
+//! `cpu_spill` map; the program then sends that CPU's new connections there until its queue is no
+//! deeper than the target's. A CPU that keeps up is never touched, and queues that are
+//! alike never spill, so balanced load stays local.
 //!
 //! TCP only: a UDP socket has no accept queue, so a UDP group in this mode behaves as `percpu`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     os::fd::{AsRawFd, OwnedFd},
     sync::{
@@ -24,8 +25,8 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, MapData, MapError};
-use reuseport_common::NO_SPILL;
+use aya::maps::{Array, MapData, MapError, PerCpuArray};
+use reuseport_common::{NO_SPILL, SteeringStats};
 use thiserror::Error;
 
 use crate::cpu_topology::CpuTopology;
@@ -47,17 +48,18 @@ pub enum SpillError {
 /// When to spill and how often to look.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpillConfig {
-    /// Accept-queue depth at which a CPU starts spilling (it stops below half of it).
+    /// Accept-queue depth at which a CPU starts spilling, once sustained for
+    /// [`SUSTAINED_SAMPLES`] samples (it stops when its queue is no deeper than the target's).
     pub threshold: u32,
     /// How often the accept queues are sampled.
     pub period: Duration,
 }
 
 impl Default for SpillConfig {
-    /// Threshold 16, period 1 ms (see README "Restarts and overload" for how they were chosen).
+    /// Threshold 8, period 1 ms (see README "Restarts and overload" for how they were chosen).
     fn default() -> Self {
         Self {
-            threshold: 16,
+            threshold: 8,
             period: Duration::from_millis(1),
         }
     }
@@ -83,13 +85,15 @@ pub struct SpillSampler {
 }
 
 impl SpillSampler {
-    /// Starts sampling `listeners` (`(cpu, a duplicate of its listener's fd)`) and writing
-    /// `spill_map` (the program's `cpu_spill`).
+    /// Starts sampling `listeners` (`(cpu, a duplicate of its listener's fd)`) and the
+    /// program's counters (`stats_map`, a handle on `steering_stats`), and writing `spill_map`
+    /// (the program's `cpu_spill`).
     ///
     /// The duplicates keep the listeners open: a restarted worker's must be swapped with
     /// [`SpillSampler::replace_listener`] before the old listener is meant to close.
     pub fn start(
         spill_map: Array<MapData, u32>,
+        stats_map: MapData,
         listeners: Vec<(u32, OwnedFd)>,
         topology: CpuTopology,
         config: SpillConfig,
@@ -97,6 +101,7 @@ impl SpillSampler {
         if config.threshold == 0 {
             return Err(SpillError::ZeroThreshold);
         }
+        let arrivals = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(stats_map))?;
         let listeners = Arc::new(Mutex::new(listeners.into_iter().collect()));
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(SharedCounters::default());
@@ -106,6 +111,10 @@ impl SpillSampler {
             topology,
             config,
             spilling: BTreeMap::new(),
+            streaks: BTreeMap::new(),
+            arrivals,
+            window_start: Vec::new(),
+            skewed: BTreeSet::new(),
             counters: Arc::clone(&counters),
         };
         let thread_stop = Arc::clone(&stop);
@@ -161,6 +170,14 @@ struct Sampler {
     config: SpillConfig,
     /// CPU → the CPU it spills to now.
     spilling: BTreeMap<u32, u32>,
+    /// CPU → consecutive samples at or over the threshold.
+    streaks: BTreeMap<u32, u32>,
+    /// The program's per-CPU counters, for the arrival skew.
+    arrivals: PerCpuArray<MapData, SteeringStats>,
+    /// Arrivals per CPU at the start of the current window.
+    window_start: Vec<u64>,
+    /// CPUs that received more than their share of SYNs in the last window.
+    skewed: BTreeSet<u32>,
     counters: Arc<SharedCounters>,
 }
 
@@ -181,18 +198,23 @@ impl Sampler {
             .iter()
             .filter_map(|(&cpu, fd)| Some((cpu, accept_queue_depth(fd).ok()?)))
             .collect();
-        let counters = &self.counters;
-        counters.samples.fetch_add(1, Ordering::Relaxed);
+        let counters = Arc::clone(&self.counters);
+        let sample = counters.samples.fetch_add(1, Ordering::Relaxed);
         let deepest = depths.values().copied().max().unwrap_or(0);
         counters
             .max_depth
             .fetch_max(u64::from(deepest), Ordering::Relaxed);
 
+        update_streaks(&depths, &mut self.streaks, self.config.threshold);
+        if sample.is_multiple_of(WINDOW_SAMPLES) {
+            self.update_skew(&depths);
+        }
         let next = decide(
             &depths,
+            &self.streaks,
+            &self.skewed,
             &self.spilling,
             &self.topology,
-            self.config.threshold,
         );
         for (&cpu, &target) in &next {
             if self.spilling.get(&cpu) != Some(&target) {
@@ -211,6 +233,25 @@ impl Sampler {
         self.spilling = next;
     }
 
+    /// Recomputes which CPUs received more than their share of new connections since the last
+    /// window, from the program's own per-CPU counters.
+    fn update_skew(&mut self, depths: &BTreeMap<u32, u32>) {
+        let Ok(per_cpu) = self.arrivals.get(&0, 0) else {
+            return;
+        };
+        let now: Vec<u64> = per_cpu.iter().map(SteeringStats::total).collect();
+        let window: BTreeMap<u32, u64> = depths
+            .keys()
+            .map(|&cpu| {
+                let i = cpu as usize;
+                let before = self.window_start.get(i).copied().unwrap_or(0);
+                (cpu, now.get(i).copied().unwrap_or(0).saturating_sub(before))
+            })
+            .collect();
+        self.skewed = skewed_cpus(&window);
+        self.window_start = now;
+    }
+
     /// Stops every spill (the program is steering strictly again).
     fn clear(&mut self) {
         for cpu in std::mem::take(&mut self.spilling).into_keys() {
@@ -219,26 +260,70 @@ impl Sampler {
     }
 }
 
-/// Which CPUs spill, and where to: a CPU whose queue reached `threshold` (or that was already
-/// spilling and has not drained below half of it) spills to the CPU with the shortest queue,
-/// nearest by topology among equals, provided that queue is shorter than its own.
+/// Consecutive samples a queue must stay at or over the threshold before its CPU spills: a
+/// burst that the worker absorbs within a few periods is no overload.
+pub const SUSTAINED_SAMPLES: u32 = 3;
+
+/// Samples per arrival window: how often the arrival skew is recomputed.
+pub const WINDOW_SAMPLES: u64 = 20;
+
+/// Fewest arrivals in a window for its skew to mean anything.
+pub const WINDOW_MIN_ARRIVALS: u64 = 64;
+
+/// The CPUs that received more than 1.5 times their even share of a window's `arrivals` (new
+/// connections by receiving CPU): the SYNs are skewed onto them.
+pub fn skewed_cpus(arrivals: &BTreeMap<u32, u64>) -> BTreeSet<u32> {
+    let total: u64 = arrivals.values().sum();
+    let cpus = arrivals.len() as u64;
+    if total < WINDOW_MIN_ARRIVALS || cpus < 2 {
+        return BTreeSet::new();
+    }
+    arrivals
+        .iter()
+        // share > 1.5 / cpus, in integers.
+        .filter(|&(_, &n)| 2 * n * cpus > 3 * total)
+        .map(|(&cpu, _)| cpu)
+        .collect()
+}
+
+/// Counts, per CPU, the consecutive samples whose queue was at or over `threshold`.
+pub fn update_streaks(
+    depths: &BTreeMap<u32, u32>,
+    streaks: &mut BTreeMap<u32, u32>,
+    threshold: u32,
+) {
+    streaks.retain(|cpu, _| depths.contains_key(cpu));
+    for (&cpu, &depth) in depths {
+        let streak = streaks.entry(cpu).or_default();
+        *streak = if depth >= threshold { *streak + 1 } else { 0 };
+    }
+}
+
+/// Which CPUs spill, and where to. A CPU starts spilling when its queue is at or over the
+/// threshold, another queue is at most half as deep, and either its SYNs are `skewed` onto it
+/// (see [`skewed_cpus`]) or its queue has stayed over the threshold for [`SUSTAINED_SAMPLES`]
+/// samples (`streaks`, see [`update_streaks`]: a worker that is slow for another reason); it keeps spilling while its queue is deeper than the
+/// target's. The target is the CPU with the shortest queue, nearest by topology among equals.
+/// Balanced load, where all queues are alike, never spills.
 pub fn decide(
     depths: &BTreeMap<u32, u32>,
+    streaks: &BTreeMap<u32, u32>,
+    skewed: &BTreeSet<u32>,
     spilling: &BTreeMap<u32, u32>,
     topology: &CpuTopology,
-    threshold: u32,
 ) -> BTreeMap<u32, u32> {
     depths
         .iter()
-        .filter(|&(cpu, &depth)| {
-            depth >= threshold || (spilling.contains_key(cpu) && depth >= threshold.div_ceil(2))
-        })
         .filter_map(|(&cpu, &depth)| {
-            let (target, target_depth) = depths
+            let (&target, &target_depth) = depths
                 .iter()
                 .filter(|&(&other, _)| other != cpu)
                 .min_by_key(|&(&other, &d)| (d, topology.distance(cpu, other), other))?;
-            (*target_depth < depth).then_some((cpu, *target))
+            let streak = streaks.get(&cpu).copied().unwrap_or(0);
+            let overloaded = streak >= SUSTAINED_SAMPLES || (streak >= 1 && skewed.contains(&cpu));
+            let starts = overloaded && target_depth * 2 <= depth;
+            let continues = spilling.contains_key(&cpu) && target_depth < depth;
+            (starts || continues).then_some((cpu, target))
         })
         .collect()
 }
@@ -275,32 +360,99 @@ mod tests {
         pairs.iter().copied().collect()
     }
 
+    /// `decide` after `samples` identical samples of `depths`, starting from no spill.
+    fn after(samples: u32, pairs: &[(u32, u32)], threshold: u32) -> BTreeMap<u32, u32> {
+        let (depths, flat) = (depths(pairs), CpuTopology::default());
+        let (mut streaks, mut spilling) = (BTreeMap::new(), BTreeMap::new());
+        for _ in 0..samples {
+            update_streaks(&depths, &mut streaks, threshold);
+            spilling = decide(&depths, &streaks, &BTreeSet::new(), &spilling, &flat);
+        }
+        spilling
+    }
+
     #[test]
-    fn a_cpu_spills_to_the_shortest_queue_from_the_threshold_on() {
-        let flat = CpuTopology::default();
-        let none = BTreeMap::new();
-        assert!(decide(&depths(&[(0, 15), (1, 0)]), &none, &flat, 16).is_empty());
+    fn a_sustained_deep_queue_spills_to_the_shortest_one() {
+        assert!(
+            after(10, &[(0, 15), (1, 0)], 16).is_empty(),
+            "under the threshold"
+        );
+        assert!(
+            after(SUSTAINED_SAMPLES - 1, &[(0, 16), (1, 0)], 16).is_empty(),
+            "not yet sustained"
+        );
         assert_eq!(
-            decide(&depths(&[(0, 16), (1, 9), (2, 3)]), &none, &flat, 16),
+            after(SUSTAINED_SAMPLES, &[(0, 16), (1, 9), (2, 3)], 16),
             depths(&[(0, 2)])
         );
     }
 
     #[test]
-    fn spilling_stops_below_half_the_threshold() {
-        let flat = CpuTopology::default();
-        let spilling = depths(&[(0, 1)]);
-        assert_eq!(
-            decide(&depths(&[(0, 8), (1, 0)]), &spilling, &flat, 16),
-            depths(&[(0, 1)])
-        );
-        assert!(decide(&depths(&[(0, 7), (1, 0)]), &spilling, &flat, 16).is_empty());
+    fn alike_queues_never_spill() {
+        assert!(after(10, &[(0, 40), (1, 40)], 16).is_empty());
+        assert!(after(10, &[(0, 40), (1, 21)], 16).is_empty(), "21 > 40 / 2");
     }
 
     #[test]
-    fn no_spill_when_every_queue_is_as_deep() {
+    fn spilling_continues_while_the_queue_is_deeper_than_the_targets() {
         let flat = CpuTopology::default();
-        assert!(decide(&depths(&[(0, 40), (1, 40)]), &BTreeMap::new(), &flat, 16).is_empty());
+        let spilling = depths(&[(0, 1)]);
+        let none = BTreeMap::new();
+        assert_eq!(
+            decide(
+                &depths(&[(0, 3), (1, 2)]),
+                &none,
+                &BTreeSet::new(),
+                &spilling,
+                &flat
+            ),
+            spilling
+        );
+        assert!(
+            decide(
+                &depths(&[(0, 2), (1, 2)]),
+                &none,
+                &BTreeSet::new(),
+                &spilling,
+                &flat
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_cpu_with_skewed_syns_spills_without_waiting() {
+        let flat = CpuTopology::default();
+        let (pairs, none) = (depths(&[(0, 16), (1, 0)]), BTreeMap::new());
+        let one_sample = depths(&[(0, 1), (1, 0)]);
+        assert!(decide(&pairs, &one_sample, &BTreeSet::new(), &none, &flat).is_empty());
+        let skewed = BTreeSet::from([0]);
+        assert_eq!(
+            decide(&pairs, &one_sample, &skewed, &none, &flat),
+            depths(&[(0, 1)])
+        );
+    }
+
+    #[test]
+    fn skew_is_more_than_one_and_a_half_times_the_even_share() {
+        let arrivals = |pairs: &[(u32, u64)]| pairs.iter().copied().collect::<BTreeMap<_, _>>();
+        assert_eq!(
+            skewed_cpus(&arrivals(&[(0, 1000), (1, 0)])),
+            BTreeSet::from([0])
+        );
+        assert!(skewed_cpus(&arrivals(&[(0, 520), (1, 480)])).is_empty());
+        assert!(
+            skewed_cpus(&arrivals(&[(0, 750), (1, 250)])).is_empty(),
+            "exactly 1.5x"
+        );
+        assert_eq!(
+            skewed_cpus(&arrivals(&[(0, 500), (1, 100), (2, 100), (3, 100)])),
+            BTreeSet::from([0])
+        );
+        assert!(
+            skewed_cpus(&arrivals(&[(0, 10), (1, 0)])).is_empty(),
+            "too few to tell"
+        );
     }
 
     #[test]

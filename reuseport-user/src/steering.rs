@@ -44,7 +44,7 @@ pub enum SteeringMode {
     /// `percpu`, except that a CPU whose listener's accept queue reaches a threshold sends its
     /// new connections to the least-loaded listener until it drains (see [`crate::spill`]).
     PercpuSpill,
-    /// `percpu` when this process may load BPF programs, else `incoming-cpu` when the kernel
+    /// `percpu-spill` when this process may load BPF programs, else `incoming-cpu` when the kernel
     /// honours it, else `cbpf` (see [`crate::strategy::choose`]).
     Auto,
 }
@@ -310,6 +310,24 @@ impl Steering {
             .take_map(names::CPU_SPILL)
             .ok_or(SteeringError::MissingFromObject(names::CPU_SPILL))?;
         Ok(Array::try_from(map)?)
+    }
+
+    /// A second handle on the `steering_stats` map, for a thread of its own (the spill sampler
+    /// reads where connections arrive).
+    pub fn stats_map_handle(&self) -> Result<aya::maps::MapData, SteeringError> {
+        let map = self
+            .ebpf
+            .map(names::STEERING_STATS)
+            .ok_or(SteeringError::MissingFromObject(names::STEERING_STATS))?;
+        let aya::maps::Map::PerCpuArray(data) = map else {
+            return Err(SteeringError::MissingFromObject(names::STEERING_STATS));
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(SteeringError::Capabilities)?;
+        Ok(aya::maps::MapData::from_fd(fd)?)
     }
 
     /// The CPUs whose slots were filled through this `Steering` (a slot whose socket has since

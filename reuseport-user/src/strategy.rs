@@ -33,7 +33,7 @@ pub struct Choice {
     pub reason: String,
 }
 
-/// Resolves `requested`: [`SteeringMode::Auto`] becomes `percpu` when this process may load
+/// Resolves `requested`: [`SteeringMode::Auto`] becomes `percpu-spill` when this process may load
 /// BPF programs, else `incoming-cpu` when the kernel honours `SO_INCOMING_CPU` in reuseport
 /// selection (Linux >= 6.2), else `cbpf` (which needs neither). Other modes stay as they are.
 pub fn choose(requested: SteeringMode) -> Choice {
@@ -51,7 +51,7 @@ pub fn choose(requested: SteeringMode) -> Choice {
 fn resolve_auto(ebpf: Result<(), SteeringError>, release: &str) -> Choice {
     match ebpf {
         Ok(()) => Choice {
-            mode: SteeringMode::Percpu,
+            mode: SteeringMode::PercpuSpill,
             reason: "auto: this process may load BPF programs".to_owned(),
         },
         Err(why) if incoming_cpu::honoured_by(release) => Choice {
@@ -113,7 +113,7 @@ mod tests {
     #[test]
     fn auto_prefers_ebpf_then_incoming_cpu_then_cbpf() {
         let percpu = resolve_auto(Ok(()), "5.10.0");
-        assert_eq!(percpu.mode, SteeringMode::Percpu);
+        assert_eq!(percpu.mode, SteeringMode::PercpuSpill);
         assert_eq!(percpu.reason, "auto: this process may load BPF programs");
 
         let incoming = resolve_auto(Err(SteeringError::MissingCapabilities), "6.18.44-fc-v657");

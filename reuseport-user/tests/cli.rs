@@ -50,7 +50,9 @@ fn serve_prints_live_lines_and_a_json_summary_then_unloads_its_program() {
         "--stats-json",
         json_arg,
     ]);
-    let program_id = serve.program_id.expect("percpu prints its program id");
+    let program_id = serve
+        .program_id
+        .expect("percpu-spill prints its program id");
     assert!(program_is_loaded(program_id));
     let cpus = allowed_cpus();
     for cpu in cpus.iter() {
@@ -68,7 +70,9 @@ fn serve_prints_live_lines_and_a_json_summary_then_unloads_its_program() {
         live[0]
     );
     assert!(
-        lines.iter().any(|l| l.starts_with("summary: mode percpu")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("summary: mode percpu-spill")),
         "{lines:?}"
     );
     assert!(
@@ -81,8 +85,12 @@ fn serve_prints_live_lines_and_a_json_summary_then_unloads_its_program() {
             .expect("valid JSON");
     let _ = std::fs::remove_file(&json_path);
     let expected = 20 * cpus.len() as u64;
-    assert_eq!(json["mode"], "percpu");
+    assert_eq!(json["mode"], "percpu-spill", "the default mode");
     assert_eq!(json["total"]["accepted"], expected);
+    assert_eq!(
+        json["steering"]["total"]["spilled"], 0,
+        "one client at a time never overloads a CPU"
+    );
     assert_eq!(json["total"]["locality"], 1.0);
     assert_eq!(json["steering"]["total"]["local"], expected);
     assert!(

@@ -41,6 +41,7 @@ fn an_overloaded_cpu_spills_to_the_idle_listener_and_returns_when_drained() {
         .collect();
     let sampler = SpillSampler::start(
         steering.take_spill_map().unwrap(),
+        steering.stats_map_handle().unwrap(),
         fds,
         CpuTopology::default(),
         SpillConfig {

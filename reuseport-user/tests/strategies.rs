@@ -172,7 +172,7 @@ fn auto_picks_percpu_when_bpf_is_available() {
     assert!(
         serve
             .first_line
-            .contains("mode percpu (auto: this process may load BPF programs)"),
+            .contains("mode percpu-spill (auto: this process may load BPF programs)"),
         "{}",
         serve.first_line
     );

@@ -5,6 +5,7 @@
 //! - `cargo xtask ab [reuseport ab args]`: build and run the A/B experiment.
 //! - `cargo xtask test`: formatting, clippy, and every test (unit and integration, which load
 //!   the real BPF program and need root).
+//! - `cargo xtask soak [--connections N]`: the soak test with 1,000,000 connections (release).
 
 mod toolchain;
 
@@ -27,7 +28,8 @@ enum Task {
     /// Build (release) and run `reuseport serve`.
     Run {
         /// Steering mode passed to `reuseport serve --mode`.
-        #[arg(long, default_value = "percpu", value_parser = ["percpu", "hash"])]
+        #[arg(long, default_value = "percpu",
+              value_parser = ["percpu", "percpu-spill", "hash", "cbpf", "incoming-cpu", "auto"])]
         mode: String,
         /// Further `reuseport serve` arguments, after `--` (e.g. `-- --listen [::1]:8080`).
         #[arg(last = true)]
@@ -38,6 +40,13 @@ enum Task {
         /// `reuseport ab` arguments, e.g. `--quick`, `--modes hash,percpu --peer nginx`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         ab_args: Vec<String>,
+    },
+    /// Soak: N short connections through `reuseport serve` (release build); fails if its open
+    /// fds or resident memory grow beyond a bound (tests/soak.rs).
+    Soak {
+        /// Connections to make after the warm-up.
+        #[arg(long, default_value_t = 1_000_000)]
+        connections: u64,
     },
     /// Check formatting and lints, then run every test.
     Test {
@@ -87,6 +96,19 @@ fn run(cli: Cli) -> Result<()> {
             run_checked(cargo().args(["build", "--release", "--package", "reuseport-user"]))?;
             run_checked(Command::new(release_binary()).arg("ab").args(&ab_args))
         }
+        Task::Soak { connections } => run_checked(
+            cargo()
+                .args([
+                    "test",
+                    "--release",
+                    "--package",
+                    "reuseport-user",
+                    "--test",
+                    "soak",
+                ])
+                .args(["--", "--nocapture"])
+                .env("REUSEPORT_SOAK_CONNECTIONS", connections.to_string()),
+        ),
         Task::Test { no_lint, test_args } => {
             if !toolchain::rustix_free_is_root() {
                 toolchain::say(

@@ -115,6 +115,8 @@ pub struct AbConfig {
     /// Process every SYN on the first CPU only (RPS mask or client pinning), as with a NIC with
     /// one queue or one bursty client: the load strict per-CPU steering cannot spread.
     pub skew: bool,
+    /// Threshold and period of the `percpu-spill` rows.
+    pub spill: crate::spill::SpillConfig,
     /// The load.
     pub load: LoadKind,
     /// Concurrent clients.
@@ -412,6 +414,14 @@ fn start_server(
         .stderr(Stdio::piped());
     if config.load == LoadKind::Udp {
         command.args(["--proto", "udp"]);
+    }
+    if mode == SteeringMode::PercpuSpill {
+        command
+            .args(["--spill-threshold", &config.spill.threshold.to_string()])
+            .args([
+                "--spill-period",
+                &format!("{}us", config.spill.period.as_micros()),
+            ]);
     }
     topology.server_side(&mut command)?;
     let mut guard = ChildGuard::spawn(command, format!("reuseport serve ({row})"))?;
