@@ -466,3 +466,81 @@ fn another_users_attach_is_not_allowed_to_take_the_sockets() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_one_line_error(&output, 1, "not allowed to take pid");
 }
+
+/// Clients on `cpu` each connect and send a request while the worker `pid` is stopped
+/// (SIGSTOP), so whatever reaches it waits in its accept queue; then the worker is killed
+/// (SIGKILL). Returns how many of the `count` clients got a response, and how many failed.
+fn requests_queued_on_a_killed_worker(
+    addr: SocketAddr,
+    cpu: u32,
+    pid: u32,
+    count: usize,
+) -> (usize, usize) {
+    use std::io::{Read, Write};
+    let worker = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(worker, rustix::process::Signal::STOP).unwrap();
+    let clients: Vec<std::net::TcpStream> = on_cpu(cpu, move || {
+        (0..count)
+            .map(|_| {
+                let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+                stream
+                    .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                    .unwrap();
+                stream
+            })
+            .collect()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    rustix::process::kill_process(worker, rustix::process::Signal::KILL).unwrap();
+    let (mut served, mut failed) = (0, 0);
+    for mut client in clients {
+        client
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut response = Vec::new();
+        match client.read_to_end(&mut response) {
+            Ok(_) if response.starts_with(b"HTTP/1.1 200") => served += 1,
+            _ => failed += 1,
+        }
+    }
+    (served, failed)
+}
+
+#[test]
+fn kill_9_of_an_attached_worker_loses_none_of_its_queued_requests() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    assert!(workers.len() >= 2, "{workers:?}");
+    let attach = start_attach(&[
+        "--port",
+        &addr.port().to_string(),
+        "--pid",
+        &master.to_string(),
+    ]);
+    let (cpu, pid) = workers[1];
+    let (served, failed) = requests_queued_on_a_killed_worker(addr, cpu, pid, 20);
+    assert_eq!(
+        (served, failed),
+        (20, 0),
+        "the select-or-migrate program moved the dead worker's queue to a live worker"
+    );
+    // The dead worker's CPU falls back to a live one.
+    let pids = worker_pids_from(cpu, addr, 20);
+    assert!(pids.iter().all(|&p| p != pid), "{pids:?}");
+    stop_attach(attach);
+}
+
+#[test]
+fn without_steering_kill_9_of_a_worker_resets_its_queued_requests() {
+    let sysctl = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap_or_default();
+    if sysctl.trim() != "0" {
+        eprintln!("skipped: net.ipv4.tcp_migrate_req is on, so the kernel migrates anyway");
+        return;
+    }
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    let (cpu, pid) = workers[1];
+    // The kernel's hash sends about half of them to the stopped worker.
+    let (served, failed) = requests_queued_on_a_killed_worker(addr, cpu, pid, 40);
+    assert!(served > 0 && failed > 0, "served {served}, failed {failed}");
+}
