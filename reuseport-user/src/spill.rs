@@ -6,7 +6,8 @@
 //! workers and the other workers idle. A sampler thread reads each listener's accept-queue depth
 //! every `period` (`getsockopt(TCP_INFO)`, whose `tcpi_unacked` is the listener's
 //! `sk_ack_backlog`) and, for a CPU whose queue stays at or over `threshold` for a few samples
-//! while another queue is at most half as deep, writes the least-loaded CPU into the program's
+//! (or reaches a quarter of it while that CPU receives a skewed share of the SYNs, per the
+//! program's own counters) while another queue is at most half as deep, writes the least-loaded CPU into the program's
 //! `cpu_spill` map; the program then sends that CPU's new connections there until its queue is no
 //! deeper than the target's. A CPU that keeps up is never touched, and queues that are
 //! alike never spill, so balanced load stays local.
@@ -215,6 +216,7 @@ impl Sampler {
             &self.skewed,
             &self.spilling,
             &self.topology,
+            self.config.threshold,
         );
         for (&cpu, &target) in &next {
             if self.spilling.get(&cpu) != Some(&target) {
@@ -299,10 +301,11 @@ pub fn update_streaks(
     }
 }
 
-/// Which CPUs spill, and where to. A CPU starts spilling when its queue is at or over the
-/// threshold, another queue is at most half as deep, and either its SYNs are `skewed` onto it
-/// (see [`skewed_cpus`]) or its queue has stayed over the threshold for [`SUSTAINED_SAMPLES`]
-/// samples (`streaks`, see [`update_streaks`]: a worker that is slow for another reason); it keeps spilling while its queue is deeper than the
+/// Which CPUs spill, and where to. A CPU starts spilling when another queue is at most half as
+/// deep as its own and either its SYNs are `skewed` onto it (see [`skewed_cpus`]) and its queue
+/// holds a quarter of `threshold`, or its queue has stayed at or over `threshold` for
+/// [`SUSTAINED_SAMPLES`] samples (`streaks`, see [`update_streaks`]: a worker slow for another
+/// reason); it keeps spilling while its queue is deeper than the
 /// target's. The target is the CPU with the shortest queue, nearest by topology among equals.
 /// Balanced load, where all queues are alike, never spills.
 pub fn decide(
@@ -311,6 +314,7 @@ pub fn decide(
     skewed: &BTreeSet<u32>,
     spilling: &BTreeMap<u32, u32>,
     topology: &CpuTopology,
+    threshold: u32,
 ) -> BTreeMap<u32, u32> {
     depths
         .iter()
@@ -319,8 +323,9 @@ pub fn decide(
                 .iter()
                 .filter(|&(&other, _)| other != cpu)
                 .min_by_key(|&(&other, &d)| (d, topology.distance(cpu, other), other))?;
-            let streak = streaks.get(&cpu).copied().unwrap_or(0);
-            let overloaded = streak >= SUSTAINED_SAMPLES || (streak >= 1 && skewed.contains(&cpu));
+            let sustained = streaks.get(&cpu).copied().unwrap_or(0) >= SUSTAINED_SAMPLES;
+            let skewed = skewed.contains(&cpu) && depth >= (threshold / 4).max(1);
+            let overloaded = sustained || skewed;
             let starts = overloaded && target_depth * 2 <= depth;
             let continues = spilling.contains_key(&cpu) && target_depth < depth;
             (starts || continues).then_some((cpu, target))
@@ -366,7 +371,14 @@ mod tests {
         let (mut streaks, mut spilling) = (BTreeMap::new(), BTreeMap::new());
         for _ in 0..samples {
             update_streaks(&depths, &mut streaks, threshold);
-            spilling = decide(&depths, &streaks, &BTreeSet::new(), &spilling, &flat);
+            spilling = decide(
+                &depths,
+                &streaks,
+                &BTreeSet::new(),
+                &spilling,
+                &flat,
+                threshold,
+            );
         }
         spilling
     }
@@ -404,7 +416,8 @@ mod tests {
                 &none,
                 &BTreeSet::new(),
                 &spilling,
-                &flat
+                &flat,
+                16
             ),
             spilling
         );
@@ -414,23 +427,25 @@ mod tests {
                 &none,
                 &BTreeSet::new(),
                 &spilling,
-                &flat
+                &flat,
+                16
             )
             .is_empty()
         );
     }
 
     #[test]
-    fn a_cpu_with_skewed_syns_spills_without_waiting() {
+    fn a_cpu_with_skewed_syns_spills_at_a_quarter_of_the_threshold_without_waiting() {
         let flat = CpuTopology::default();
-        let (pairs, none) = (depths(&[(0, 16), (1, 0)]), BTreeMap::new());
-        let one_sample = depths(&[(0, 1), (1, 0)]);
-        assert!(decide(&pairs, &one_sample, &BTreeSet::new(), &none, &flat).is_empty());
+        let (pairs, none) = (depths(&[(0, 4), (1, 0)]), BTreeMap::new());
         let skewed = BTreeSet::from([0]);
+        assert!(decide(&pairs, &none, &BTreeSet::new(), &none, &flat, 16).is_empty());
         assert_eq!(
-            decide(&pairs, &one_sample, &skewed, &none, &flat),
+            decide(&pairs, &none, &skewed, &none, &flat, 16),
             depths(&[(0, 1)])
         );
+        let shallow = depths(&[(0, 3), (1, 0)]);
+        assert!(decide(&shallow, &none, &skewed, &none, &flat, 16).is_empty());
     }
 
     #[test]
