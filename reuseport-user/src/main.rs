@@ -128,6 +128,10 @@ struct AbArgs {
     /// `--modes hash,percpu,percpu-spill`.
     #[arg(long)]
     skew: bool,
+    /// Restart our server's workers (SIGHUP, one at a time) this often during every measured
+    /// run, e.g. `500ms`; peers are not restarted. Errors show any connection lost.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    restart_every: Option<Duration>,
     /// percpu-spill rows: accept-queue depth at which a CPU spills.
     #[arg(long, default_value_t = SpillConfig::default().threshold,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -479,6 +483,7 @@ fn ab(args: AbArgs) -> anyhow::Result<()> {
             threshold: args.spill_threshold,
             period: args.spill_period,
         },
+        restart_every: args.restart_every,
         load: args.load,
         connections: args.connections,
         duration,

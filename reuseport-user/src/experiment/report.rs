@@ -101,6 +101,21 @@ pub const METRICS: &[(&str, &str, Better)] = &[
         Better::Neither,
     ),
     ("errors", "failed requests", Better::Lower),
+    (
+        "spilled_fraction",
+        "connections spilled off their SYN's CPU (percpu-spill)",
+        Better::Neither,
+    ),
+    (
+        "restarts",
+        "workers restarted during the run (--restart-every)",
+        Better::Neither,
+    ),
+    (
+        "migrated",
+        "queued requests the kernel migrated (TCPMigrateReqSuccess)",
+        Better::Neither,
+    ),
 ];
 
 /// The median of `values` (the mean of the middle two for an even count); sorts them.

@@ -117,6 +117,8 @@ pub struct AbConfig {
     pub skew: bool,
     /// Threshold and period of the `percpu-spill` rows.
     pub spill: crate::spill::SpillConfig,
+    /// Restart our server's workers (SIGHUP) this often while the load runs.
+    pub restart_every: Option<Duration>,
     /// The load.
     pub load: LoadKind,
     /// Concurrent clients.
@@ -475,6 +477,46 @@ fn serving_address(guard: &mut ChildGuard) -> Result<SocketAddr, RunnerError> {
         })
 }
 
+/// Sends SIGHUP to a `reuseport serve` every period (it restarts its workers one at a time)
+/// until dropped.
+struct Restarter {
+    stop: std::sync::Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Restarter {
+    fn start(pid: u32, every: Duration) -> Self {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let thread_stop = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+                return;
+            };
+            let mut next = std::time::Instant::now() + every;
+            while !thread_stop.load(Ordering::Relaxed) {
+                if std::time::Instant::now() >= next {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::HUP);
+                    next += every;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Restarter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The thread ids of `pid` and, for a prefork server, its children (`/proc/PID/task/*`).
 pub fn server_threads(pid: u32) -> Vec<u32> {
     std::iter::once(pid)
@@ -537,7 +579,14 @@ fn measure(
     }
     topology.client_side(&mut load)?;
     let mut load = ChildGuard::spawn(load, "reuseport load")?;
-    load.wait(duration + Duration::from_secs(30), stop)?;
+    // Rolling restarts while the load runs: SIGHUP to our server (peers are left alone).
+    let restarter = match (config.restart_every, row) {
+        (Some(every), Row::Mode(_)) => Some(Restarter::start(server.guard.pid(), every)),
+        _ => None,
+    };
+    let waited = load.wait(duration + Duration::from_secs(30), stop);
+    drop(restarter);
+    waited?;
 
     let ipis = ipi_count()?.saturating_sub(ipis_before);
     let hw = hw.map(HwCounters::stop).unwrap_or_default();
@@ -599,7 +648,8 @@ pub fn derive_metrics(
         .as_f64()
         .or_else(|| crate::stats::fraction(probes.sum.conns_read_local, probes.sum.conns_read))
         .or_else(|| {
-            let selections = steered("local") + steered("fallback") + steered("unsteered");
+            let selections =
+                steered("local") + steered("spilled") + steered("fallback") + steered("unsteered");
             crate::stats::fraction(steered("local"), selections)
         });
     let cache_misses = match hw.get("cache_misses") {
@@ -614,6 +664,22 @@ pub fn derive_metrics(
         ("p99_us", Metric::Value(load.p99_us)),
         ("p999_us", Metric::Value(load.p999_us)),
         ("errors", Metric::Value(load.errors as f64)),
+        (
+            "spilled_fraction",
+            Metric::from_option(
+                server["steering"]["total"]["spilled"]
+                    .as_u64()
+                    .and_then(|spilled| crate::stats::fraction(spilled, units)),
+            ),
+        ),
+        (
+            "restarts",
+            Metric::from_option(server["restarts"].as_u64().map(|n| n as f64)),
+        ),
+        (
+            "migrated",
+            Metric::from_option(server["migrations"]["success"].as_u64().map(|n| n as f64)),
+        ),
         ("locality", Metric::from_option(locality)),
         (
             "cross_cpu_wakeups_per_conn",
