@@ -1,5 +1,6 @@
 //! Rolling restarts under load: `reuseport serve` restarts every worker in turn on SIGHUP while a
-//! bounded crr load runs, on loopback and across a veth pair with RPS. With the select-or-migrate
+//! bounded crr load runs, on loopback and across a veth pair with RPS (and a udp load on
+//! loopback: a replaced socket answers what is queued on it before it closes). With the select-or-migrate
 //! program (the default) clients see no error; with the select-only program the connections
 //! queued on a closing listener are reset, so the same test sees errors. Needs root.
 
@@ -27,8 +28,8 @@ struct RestartRun {
     migrated: u64,
 }
 
-/// Serves with `serve_args` in `kind`'s topology, runs crr load for `load_for`, and sends the
-/// server SIGHUP every `every` meanwhile.
+/// Serves with `serve_args` in `kind`'s topology, runs crr load (udp load for `--proto udp`) for
+/// `load_for`, and sends the server SIGHUP every `every` meanwhile.
 fn restart_under_load(
     kind: TopologyKind,
     serve_args: &[&str],
@@ -64,8 +65,10 @@ fn restart_under_load(
         .unwrap_or_else(|| panic!("no address in {first:?}"))
         .to_owned();
 
+    let udp = serve_args.windows(2).any(|pair| pair == ["--proto", "udp"]);
     let mut load = Command::new(BINARY);
     load.args(["load", "--target", &target, "--connections", "16"])
+        .args(["--kind", if udp { "udp" } else { "crr" }])
         .args(["--duration", &format!("{}ms", load_for.as_millis())])
         .arg("--json")
         .arg(&report)
@@ -132,6 +135,23 @@ fn rolling_restarts_on_loopback_lose_no_connection() {
 #[test]
 fn rolling_restarts_across_veth_lose_no_connection() {
     assert_no_errors_across_restarts(TopologyKind::Veth);
+}
+
+#[test]
+fn rolling_restarts_of_a_udp_server_lose_no_datagram() {
+    let run = restart_under_load(
+        TopologyKind::Loopback,
+        &["--proto", "udp"],
+        Duration::from_secs(4),
+        Duration::from_millis(200),
+    );
+    eprintln!("udp: {run:?}");
+    assert!(run.restarts >= 10 * allowed_cpus().len() as u64, "{run:?}");
+    assert!(run.requests > 1000, "the load ran: {run:?}");
+    assert_eq!(
+        run.client_errors, 0,
+        "every datagram answered while workers restarted: {run:?}"
+    );
 }
 
 #[test]
