@@ -532,9 +532,7 @@ fn kill_9_of_an_attached_worker_loses_none_of_its_queued_requests() {
 
 #[test]
 fn without_steering_kill_9_of_a_worker_resets_its_queued_requests() {
-    let sysctl = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap_or_default();
-    if sysctl.trim() != "0" {
-        eprintln!("skipped: net.ipv4.tcp_migrate_req is on, so the kernel migrates anyway");
+    if kernel_migrates_anyway() {
         return;
     }
     let (_server, addr, master) = start_prefork(&[]);

@@ -101,9 +101,7 @@ fn without_migration_a_closing_listeners_queue_is_reset() {
     let Some((keep, closing)) = two_cpus() else {
         return;
     };
-    let sysctl = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap_or_default();
-    if sysctl.trim() != "0" {
-        eprintln!("skipped: net.ipv4.tcp_migrate_req is on, so the kernel migrates anyway");
+    if kernel_migrates_anyway() {
         return;
     }
     let (served, reset) = queued_connections_after_their_listener_closes(

@@ -156,9 +156,7 @@ fn rolling_restarts_of_a_udp_server_lose_no_datagram() {
 
 #[test]
 fn without_migration_rolling_restarts_reset_queued_connections() {
-    let sysctl = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap_or_default();
-    if sysctl.trim() != "0" {
-        eprintln!("skipped: net.ipv4.tcp_migrate_req is on, so the kernel migrates anyway");
+    if kernel_migrates_anyway() {
         return;
     }
     let run = restart_under_load(

@@ -298,3 +298,15 @@ pub fn steered_group(
         .collect();
     (addr, steering, listeners)
 }
+
+/// Whether `net.ipv4.tcp_migrate_req` is on, so the kernel migrates a closing listener's queue
+/// even without our program (and a test showing resets without migration must be skipped; it
+/// says so).
+pub fn kernel_migrates_anyway() -> bool {
+    let sysctl = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap_or_default();
+    let on = sysctl.trim() != "0";
+    if on {
+        eprintln!("skipped: net.ipv4.tcp_migrate_req is on, so the kernel migrates anyway");
+    }
+    on
+}
