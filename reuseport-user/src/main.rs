@@ -219,8 +219,9 @@ struct ServeArgs {
     /// cbpf.
     #[arg(long, value_enum, default_value_t = SteeringMode::PercpuSpill)]
     mode: SteeringMode,
-    /// percpu-spill: accept-queue depth at which a CPU starts spilling (held for 3 samples;
-    /// it stops once its queue is no deeper than the target's).
+    /// percpu-spill: accept-queue depth at which an overloaded CPU spills its new connections to
+    /// the least-loaded listener (a quarter of it when the SYNs are skewed onto that CPU; see
+    /// README "Restarts and overload").
     #[arg(long, default_value_t = SpillConfig::default().threshold,
           value_parser = clap::value_parser!(u32).range(1..))]
     spill_threshold: u32,
@@ -248,7 +249,7 @@ struct ServeArgs {
     /// Do not print the live line every second.
     #[arg(long)]
     quiet: bool,
-    /// With --mode percpu: the program to attach. Default: `steer-migrate` on Linux >= 5.14,
+    /// With --mode percpu or percpu-spill: the program to attach. Default: `steer-migrate` on Linux >= 5.14,
     /// else `steer-to-cpu`. Both make the same choice; `steer-migrate` is attached as
     /// select-or-migrate, so connections queued on a listener that closes (a restarting worker)
     /// move to a live listener instead of being reset. `noop` selects nothing (the kernel
@@ -347,6 +348,11 @@ fn show_live_until_stopped(
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stop = stop_on_signals()?;
+    // SIGHUP: restart the workers one at a time (zero-downtime, see `Server::restart_worker`).
+    // Installed before anything is served, so an early SIGHUP cannot end the process.
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
+        .context("installing the SIGHUP handler")?;
     let server = Server::start(ServerConfig {
         listen: args.listen,
         protocol: args.proto,
@@ -386,10 +392,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     );
 
-    // SIGHUP: restart the workers one at a time (zero-downtime, see `Server::restart_worker`).
-    let hangup = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
-        .context("installing the SIGHUP handler")?;
     let server = RefCell::new(server);
     show_live_until_stopped(
         &stop,
@@ -399,12 +401,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         || {
             if hangup.swap(false, Ordering::Relaxed) {
                 let started = Instant::now();
-                server.borrow_mut().restart_workers()?;
-                println!(
-                    "reuseport: SIGHUP: restarted {} workers one at a time in {:.0?}",
-                    server.borrow().cpus().len(),
-                    started.elapsed()
-                );
+                let restarted = server.borrow_mut().restart_workers();
+                match restarted {
+                    Ok(()) => println!(
+                        "reuseport: SIGHUP: restarted {} workers one at a time in {:.0?}",
+                        server.borrow().cpus().len(),
+                        started.elapsed()
+                    ),
+                    // The worker that could not be replaced keeps serving; so does the server.
+                    Err(err) => eprintln!(
+                        "reuseport: SIGHUP: restart failed, the old worker keeps serving: {:#}",
+                        anyhow::Error::from(err)
+                    ),
+                }
             }
             Ok(())
         },
