@@ -5,12 +5,12 @@
 //! CPUs (one bursty client, a NIC with few queues, RPS off), every connection lands on those CPUs'
 //! workers and the other workers idle. A sampler thread reads each listener's accept-queue depth
 //! every `period` (`getsockopt(TCP_INFO)`, whose `tcpi_unacked` is the listener's
-//! `sk_ack_backlog`) and, for a CPU whose queue stays at or over `threshold` for a few samples
-//! (or reaches a quarter of it while that CPU receives a skewed share of the SYNs, per the
-//! program's own counters) while another queue is at most half as deep, writes the least-loaded CPU into the program's
-//! `cpu_spill` map; the program then sends that CPU's new connections there until its queue is no
-//! deeper than the target's. A CPU that keeps up is never touched, and queues that are
-//! alike never spill, so balanced load stays local.
+//! `sk_ack_backlog`). For a CPU whose queue stays at or over `threshold` for a few samples (or
+//! reaches a quarter of it while that CPU receives a skewed share of the SYNs, per the program's
+//! own counters) while another queue is at most half as deep, it writes the least-loaded CPU into
+//! the program's `cpu_spill` map; the program then sends that CPU's new connections there until
+//! its queue is no deeper than the target's. A CPU that keeps up is never touched, and queues
+//! that are alike never spill, so balanced load stays local.
 //!
 //! TCP only: a UDP socket has no accept queue, so a UDP group in this mode behaves as `percpu`.
 
@@ -49,8 +49,8 @@ pub enum SpillError {
 /// When to spill and how often to look.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpillConfig {
-    /// Accept-queue depth at which a CPU starts spilling, once sustained for
-    /// [`SUSTAINED_SAMPLES`] samples (it stops when its queue is no deeper than the target's).
+    /// Accept-queue depth at which a CPU starts spilling: sustained for [`SUSTAINED_SAMPLES`]
+    /// samples, or a quarter of it while the SYNs are skewed onto that CPU (see [`decide`]).
     pub threshold: u32,
     /// How often the accept queues are sampled.
     pub period: Duration,
@@ -305,9 +305,9 @@ pub fn update_streaks(
 /// deep as its own and either its SYNs are `skewed` onto it (see [`skewed_cpus`]) and its queue
 /// holds a quarter of `threshold`, or its queue has stayed at or over `threshold` for
 /// [`SUSTAINED_SAMPLES`] samples (`streaks`, see [`update_streaks`]: a worker slow for another
-/// reason); it keeps spilling while its queue is deeper than the
-/// target's. The target is the CPU with the shortest queue, nearest by topology among equals.
-/// Balanced load, where all queues are alike, never spills.
+/// reason); it keeps spilling while its queue is deeper than the target's. The target is the CPU
+/// with the shortest queue, nearest by topology among equals. Balanced load, where all queues are
+/// alike, never spills.
 pub fn decide(
     depths: &BTreeMap<u32, u32>,
     streaks: &BTreeMap<u32, u32>,
