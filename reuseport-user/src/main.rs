@@ -128,8 +128,9 @@ struct AbArgs {
     /// `--modes hash,percpu,percpu-spill`.
     #[arg(long)]
     skew: bool,
-    /// Restart our server's workers (SIGHUP, one at a time) this often during every measured
-    /// run, e.g. `500ms`; peers are not restarted. Errors show any connection lost.
+    /// Restart our server's workers (SIGHUP, one at a time) at random intervals averaging this
+    /// (0.5x to 1.5x) during every measured run, e.g. `500ms`; peers are not restarted. Errors
+    /// show any connection lost.
     #[arg(long, value_parser = humantime::parse_duration)]
     restart_every: Option<Duration>,
     /// percpu-spill rows: accept-queue depth at which a CPU spills.

@@ -477,8 +477,8 @@ fn serving_address(guard: &mut ChildGuard) -> Result<SocketAddr, RunnerError> {
         })
 }
 
-/// Sends SIGHUP to a `reuseport serve` every period (it restarts its workers one at a time)
-/// until dropped.
+/// Sends SIGHUP to a `reuseport serve` (it restarts its workers one at a time) at random
+/// intervals of 0.5 to 1.5 times `every`, so restarts hit every phase of the load, until dropped.
 struct Restarter {
     stop: std::sync::Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -492,11 +492,20 @@ impl Restarter {
             let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
                 return;
             };
-            let mut next = std::time::Instant::now() + every;
+            // Randomness enough for jitter: std's per-process random hash keys.
+            let random = std::hash::RandomState::new();
+            let jittered = |n: u64| {
+                let fraction =
+                    (std::hash::BuildHasher::hash_one(&random, n) % 1000) as f64 / 1000.0;
+                every.mul_f64(0.5 + fraction)
+            };
+            let mut restarts = 0;
+            let mut next = std::time::Instant::now() + jittered(restarts);
             while !thread_stop.load(Ordering::Relaxed) {
                 if std::time::Instant::now() >= next {
                     let _ = rustix::process::kill_process(pid, rustix::process::Signal::HUP);
-                    next += every;
+                    restarts += 1;
+                    next += jittered(restarts);
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
