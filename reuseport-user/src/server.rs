@@ -324,11 +324,7 @@ impl Server {
 fn with_retired(mut live: Vec<WorkerStats>, retired: &[WorkerStats]) -> Vec<WorkerStats> {
     for old in retired {
         if let Some(now) = live.iter_mut().find(|now| now.cpu == old.cpu) {
-            now.accepted += old.accepted;
-            now.local += old.local;
-            now.unknown_incoming += old.unknown_incoming;
-            now.requests += old.requests;
-            now.errors += old.errors;
+            now.add(old);
         }
     }
     live

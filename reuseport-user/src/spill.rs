@@ -199,10 +199,9 @@ impl Sampler {
             .iter()
             .filter_map(|(&cpu, fd)| Some((cpu, accept_queue_depth(fd).ok()?)))
             .collect();
-        let counters = Arc::clone(&self.counters);
-        let sample = counters.samples.fetch_add(1, Ordering::Relaxed);
+        let sample = self.counters.samples.fetch_add(1, Ordering::Relaxed);
         let deepest = depths.values().copied().max().unwrap_or(0);
-        counters
+        self.counters
             .max_depth
             .fetch_max(u64::from(deepest), Ordering::Relaxed);
 
@@ -221,7 +220,7 @@ impl Sampler {
         for (&cpu, &target) in &next {
             if self.spilling.get(&cpu) != Some(&target) {
                 if !self.spilling.contains_key(&cpu) {
-                    counters.spill_starts.fetch_add(1, Ordering::Relaxed);
+                    self.counters.spill_starts.fetch_add(1, Ordering::Relaxed);
                 }
                 // A failed write leaves the CPU local, which is safe; the next sample retries.
                 let _ = self.map.set(cpu, target + 1, 0);

@@ -28,6 +28,15 @@ pub struct WorkerStats {
 }
 
 impl WorkerStats {
+    /// Adds `other`'s counters into `self` (the CPU stays `self`'s).
+    pub fn add(&mut self, other: &Self) {
+        self.accepted += other.accepted;
+        self.local += other.local;
+        self.unknown_incoming += other.unknown_incoming;
+        self.requests += other.requests;
+        self.errors += other.errors;
+    }
+
     /// `local` over the arrivals whose incoming CPU is known; `None` if there are none (always
     /// the case for UDP, where the kernel does not record `SO_INCOMING_CPU` on unconnected
     /// sockets: use the steering counters there).
@@ -99,13 +108,9 @@ impl Snapshot {
     pub fn totals(&self) -> WorkerStats {
         self.workers
             .iter()
-            .fold(WorkerStats::default(), |sum, w| WorkerStats {
-                cpu: 0,
-                accepted: sum.accepted + w.accepted,
-                local: sum.local + w.local,
-                unknown_incoming: sum.unknown_incoming + w.unknown_incoming,
-                requests: sum.requests + w.requests,
-                errors: sum.errors + w.errors,
+            .fold(WorkerStats::default(), |mut sum, w| {
+                sum.add(w);
+                sum
             })
     }
 

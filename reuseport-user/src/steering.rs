@@ -168,6 +168,9 @@ pub enum SteeringError {
     /// Pinning the program or a map to bpffs failed.
     #[error("pinning to bpffs failed")]
     Pin(#[from] aya::pin::PinError),
+    /// Duplicating a map's file descriptor (for a second handle on it) failed.
+    #[error("duplicating the {0} map's file descriptor failed")]
+    DuplicateMap(&'static str, #[source] io::Error),
     /// The feature probe itself failed.
     #[error("probing kernel BPF support failed")]
     Probe(#[source] io::Error),
@@ -326,7 +329,7 @@ impl Steering {
             .fd()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(SteeringError::Capabilities)?;
+            .map_err(|err| SteeringError::DuplicateMap(names::STEERING_STATS, err))?;
         Ok(aya::maps::MapData::from_fd(fd)?)
     }
 

@@ -259,22 +259,8 @@ async fn serve_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
                 continue;
             }
         };
-        // The kernel records a datagram's CPU in SO_INCOMING_CPU only for connected UDP sockets;
-        // on this unconnected one the option holds -1 or, in incoming-cpu mode, the value we set
-        // ourselves. Neither is an observation, so say "unknown"; the steering program's per-CPU
-        // counters say where datagrams arrived.
-        let incoming_cpu = None;
-        count_arrival(counters, cpu, incoming_cpu);
-        let served_by = ServedBy {
-            worker_cpu: cpu,
-            incoming_cpu,
-        };
-        let mut reply = format!("{}\n", served_by.line()).into_bytes();
-        reply.extend_from_slice(&buffer[..len]);
-        match socket.send_to(&reply, peer).await {
-            Ok(_) => counters.requests.fetch_add(1, Ordering::Relaxed),
-            Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
-        };
+        let reply = udp_reply(counters, cpu, &buffer[..len]);
+        count_sent(counters, socket.send_to(&reply, peer).await);
     }
 }
 
@@ -282,18 +268,34 @@ async fn serve_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
 fn answer_queued_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
     let mut buffer = vec![0u8; 65536];
     while let Ok((len, peer)) = socket.try_recv_from(&mut buffer) {
-        count_arrival(counters, cpu, None);
-        let served_by = ServedBy {
-            worker_cpu: cpu,
-            incoming_cpu: None,
-        };
-        let mut reply = format!("{}\n", served_by.line()).into_bytes();
-        reply.extend_from_slice(&buffer[..len]);
-        match socket.try_send_to(&reply, peer) {
-            Ok(_) => counters.requests.fetch_add(1, Ordering::Relaxed),
-            Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
-        };
+        let reply = udp_reply(counters, cpu, &buffer[..len]);
+        count_sent(counters, socket.try_send_to(&reply, peer));
     }
+}
+
+/// Counts a received datagram and builds its reply: the `ServedBy` line, a newline, `payload`.
+fn udp_reply(counters: &WorkerCounters, cpu: u32, payload: &[u8]) -> Vec<u8> {
+    // The kernel records a datagram's CPU in SO_INCOMING_CPU only for connected UDP sockets; on
+    // this unconnected one the option holds -1 or, in incoming-cpu mode, the value we set
+    // ourselves. Neither is an observation, so say "unknown"; the steering program's per-CPU
+    // counters say where datagrams arrived.
+    let incoming_cpu = None;
+    count_arrival(counters, cpu, incoming_cpu);
+    let served_by = ServedBy {
+        worker_cpu: cpu,
+        incoming_cpu,
+    };
+    let mut reply = format!("{}\n", served_by.line()).into_bytes();
+    reply.extend_from_slice(payload);
+    reply
+}
+
+/// Counts a reply as answered, or its send as an error.
+fn count_sent(counters: &WorkerCounters, sent: io::Result<usize>) {
+    match sent {
+        Ok(_) => counters.requests.fetch_add(1, Ordering::Relaxed),
+        Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
+    };
 }
 
 impl WorkerStats {

@@ -58,12 +58,7 @@ fn restart_under_load(
         &mut first,
     )
     .unwrap();
-    // "reuseport: serving http on ADDR with workers ..."
-    let target = first
-        .split_once(" on ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_owned();
+    let target = served_address(&first).to_string();
 
     let udp = serve_args.windows(2).any(|pair| pair == ["--proto", "udp"]);
     let mut load = Command::new(BINARY);

@@ -69,12 +69,7 @@ impl ServeProcess {
         let first = lines
             .recv_timeout(Duration::from_secs(10))
             .expect("the serving line");
-        // "reuseport: serving http on 127.0.0.1:PORT with workers on CPUs ..., steering program id N; ..."
-        let addr = first
-            .split_once(" on ")
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {first:?}"));
+        let addr = served_address(&first);
         let program_id = first
             .split_once("steering program id ")
             .and_then(|(_, rest)| rest.split(';').next())
@@ -95,6 +90,16 @@ impl ServeProcess {
             .expect("read stderr");
         (status, self.lines.iter().collect(), stderr)
     }
+}
+
+/// The address in `serve`'s first line: "reuseport: serving http on 127.0.0.1:PORT with workers on
+/// CPUs ..., steering program id N; ...".
+pub fn served_address(first_line: &str) -> SocketAddr {
+    first_line
+        .split_once(" on ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {first_line:?}"))
 }
 
 /// Connections each pinned client makes (the issue asks for at least 200 per CPU).
