@@ -12,11 +12,11 @@ pub mod names {
     /// `REUSEPORT_SOCKARRAY`: slot N holds the listener of the worker pinned to CPU N.
     pub const CPU_LISTENERS: &str = "cpu_listeners";
     /// `ARRAY` of `u32`: slot N holds the CPU whose listener takes connections that arrive on
-    /// CPU N when slot N of [`CPU_LISTENERS`] is empty (the nearest live CPU).
+    /// CPU N when slot N of [`CPU_LISTENERS`] is empty (the nearest live CPU), or
+    /// [`HOLD`](crate::HOLD) while the group is still being built.
     pub const CPU_FALLBACK: &str = "cpu_fallback";
-    /// `ARRAY` of `u32`: slot N holds 1 + the CPU whose listener takes the connections that
-    /// arrive on CPU N while CPU N's accept queue is over the spill threshold, or
-    /// [`NO_SPILL`](crate::NO_SPILL) (`--mode percpu-spill`; userspace samples the queues).
+    /// `ARRAY` of [`SpillRoute`](crate::SpillRoute): where CPU N's connections go while CPU N
+    /// spills (`--mode percpu-spill`; userspace samples the queues and writes it).
     pub const CPU_SPILL: &str = "cpu_spill";
     /// `PERCPU_ARRAY` with one [`SteeringStats`](crate::SteeringStats) per CPU.
     pub const STEERING_STATS: &str = "steering_stats";
@@ -26,6 +26,10 @@ pub mod names {
     pub const STEER_MIGRATE: &str = "steer_migrate";
     /// A `SK_REUSEPORT` program that selects nothing: calibrates the cost measurement.
     pub const STEER_NOOP: &str = "steer_noop";
+    /// A `SK_REUSEPORT` program that only selects the local slot: calibrates the helper's cost.
+    pub const STEER_SELECT: &str = "steer_select";
+    /// Read-only `u32` global: 1 loads the steering programs with their spill branch.
+    pub const SPILL_ENABLED: &str = "SPILL_ENABLED";
 
     /// `ARRAY` of `u32`: the probes' settings, indexed by [`probe_config`](crate::probe_config).
     pub const PROBE_CONFIG: &str = "probe_config";
@@ -146,9 +150,50 @@ impl ProbeCounts {
 /// size written into the object file.
 pub const MAX_CPUS: u32 = 4096;
 
-/// A [`names::CPU_SPILL`] entry meaning "not spilling: stay local". Entries are 1 + the target
-/// CPU otherwise, so a freshly created (zeroed) map spills nothing.
-pub const NO_SPILL: u32 = 0;
+/// A [`names::CPU_FALLBACK`] entry meaning "this CPU's listener is not in place yet": the program
+/// refuses the connection, exactly as if nothing listened on the port yet, instead of handing it
+/// to another CPU's worker. Userspace writes it into every entry before the first listener
+/// listens and replaces it with the real fallbacks once every slot is filled (`Server::start`),
+/// so it exists only during the microseconds a server takes to start.
+pub const HOLD: u32 = u32::MAX;
+
+/// Entries in a [`SpillRoute`] table. A power of two, so that a connection's slot is a mask of its
+/// hash; 1024 gives each of 256 CPUs 4 entries, so shares are exact to 1/1024 of a CPU's arrivals.
+pub const SPILL_SLOTS: usize = 1024;
+
+/// The [`SpillRoute::slots`] entry that a connection with 4-tuple hash `hash` (the kernel's
+/// `sk_reuseport_md.hash`) uses. The BPF program and the userspace model both call this.
+#[inline(always)]
+pub const fn spill_slot(hash: u32) -> usize {
+    (hash as usize) & (SPILL_SLOTS - 1)
+}
+
+/// Where one CPU's new connections go while that CPU spills: entry [`spill_slot`]`(hash)` of
+/// `slots` names the CPU whose listener takes the connection. Entries naming the CPU itself keep
+/// those connections local, so the table spreads a chosen fraction of the CPU's arrivals over
+/// several listeners, each in proportion to how many entries name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpillRoute {
+    /// 0: the CPU does not spill (the program does not read `slots`); 1: it does.
+    pub active: u32,
+    /// Reserved, 0 (keeps `slots` 4-byte aligned without padding).
+    pub reserved: u32,
+    /// CPU per slot. Every entry is a CPU with a listener, so a route written half-way (the
+    /// kernel copies map values without a lock) still names only valid CPUs.
+    pub slots: [u16; SPILL_SLOTS],
+}
+
+impl SpillRoute {
+    /// A route that keeps every connection of `cpu` local.
+    pub const fn local(cpu: u16) -> Self {
+        Self {
+            active: 0,
+            reserved: 0,
+            slots: [cpu; SPILL_SLOTS],
+        }
+    }
+}
 
 /// What the steering program did with the connections (TCP SYNs, UDP datagrams) that arrived on
 /// one CPU. Stored per CPU in [`names::STEERING_STATS`]; userspace sums or lists them.
@@ -157,8 +202,8 @@ pub const NO_SPILL: u32 = 0;
 pub struct SteeringStats {
     /// Selected the listener of the CPU the program ran on (the CPU that received the packet).
     pub local: u64,
-    /// The local listener's accept queue was over the spill threshold: selected the spill
-    /// target's listener (the least-loaded one) instead.
+    /// This CPU was spilling and the connection's [`SpillRoute`] entry named another CPU:
+    /// selected that CPU's listener instead.
     pub spilled: u64,
     /// The local slot was empty or closed; selected the fallback slot's listener instead.
     pub fallback: u64,
@@ -168,6 +213,9 @@ pub struct SteeringStats {
     /// `bpf_sk_select_reuseport` failed for a reason other than an empty slot (for example a
     /// slot holding a socket of another reuseport group). The packet was still passed on.
     pub errors: u64,
+    /// The group was still being built ([`HOLD`]) and this CPU's listener was not in place yet:
+    /// refused, as if nothing listened yet (only during a server's start).
+    pub held: u64,
 }
 
 impl SteeringStats {
@@ -178,19 +226,22 @@ impl SteeringStats {
         self.fallback += other.fallback;
         self.unsteered += other.unsteered;
         self.errors += other.errors;
+        self.held += other.held;
     }
 
     /// Every selection the program made, whatever its outcome.
     pub fn total(&self) -> u64 {
-        self.local + self.spilled + self.fallback + self.unsteered
+        self.local + self.spilled + self.fallback + self.unsteered + self.held
     }
 }
 
-// SAFETY: these are `#[repr(C)]` and made only of `u32`/`u64` fields laid out without padding, so
-// every bit pattern is valid.
+// SAFETY: these are `#[repr(C)]` and made only of `u16`/`u32`/`u64` fields laid out without padding
+// (`SpillRoute`: two `u32`s, then `u16`s), so every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SteeringStats {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ProbeCounts {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ConnCpus {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SpillRoute {}

@@ -7,56 +7,70 @@
 //! ```text
 //! SYN ─► softirq on CPU c ─► __inet_lookup_listener ─► reuseport group of the port
 //!          ─► steer_to_cpu: bpf_sk_select_reuseport(CPU_LISTENERS, c)
-//!               ├─ CPU c is spilling       ─► slot CPU_SPILL[c] (least-loaded listener;
-//!               │                              only --mode percpu-spill sets it)
-//!               ├─ slot c holds a listener ─► that listener (its worker is pinned to CPU c)
-//!               ├─ slot c is empty          ─► slot CPU_FALLBACK[c] (nearest live CPU:
-//!               │                              SMT sibling, then same LLC, node, package)
-//!               └─ that is empty too        ─► SK_PASS without a choice: the kernel hashes
+//!               ├─ CPU c spills (percpu-spill) ─► slot CPU_SPILL[c].slots[hash % 1024]: one of
+//!               │                                 several listeners, chosen per connection
+//!               ├─ slot c holds a listener      ─► that listener (its worker is pinned to CPU c)
+//!               ├─ slot c is empty              ─► slot CPU_FALLBACK[c] (nearest live CPU:
+//!               │                                  SMT sibling, then same LLC, node, package)
+//!               ├─ the group is being built     ─► refused, as if nothing listened yet (HOLD)
+//!               └─ that is empty too            ─► SK_PASS without a choice: the kernel hashes
 //! ```
 //!
 //! So the SYN, the accept, every read and write and the close all happen on CPU c: no cross-CPU
 //! wakeup, no accept-queue lock shared by two CPUs, no socket cache lines moving between CPUs.
-//! The program never returns `SK_DROP`: a connection is never refused because a slot is empty.
+//! Once the group is built the program never refuses a connection: an empty slot falls back.
+//!
+//! The common path (not spilling, slot c filled) is: read the CPU id, one per-CPU counter, one
+//! `cpu_spill` entry (only where spill is on: `SPILL_ENABLED` is a load-time constant, and the
+//! verifier removes the branch where it is 0), one `bpf_sk_select_reuseport`. Every lookup here
+//! is of an array, which the verifier inlines into a bounds check and an address computation.
 //!
 //! Map layout (names as `bpftool map show` prints them), all filled by userspace
-//! (`reuseport-user/src/steering.rs`):
+//! (`reuseport-user/src/steering.rs`, `reuseport-user/src/spill/`):
 //!
-//! | map              | type                  | key      | value                             |
-//! |------------------|-----------------------|----------|-----------------------------------|
-//! | `cpu_listeners`  | `REUSEPORT_SOCKARRAY` | CPU `c`  | listener of the worker on CPU `c` |
-//! | `cpu_fallback`   | `ARRAY`               | CPU `c`  | CPU to use when slot `c` is empty |
-//! | `cpu_spill`      | `ARRAY`               | CPU `c`  | 1 + CPU to use while `c` is overloaded; 0: not |
-//! | `steering_stats` | `PERCPU_ARRAY`        | `0`      | `SteeringStats` of this CPU       |
+//! | map              | type                  | key      | value                                      |
+//! |------------------|-----------------------|----------|--------------------------------------------|
+//! | `cpu_listeners`  | `REUSEPORT_SOCKARRAY` | CPU `c`  | listener of the worker on CPU `c`          |
+//! | `cpu_spill`      | `ARRAY`               | CPU `c`  | `SpillRoute`: `active`, 1024 target CPUs   |
+//! | `cpu_fallback`   | `ARRAY`               | CPU `c`  | CPU to use when slot `c` is empty, or HOLD |
+//! | `steering_stats` | `PERCPU_ARRAY`        | `0`      | `SteeringStats` of this CPU                |
 //!
 //! A closed listener leaves its `cpu_listeners` slot empty by itself (the kernel removes it).
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
+    Global,
+    bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_smp_processor_id,
     macros::{map, sk_reuseport},
     maps::{Array, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
-use reuseport_common::{MAX_CPUS, NO_SPILL, SteeringStats};
+use reuseport_common::{HOLD, MAX_CPUS, SpillRoute, SteeringStats, spill_slot};
 
 /// Slot `c`: the listener of the worker pinned to CPU `c`.
 #[map(name = "cpu_listeners")]
 static CPU_LISTENERS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_CPUS, 0);
 
-/// Slot `c`: the CPU whose listener takes CPU `c`'s connections when slot `c` is empty.
+/// Slot `c`: where CPU `c`'s connections go while it spills (`SpillRoute::active` is 1): entry
+/// `spill_slot(hash)` names a CPU, CPU `c` itself meaning "stay". Userspace samples the accept
+/// queues and the arrivals and writes it (`--mode percpu-spill`); a fresh map spills nothing.
+#[map(name = "cpu_spill")]
+static CPU_SPILL: Array<SpillRoute> = Array::with_max_entries(MAX_CPUS, 0);
+
+/// Slot `c`: the CPU whose listener takes CPU `c`'s connections when slot `c` is empty, or
+/// `HOLD` while the group is being built.
 #[map(name = "cpu_fallback")]
 static CPU_FALLBACK: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
-
-/// Slot `c`: 1 + the CPU whose listener takes CPU `c`'s connections while `c`'s accept queue is
-/// over the spill threshold, or `NO_SPILL` (0, so a fresh map spills nothing). Userspace samples
-/// the queues and writes it (`--mode percpu-spill`).
-#[map(name = "cpu_spill")]
-static CPU_SPILL: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
 
 /// One `SteeringStats` per CPU (a per-CPU array needs no atomics).
 #[map(name = "steering_stats")]
 static STEERING_STATS: PerCpuArray<SteeringStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// 1 where userspace loaded the program for `--mode percpu-spill`, else 0. It lives in the
+/// object's read-only data, which the kernel freezes before verifying, so the verifier knows its
+/// value and drops the spill branch from programs loaded without spill.
+#[unsafe(no_mangle)]
+static SPILL_ENABLED: Global<u32> = Global::new(0);
 
 /// `bpf_sk_select_reuseport` returns `-ENOENT` for an empty slot; anything else is an error.
 const ENOENT: i64 = 2;
@@ -76,8 +90,7 @@ pub fn steer_migrate(ctx: SkReuseportContext) -> u32 {
     steer(&ctx)
 }
 
-/// Spill target while overloaded, else local slot, else fallback slot, else the kernel's hash;
-/// never a refusal.
+/// Spill target while spilling, else local slot, else fallback slot, else the kernel's hash.
 #[inline(always)]
 fn steer(ctx: &SkReuseportContext) -> u32 {
     // SAFETY: the helper takes no arguments and cannot fail.
@@ -91,18 +104,23 @@ fn steer(ctx: &SkReuseportContext) -> u32 {
     // preempted while it runs.
     let stats = unsafe { &mut *stats };
 
-    // 0. This CPU's listener is overloaded: the least-loaded listener, as userspace chose it.
-    if let Some(&target) = CPU_SPILL.get(cpu)
-        && target != NO_SPILL
+    // 0. This CPU spills: the connection's entry of its route, unless that names this CPU.
+    if SPILL_ENABLED.load() != 0
+        && let Some(route) = CPU_SPILL.get(cpu)
+        && route.active != 0
     {
-        match CPU_LISTENERS.select_reuseport(ctx, target - 1) {
-            Ok(()) => {
-                stats.spilled += 1;
-                return SK_PASS;
+        // `spill_slot` masks the hash to SPILL_SLOTS - 1, so the index is in bounds.
+        let target = u32::from(route.slots[spill_slot(ctx.hash())]);
+        if target != cpu {
+            match CPU_LISTENERS.select_reuseport(ctx, target) {
+                Ok(()) => {
+                    stats.spilled += 1;
+                    return SK_PASS;
+                }
+                // A target that just closed is skipped: carry on locally.
+                Err(err) if err != -ENOENT => stats.errors += 1,
+                Err(_) => {}
             }
-            // A target that just closed: carry on locally.
-            Err(err) if err != -ENOENT => stats.errors += 1,
-            Err(_) => {}
         }
     }
 
@@ -116,8 +134,14 @@ fn steer(ctx: &SkReuseportContext) -> u32 {
         Err(_) => {}
     }
 
-    // 2. The nearest live CPU's listener, as userspace chose it.
+    // 2. The nearest live CPU's listener, as userspace chose it; none while the group is built.
     if let Some(&fallback) = CPU_FALLBACK.get(cpu) {
+        if fallback == HOLD {
+            // The kernel answers SK_DROP from a reuseport program with a refusal (RST): the
+            // client sees the port as not yet listening on this CPU and connects again.
+            stats.held += 1;
+            return SK_DROP;
+        }
         match CPU_LISTENERS.select_reuseport(ctx, fallback) {
             Ok(()) => {
                 stats.fallback += 1;
@@ -139,5 +163,18 @@ fn steer(ctx: &SkReuseportContext) -> u32 {
 /// (mostly the two clock reads around the run), to subtract when reading `steer_to_cpu`'s cost.
 #[sk_reuseport]
 pub fn steer_noop(_ctx: SkReuseportContext) -> u32 {
+    SK_PASS
+}
+
+/// Calibration only (`reuseport serve --bpf-program select-only`, `reuseport ab --calibrate`):
+/// the one thing every steering program must do, `bpf_sk_select_reuseport` of the local slot,
+/// and nothing else (no counters, no fallback). Its ns per run above `steer_noop`'s is what the
+/// kernel's helper costs; `steer_to_cpu`'s above it is what this program adds.
+#[sk_reuseport]
+pub fn steer_select(ctx: SkReuseportContext) -> u32 {
+    // SAFETY: the helper takes no arguments and cannot fail.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // An empty slot leaves the choice to the kernel's hash, as `steer_noop` does.
+    let _ = CPU_LISTENERS.select_reuseport(&ctx, cpu);
     SK_PASS
 }

@@ -51,13 +51,19 @@ pub fn honoured_by(release: &str) -> bool {
     crate::kernel::release_at_least(release, FIRST_HONOURING_KERNEL)
 }
 
-/// Sets each listener's `SO_INCOMING_CPU` to its worker's CPU, after checking the kernel honours it.
-pub fn apply(listeners: &PerCpuListeners) -> Result<(), IncomingCpuError> {
+/// Fails if the running kernel ignores `SO_INCOMING_CPU` in reuseport selection (before 6.2).
+pub fn check_honoured() -> Result<(), IncomingCpuError> {
     if !honoured() {
         return Err(IncomingCpuError::Ignored {
             release: kernel_release(),
         });
     }
+    Ok(())
+}
+
+/// Sets each listener's `SO_INCOMING_CPU` to its worker's CPU, after checking the kernel honours it.
+pub fn apply(listeners: &PerCpuListeners) -> Result<(), IncomingCpuError> {
+    check_honoured()?;
     for listener in listeners.iter() {
         set(&listener.socket, listener.cpu)?;
     }

@@ -88,6 +88,19 @@ impl PerCpuListeners {
         cpus: &CpuList,
         backlog: i32,
     ) -> Result<Self, ListenerError> {
+        Self::prepare(addr, protocol, cpus, backlog)?.open_each(|_| Ok(()))
+    }
+
+    /// The first half of [`PerCpuListeners::bind`]: every socket created, none reachable yet
+    /// (TCP: bound, not listening; UDP: not bound), so a program can be attached to the group
+    /// before its first connection ([`PendingListeners::first`]) and each CPU's slot filled the
+    /// moment its socket opens ([`PendingListeners::open_each`]).
+    pub fn prepare(
+        addr: SocketAddr,
+        protocol: Protocol,
+        cpus: &CpuList,
+        backlog: i32,
+    ) -> Result<PendingListeners, ListenerError> {
         if cpus.is_empty() {
             return Err(ListenerError::NoCpus);
         }
@@ -95,18 +108,24 @@ impl PerCpuListeners {
             refuse_existing_group(addr, protocol)?;
         }
         let mut addr = addr;
-        let mut listeners = Vec::with_capacity(cpus.len());
+        let mut sockets = Vec::with_capacity(cpus.len());
         for cpu in cpus.iter() {
-            let socket = bind_one(addr, protocol, backlog)?;
-            if addr.port() == 0 {
-                addr = local_addr(&socket, addr)?;
+            let socket = new_socket(addr, protocol, true)?;
+            if protocol == Protocol::Tcp {
+                // A TCP socket that is bound but not listening receives nothing (a SYN to it is
+                // answered with RST), so binding now only reserves the port.
+                bind(&socket, addr)?;
+                if addr.port() == 0 {
+                    addr = local_addr(&socket, addr)?;
+                }
             }
-            listeners.push(CpuListener { cpu, socket });
+            sockets.push(CpuListener { cpu, socket });
         }
-        Ok(Self {
+        Ok(PendingListeners {
             addr,
             protocol,
-            listeners,
+            backlog,
+            sockets,
         })
     }
 
@@ -144,6 +163,64 @@ impl PerCpuListeners {
     }
 }
 
+/// The sockets of a [`PerCpuListeners`] before any of them can receive a connection (see
+/// [`PerCpuListeners::prepare`]).
+#[derive(Debug)]
+pub struct PendingListeners {
+    addr: SocketAddr,
+    protocol: Protocol,
+    backlog: i32,
+    sockets: Vec<CpuListener>,
+}
+
+impl PendingListeners {
+    /// The first CPU's socket. It already has `SO_REUSEPORT`, so a reuseport program attached
+    /// to it now (`SO_ATTACH_REUSEPORT_EBPF` on an unreachable socket makes a group of one) is
+    /// the group's program from the first connection on: the others join its group as they open.
+    pub fn first(&self) -> BorrowedFd<'_> {
+        // `prepare` refuses an empty CPU list, so there is always a first socket.
+        self.sockets[0].socket.as_fd()
+    }
+
+    /// Opens the sockets in CPU order (TCP: `listen`; UDP: `bind`) and calls `opened` with each
+    /// right after it can receive, before the next one opens.
+    ///
+    /// On error every socket is closed again, the ones already opened included.
+    pub fn open_each<E: From<ListenerError>>(
+        self,
+        mut opened: impl FnMut(&CpuListener) -> Result<(), E>,
+    ) -> Result<PerCpuListeners, E> {
+        let Self {
+            mut addr,
+            protocol,
+            backlog,
+            sockets,
+        } = self;
+        for listener in &sockets {
+            match protocol {
+                Protocol::Tcp => listener
+                    .socket
+                    .listen(backlog)
+                    // Another non-reuseport socket may have claimed the port meanwhile.
+                    .map_err(in_use_or("listen", addr))?,
+                Protocol::Udp => {
+                    bind(&listener.socket, addr)?;
+                    if addr.port() == 0 {
+                        addr = local_addr(&listener.socket, addr)?;
+                    }
+                }
+            }
+            set_nonblocking(&listener.socket, addr)?;
+            opened(listener)?;
+        }
+        Ok(PerCpuListeners {
+            addr,
+            protocol,
+            listeners: sockets,
+        })
+    }
+}
+
 /// Creates one `SO_REUSEPORT` socket bound to `addr` (joining the group already there, if any).
 ///
 /// IPv6 sockets are `IPV6_V6ONLY`, so an IPv6 group never captures IPv4 traffic.
@@ -153,30 +230,40 @@ pub fn bind_one(
     backlog: i32,
 ) -> Result<Socket, ListenerError> {
     let socket = new_socket(addr, protocol, true)?;
-    let in_use_or = |call: &'static str| {
-        move |source: io::Error| {
-            if source.kind() == io::ErrorKind::AddrInUse {
-                ListenerError::AddressInUse { addr }
-            } else {
-                ListenerError::Io { call, addr, source }
-            }
-        }
-    };
-    socket
-        .bind(&SockAddr::from(addr))
-        .map_err(in_use_or("bind"))?;
+    bind(&socket, addr)?;
     if protocol == Protocol::Tcp {
         // Another non-reuseport socket may have claimed the port between bind and listen.
-        socket.listen(backlog).map_err(in_use_or("listen"))?;
+        socket.listen(backlog).map_err(in_use_or("listen", addr))?;
     }
+    set_nonblocking(&socket, addr)?;
+    Ok(socket)
+}
+
+/// Maps an error of `call` on `addr` to [`ListenerError`], telling "in use" apart.
+fn in_use_or(call: &'static str, addr: SocketAddr) -> impl Fn(io::Error) -> ListenerError {
+    move |source: io::Error| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            ListenerError::AddressInUse { addr }
+        } else {
+            ListenerError::Io { call, addr, source }
+        }
+    }
+}
+
+fn bind(socket: &Socket, addr: SocketAddr) -> Result<(), ListenerError> {
+    socket
+        .bind(&SockAddr::from(addr))
+        .map_err(in_use_or("bind", addr))
+}
+
+fn set_nonblocking(socket: &Socket, addr: SocketAddr) -> Result<(), ListenerError> {
     socket
         .set_nonblocking(true)
         .map_err(|source| ListenerError::Io {
             call: "fcntl(O_NONBLOCK)",
             addr,
             source,
-        })?;
-    Ok(socket)
+        })
 }
 
 /// An unbound socket for `addr`'s family and `protocol`, with `SO_REUSEPORT` if `reuse_port`.

@@ -25,7 +25,8 @@ use reuseport::{
         topology::TopologyKind,
     },
     load::{LoadConfig, LoadKind},
-    spill::SpillConfig,
+    server::ServerError,
+    spill::{SpillConfig, SpillError},
     stats::{Migrations, Snapshot, Summary},
     steering::SteeringProgram,
 };
@@ -133,13 +134,17 @@ struct AbArgs {
     /// show any connection lost.
     #[arg(long, value_parser = humantime::parse_duration)]
     restart_every: Option<Duration>,
-    /// percpu-spill rows: accept-queue depth at which a CPU spills.
+    /// percpu-spill rows: queue depth that counts as overloaded.
     #[arg(long, default_value_t = SpillConfig::default().threshold,
           value_parser = clap::value_parser!(u32).range(1..))]
     spill_threshold: u32,
-    /// percpu-spill rows: how often the accept queues are sampled.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1ms")]
+    /// percpu-spill rows: how often the queues are sampled (more than 0, at most 1s).
+    #[arg(long, value_parser = parse_spill_period, default_value = "1ms")]
     spill_period: Duration,
+    /// percpu-spill rows: most CPUs one overloaded CPU spreads its excess over (default: as many
+    /// as the load needs; at most the CPU count less one).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    spill_targets: Option<u32>,
     /// crr: a new connection per request; rr: keep-alive; udp: datagram request/reply.
     #[arg(long, value_enum, default_value_t = LoadKind::Crr)]
     load: LoadKind,
@@ -168,8 +173,9 @@ struct AbArgs {
     /// Also run wrk against our server and report its req/s beside the built-in generator's.
     #[arg(long, value_parser = ["wrk"])]
     cross_check: Option<String>,
-    /// Also run the row `bpf-noop`: percpu with an empty program (kernel hash), whose
-    /// bpf_ns_per_select is the floor of the cost measurement on this machine.
+    /// Also run the rows `bpf-noop` (an empty program, kernel hash: its bpf_ns_per_select is the
+    /// floor of the cost measurement on this machine) and `bpf-select` (only the kernel's
+    /// select helper on the local slot: the cost every steering program pays).
     #[arg(long)]
     calibrate: bool,
 }
@@ -214,21 +220,25 @@ struct ServeArgs {
     /// hash: no program, the kernel's default 4-tuple hash.
     /// cbpf: classic BPF `ld cpu; ret a` (no privileges; drifts when a listener closes).
     /// incoming-cpu: SO_INCOMING_CPU on each listener (no program; Linux >= 6.2).
-    /// percpu-spill: percpu, but a CPU whose accept queue reaches --spill-threshold sends new
-    /// connections to the least-loaded listener until it drains (TCP).
+    /// percpu-spill: percpu, but a CPU that receives more than its share while its queue
+    /// reaches --spill-threshold spreads its excess connections over several listeners, nearest
+    /// first, until the skew ends.
     /// auto: percpu-spill if this process may load BPF, else incoming-cpu if honoured, else
     /// cbpf.
     #[arg(long, value_enum, default_value_t = SteeringMode::PercpuSpill)]
     mode: SteeringMode,
-    /// percpu-spill: accept-queue depth at which an overloaded CPU spills its new connections to
-    /// the least-loaded listener (a quarter of it when the SYNs are skewed onto that CPU; see
-    /// README "Restarts and overload").
+    /// percpu-spill: queue depth (TCP: accept queue; UDP: receive queue, in datagrams) that
+    /// counts as overloaded (see README "Restarts and overload").
     #[arg(long, default_value_t = SpillConfig::default().threshold,
           value_parser = clap::value_parser!(u32).range(1..))]
     spill_threshold: u32,
-    /// percpu-spill: how often the accept queues are sampled.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1ms")]
+    /// percpu-spill: how often the queues and arrivals are sampled (more than 0, at most 1s).
+    #[arg(long, value_parser = parse_spill_period, default_value = "1ms")]
     spill_period: Duration,
+    /// percpu-spill: most CPUs one overloaded CPU spreads its excess over (default: as many as
+    /// the load needs; at most the number of worker CPUs less one).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    spill_targets: Option<u32>,
     /// Address to serve (IPv4 or [IPv6]); port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -255,7 +265,9 @@ struct ServeArgs {
     /// select-or-migrate, so connections queued on a listener that closes (a restarting worker)
     /// move to a live listener instead of being reset. `noop` selects nothing (the kernel
     /// hashes) and only calibrates the ns/select figure: its cost is what the BPF statistics
-    /// report for an empty program on this machine.
+    /// report for an empty program on this machine; `select-only` only calls the kernel's select
+    /// helper on the local slot (no counters, no fallback), the part of the cost no program
+    /// avoids.
     #[arg(long, value_enum)]
     bpf_program: Option<SteeringProgram>,
 }
@@ -279,11 +291,30 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<BadArguments>().is_some() => {
+            eprintln!("reuseport: {err} (see `reuseport --help`)");
+            ExitCode::from(2)
+        }
         Err(err) => {
             eprintln!("reuseport: error: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Arguments that parse but cannot work on this machine (e.g. more spill targets than CPUs):
+/// one line and exit code 2, like a usage error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadArguments(String);
+
+/// `--spill-period`: a duration more than 0 and at most [`reuseport::spill::MAX_PERIOD`].
+fn parse_spill_period(value: &str) -> Result<Duration, String> {
+    let period = humantime::parse_duration(value).map_err(|err| err.to_string())?;
+    if period.is_zero() || period > reuseport::spill::MAX_PERIOD {
+        return Err("must be more than 0 and at most 1s".to_owned());
+    }
+    Ok(period)
 }
 
 /// Help and version go out as clap prints them; a usage error becomes one line and exit code 2.
@@ -366,7 +397,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         spill: SpillConfig {
             threshold: args.spill_threshold,
             period: args.spill_period,
+            max_targets: args.spill_targets,
         },
+    })
+    .map_err(|err| match err {
+        ServerError::Spill(spill @ SpillError::TooManyTargets { .. }) => {
+            anyhow::Error::new(BadArguments(format!("--spill-targets: {spill}")))
+        }
+        other => other.into(),
     })?;
     let program = match server.steering() {
         Some(steering) => format!("steering program id {}", steering.program_id()?),
@@ -492,6 +530,7 @@ fn ab(args: AbArgs) -> anyhow::Result<()> {
         spill: SpillConfig {
             threshold: args.spill_threshold,
             period: args.spill_period,
+            max_targets: args.spill_targets,
         },
         restart_every: args.restart_every,
         load: args.load,

@@ -98,7 +98,7 @@ pub struct Server {
     retired: Vec<WorkerStats>,
     restarts: u64,
     steering: Option<Steering>,
-    /// Samples the accept queues in `percpu-spill` mode (TCP).
+    /// Samples the queues and arrivals in `percpu-spill` mode (TCP and UDP).
     spill: Option<SpillSampler>,
     started: Instant,
     migrations_at_start: Migrations,
@@ -135,16 +135,17 @@ impl Server {
             Some(cpus) => cpus.within(&allowed)?,
             None => allowed,
         };
-        let listeners =
-            PerCpuListeners::bind(config.listen, config.protocol, &cpus, config.backlog)?;
-        let listen = listeners.local_addr();
+        if matches!(config.mode, SteeringMode::PercpuSpill | SteeringMode::Auto) {
+            config.spill.validate(cpus.len())?;
+        }
+        let pending =
+            PerCpuListeners::prepare(config.listen, config.protocol, &cpus, config.backlog)?;
         let migrations_at_start = Migrations::read();
         let choice = strategy::choose(config.mode);
-        let mut steering = strategy::apply(choice.mode, &listeners, config.program)?;
+        let (listeners, mut steering) = strategy::open(choice.mode, pending, config.program)?;
+        let listen = listeners.local_addr();
         let spill = match steering.as_mut() {
-            Some(steering)
-                if choice.mode == SteeringMode::PercpuSpill && config.protocol == Protocol::Tcp =>
-            {
+            Some(steering) if choice.mode == SteeringMode::PercpuSpill => {
                 let fds = listeners
                     .iter()
                     .map(|l| Ok((l.cpu, l.socket.as_fd().try_clone_to_owned()?)))
@@ -154,6 +155,7 @@ impl Server {
                 Some(SpillSampler::start(
                     steering.take_spill_map()?,
                     steering.stats_map_handle()?,
+                    config.protocol,
                     fds,
                     topology,
                     config.spill,

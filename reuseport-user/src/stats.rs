@@ -94,7 +94,7 @@ pub struct Snapshot {
     pub migrations: Migrations,
     /// Workers restarted since the server started (`Server::restart_workers`, SIGHUP).
     pub restarts: u64,
-    /// The spill sampler's counters (`percpu-spill` over TCP only).
+    /// The spill sampler's counters (`percpu-spill`).
     pub spill: Option<SpillCounters>,
 }
 
@@ -164,6 +164,7 @@ impl Snapshot {
                         fallback: now.fallback.saturating_sub(before.fallback),
                         unsteered: now.unsteered.saturating_sub(before.unsteered),
                         errors: now.errors.saturating_sub(before.errors),
+                        held: now.held.saturating_sub(before.held),
                     }
                 })
                 .collect()
@@ -210,6 +211,9 @@ impl Snapshot {
                     " fallback {} hash {} err {}",
                     bpf.fallback, bpf.unsteered, bpf.errors
                 );
+                if bpf.held > 0 {
+                    let _ = write!(line, " held {}", bpf.held);
+                }
                 match self.program.and_then(|p| p.ns_per_run()) {
                     Some(ns) => {
                         let _ = write!(line, " | {ns:.0} ns/select");
@@ -259,7 +263,7 @@ pub struct Summary {
     pub migrations: Migrations,
     /// Workers restarted (SIGHUP).
     pub restarts: u64,
-    /// The spill sampler's counters (`percpu-spill` over TCP); null otherwise.
+    /// The spill sampler's counters (`percpu-spill`); null otherwise.
     pub spill: Option<SpillCounters>,
 }
 
@@ -315,7 +319,7 @@ pub struct SteeringSummary {
 pub struct SteeringCounters {
     /// Steered to the receiving CPU's listener.
     pub local: u64,
-    /// Steered to the least-loaded listener because the local one was overloaded (spill mode).
+    /// Steered to another CPU's listener because the receiving CPU was spilling (spill mode).
     pub spilled: u64,
     /// Steered to the fallback CPU's listener (local slot empty).
     pub fallback: u64,
@@ -323,6 +327,8 @@ pub struct SteeringCounters {
     pub unsteered: u64,
     /// Helper errors other than an empty slot.
     pub errors: u64,
+    /// Refused while the server was starting: the receiving CPU's listener was not in place yet.
+    pub held: u64,
 }
 
 impl From<SteeringStats> for SteeringCounters {
@@ -333,6 +339,7 @@ impl From<SteeringStats> for SteeringCounters {
             fallback: s.fallback,
             unsteered: s.unsteered,
             errors: s.errors,
+            held: s.held,
         }
     }
 }
@@ -423,12 +430,13 @@ impl Summary {
             Some(s) => {
                 let _ = writeln!(
                     out,
-                    "  bpf: local {} spilled {} fallback {} hash {} errors {}; {}",
+                    "  bpf: local {} spilled {} fallback {} hash {} errors {} held {}; {}",
                     s.total.local,
                     s.total.spilled,
                     s.total.fallback,
                     s.total.unsteered,
                     s.total.errors,
+                    s.total.held,
                     s.ns_per_select.map_or_else(
                         || "ns/select unavailable (BPF run-time statistics need CAP_SYS_ADMIN or sysctl kernel.bpf_stats_enabled=1)".to_owned(),
                         |ns| format!(
@@ -452,7 +460,7 @@ impl Summary {
         if let Some(spill) = self.spill {
             let _ = writeln!(
                 out,
-                "  spill: {} samples, {} spill starts, deepest accept queue {}",
+                "  spill: {} samples, {} spill starts, deepest queue {}",
                 spill.samples, spill.spill_starts, spill.max_depth
             );
         }

@@ -14,7 +14,7 @@ use aya::{
     programs::{ProgramError, ProgramType, SkReuseport},
     sys::{Stats, enable_stats, is_map_supported, is_program_supported},
 };
-use reuseport_common::{SteeringStats, names};
+use reuseport_common::{HOLD, SpillRoute, SteeringStats, names};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -78,6 +78,9 @@ pub enum SteeringProgram {
     /// `steer_noop`: selects nothing (the kernel hashes). For calibrating the ns/select figure:
     /// its cost is the floor the kernel's BPF statistics report on this machine.
     Noop,
+    /// `steer_select`: only `bpf_sk_select_reuseport` of the local slot, no counters. For
+    /// calibrating: its cost above `noop`'s is the kernel helper's, which any steering pays.
+    SelectOnly,
 }
 
 /// The first kernel with `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`.
@@ -104,6 +107,7 @@ impl SteeringProgram {
             Self::SteerToCpu => "steer-to-cpu",
             Self::SteerMigrate => "steer-migrate",
             Self::Noop => "noop",
+            Self::SelectOnly => "select-only",
         }
     }
 
@@ -113,6 +117,7 @@ impl SteeringProgram {
             Self::SteerToCpu => names::STEER_TO_CPU,
             Self::SteerMigrate => names::STEER_MIGRATE,
             Self::Noop => names::STEER_NOOP,
+            Self::SelectOnly => names::STEER_SELECT,
         }
     }
 }
@@ -216,6 +221,8 @@ pub struct Steering {
     possible_cpus: u32,
     topology: CpuTopology,
     live: BTreeSet<u32>,
+    /// Whether [`Steering::open`] ran: until then every fallback is `HOLD`.
+    open: bool,
     run_stats: RunStats,
 }
 
@@ -229,28 +236,57 @@ impl Steering {
         Self::attach_program(listeners, SteeringProgram::recommended())
     }
 
-    /// [`Steering::attach`] with a chosen program.
+    /// [`Steering::attach`] with a chosen program (see [`Steering::attach_listening`]).
     pub fn attach_program(
         listeners: &[(u32, BorrowedFd<'_>)],
         program: SteeringProgram,
     ) -> Result<Self, SteeringError> {
+        Self::load(program, false)?.attach_listening(listeners)
+    }
+
+    /// Puts each `(cpu, socket)` of a group that already serves into slot `cpu`, then attaches
+    /// this loaded program to the group: every slot is filled before the program takes over from
+    /// the kernel's hash, so no connection sees a half-filled map.
+    pub fn attach_listening(
+        mut self,
+        listeners: &[(u32, BorrowedFd<'_>)],
+    ) -> Result<Self, SteeringError> {
         let Some((_, group_member)) = listeners.first() else {
             return Err(SteeringError::NoListeners);
         };
+        for &(cpu, _) in listeners {
+            self.check_slot(cpu)?;
+        }
+        for &(cpu, fd) in listeners {
+            self.insert(cpu, fd)?;
+        }
+        self.open()?;
+        self.attach_to_group(*group_member)?;
+        Ok(self)
+    }
+
+    /// Loads (and has the kernel verify) `program` with every map empty, attaching nothing: the
+    /// first step of steering a group from its first connection on (see `Server::start`):
+    ///
+    /// 1. [`Steering::load`] before any socket can receive;
+    /// 2. [`Steering::attach_to_group`] on the first, still unreachable socket;
+    /// 3. [`Steering::insert`] each socket the moment it listens (TCP) or binds (UDP); until
+    ///    then its CPU's connections are refused, as if nothing listened yet, rather than
+    ///    handed to another CPU's worker (every fallback is `HOLD`);
+    /// 4. [`Steering::open`]: every slot is filled, the real fallbacks replace `HOLD`.
+    ///
+    /// `spill` loads the program with its spill branch (`--mode percpu-spill`); without it the
+    /// verifier removes that branch.
+    pub fn load(program: SteeringProgram, spill: bool) -> Result<Self, SteeringError> {
         Self::check_available()?;
         let possible_cpus = possible_cpus()?;
-        if let Some(&(cpu, _)) = listeners.iter().find(|(cpu, _)| *cpu >= possible_cpus) {
-            return Err(SteeringError::CpuOutOfRange {
-                cpu,
-                possible: possible_cpus,
-            });
-        }
-
         let run_stats = RunStats::enable();
+        let spill_enabled = u32::from(spill);
         let ebpf = EbpfLoader::new()
             .map_max_entries(names::CPU_LISTENERS, possible_cpus)
             .map_max_entries(names::CPU_FALLBACK, possible_cpus)
             .map_max_entries(names::CPU_SPILL, possible_cpus)
+            .override_global(names::SPILL_ENABLED, &spill_enabled, true)
             .load(BPF_OBJECT)?;
         let mut steering = Self {
             ebpf,
@@ -258,16 +294,28 @@ impl Steering {
             possible_cpus,
             topology: CpuTopology::read(possible_cpus),
             live: BTreeSet::new(),
+            open: false,
             run_stats,
         };
         steering.program_mut()?.load()?;
-        for &(cpu, fd) in listeners {
-            steering.sockets()?.set(cpu, &fd, 0)?;
-            steering.live.insert(cpu);
-        }
         steering.write_fallbacks()?;
-        steering.program_mut()?.attach(group_member)?;
         Ok(steering)
+    }
+
+    /// Attaches the loaded program to the reuseport group `member` belongs to. `member` may be a
+    /// socket that has `SO_REUSEPORT` but is not listening (TCP) or bound (UDP) yet: the kernel
+    /// then makes it a group of one with this program, which the sockets opened after it join.
+    pub fn attach_to_group(&mut self, member: BorrowedFd<'_>) -> Result<(), SteeringError> {
+        self.program_mut()?.attach(member)?;
+        Ok(())
+    }
+
+    /// Every slot is filled: replaces `HOLD` with each CPU's nearest live CPU, so a CPU whose
+    /// slot empties later falls back instead of refusing. Until this call the program refuses a
+    /// connection whose CPU's slot is empty.
+    pub fn open(&mut self) -> Result<(), SteeringError> {
+        self.open = true;
+        self.write_fallbacks()
     }
 
     /// Succeeds if this process may load the steering program on this kernel: it has CAP_BPF
@@ -283,7 +331,10 @@ impl Steering {
         self.check_slot(cpu)?;
         self.sockets()?.set(cpu, &socket, 0)?;
         self.live.insert(cpu);
-        self.write_fallbacks()
+        if self.open {
+            self.write_fallbacks()?;
+        }
+        Ok(())
     }
 
     /// Empties slot `cpu`: connections arriving on that CPU go to the nearest live CPU's listener.
@@ -305,9 +356,11 @@ impl Steering {
     }
 
     /// Hands over the `cpu_spill` map, for a [`SpillSampler`](crate::spill::SpillSampler) to
-    /// write (`--mode percpu-spill`). Only once; until then (and without a sampler) it spills
-    /// nothing.
-    pub fn take_spill_map(&mut self) -> Result<Array<aya::maps::MapData, u32>, SteeringError> {
+    /// write (`--mode percpu-spill`, loaded with `spill`). Only once; until then (and without a
+    /// sampler) it spills nothing.
+    pub fn take_spill_map(
+        &mut self,
+    ) -> Result<Array<aya::maps::MapData, SpillRoute>, SteeringError> {
         let map = self
             .ebpf
             .take_map(names::CPU_SPILL)
@@ -428,9 +481,14 @@ impl Steering {
         Ok(ReusePortSockArray::try_from(map)?)
     }
 
-    /// Rewrites `cpu_fallback` so that every CPU points at its nearest other live CPU.
+    /// Rewrites `cpu_fallback` so that every CPU points at its nearest other live CPU, or, before
+    /// [`Steering::open`], at `HOLD`.
     fn write_fallbacks(&mut self) -> Result<(), SteeringError> {
-        let table = fallback_table(self.possible_cpus, &self.live, &self.topology);
+        let table = if self.open {
+            fallback_table(self.possible_cpus, &self.live, &self.topology)
+        } else {
+            vec![HOLD; self.possible_cpus as usize]
+        };
         let map = self
             .ebpf
             .map_mut(names::CPU_FALLBACK)

@@ -1,12 +1,14 @@
 //! Choosing a steering strategy (resolving `auto`) and putting it in place on a listener group.
 //! `Server::start` goes through here, so every mode works for TCP and UDP, IPv4 and IPv6 alike.
 
+use std::os::fd::AsFd;
+
 use thiserror::Error;
 
 use crate::{
     cbpf::{self, CbpfError},
     incoming_cpu::{self, IncomingCpuError},
-    listeners::PerCpuListeners,
+    listeners::{ListenerError, PendingListeners, PerCpuListeners},
     steering::{Steering, SteeringError, SteeringMode, SteeringProgram},
 };
 
@@ -22,6 +24,9 @@ pub enum StrategyError {
     /// `SO_INCOMING_CPU` steering failed.
     #[error(transparent)]
     IncomingCpu(#[from] IncomingCpuError),
+    /// Opening a listener failed.
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
 }
 
 /// The mode to use (never [`SteeringMode::Auto`]) and why.
@@ -80,27 +85,50 @@ fn short(error: &SteeringError) -> &'static str {
     }
 }
 
-/// Puts `mode` in place on `listeners`' group; returns the eBPF [`Steering`] for `percpu` and
-/// `percpu-spill` (whose sampler [`crate::Server`] starts).
-/// `program` only matters for `percpu` (calibration). `mode` must be resolved (see [`choose`]).
-pub fn apply(
+/// Opens `pending` with `mode` in place from its first connection on; returns the open listeners
+/// and the eBPF [`Steering`] for `percpu` and `percpu-spill` (whose sampler [`crate::Server`]
+/// starts). `program` only matters for those two. `mode` must be resolved (see [`choose`]).
+///
+/// - `percpu`, `percpu-spill`: the program is loaded and verified, then attached to the group
+///   before any socket can receive, and each CPU's slot is filled the moment its socket opens
+///   (see [`Steering::load`]), so no connection is ever handed to another CPU's worker because
+///   the server was still starting.
+/// - `cbpf`: the filter is attached once every socket has opened (it checks their order); until
+///   then the kernel hashes among the sockets that have joined.
+/// - `incoming-cpu`: each socket's `SO_INCOMING_CPU` is set as it opens; until every socket has
+///   joined, a connection whose CPU has no socket yet is hashed among those that have.
+pub fn open(
     mode: SteeringMode,
-    listeners: &PerCpuListeners,
+    pending: PendingListeners,
     program: SteeringProgram,
-) -> Result<Option<Steering>, StrategyError> {
+) -> Result<(PerCpuListeners, Option<Steering>), StrategyError> {
     match mode {
         SteeringMode::Percpu | SteeringMode::PercpuSpill => {
-            Ok(Some(Steering::attach_program(&listeners.fds(), program)?))
+            let mut steering = Steering::load(program, mode == SteeringMode::PercpuSpill)?;
+            steering.attach_to_group(pending.first())?;
+            let listeners = pending.open_each(|listener| {
+                steering
+                    .insert(listener.cpu, listener.socket.as_fd())
+                    .map_err(StrategyError::from)
+            })?;
+            steering.open()?;
+            Ok((listeners, Some(steering)))
         }
         SteeringMode::Cbpf => {
-            cbpf::attach(listeners)?;
-            Ok(None)
+            let listeners = pending.open_each(|_| Ok::<_, StrategyError>(()))?;
+            cbpf::attach(&listeners)?;
+            Ok((listeners, None))
         }
         SteeringMode::IncomingCpu => {
-            incoming_cpu::apply(listeners)?;
-            Ok(None)
+            incoming_cpu::check_honoured()?;
+            let listeners = pending.open_each(|listener| {
+                incoming_cpu::set(&listener.socket, listener.cpu).map_err(StrategyError::from)
+            })?;
+            Ok((listeners, None))
         }
-        SteeringMode::Hash | SteeringMode::Auto => Ok(None),
+        SteeringMode::Hash | SteeringMode::Auto => {
+            Ok((pending.open_each(|_| Ok::<_, StrategyError>(()))?, None))
+        }
     }
 }
 

@@ -264,3 +264,42 @@ fn cap_bpf_alone_is_enough_for_percpu_steering() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn spill_knobs_out_of_range_are_one_line_usage_errors() {
+    for (args, needle) in [
+        (&["--spill-threshold", "0"][..], "--spill-threshold"),
+        (
+            &["--spill-period", "0s"][..],
+            "must be more than 0 and at most 1s",
+        ),
+        (
+            &["--spill-period", "1000000h"][..],
+            "must be more than 0 and at most 1s",
+        ),
+        (&["--spill-targets", "0"][..], "--spill-targets"),
+    ] {
+        let output = run(&[&["serve", "--listen", "127.0.0.1:0"][..], args].concat());
+        assert_one_line_error(&output, 2, needle);
+    }
+    // More targets than other CPUs: known only once the CPUs are, still one line and exit 2.
+    let cpus = allowed_cpus().len();
+    let too_many = cpus.to_string();
+    let output = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--spill-targets",
+        &too_many,
+        "--duration",
+        "1s",
+    ]);
+    assert_one_line_error(
+        &output,
+        2,
+        &format!(
+            "--spill-targets: a CPU can spill to at most {} other CPUs here, not {cpus}",
+            cpus - 1
+        ),
+    );
+}

@@ -13,28 +13,89 @@ use std::{
 
 use common::*;
 use reuseport::{
+    Protocol, SteeringStats,
     cpu_topology::CpuTopology,
-    spill::{SpillConfig, SpillSampler, accept_queue_depth},
+    spill::{SpillConfig, SpillSampler},
     steering::SteeringProgram,
 };
+use reuseport_common::{SPILL_SLOTS, SpillRoute};
 
-const THRESHOLD: u32 = 4;
+fn totals(steering: &reuseport::Steering) -> SteeringStats {
+    steering
+        .stats()
+        .unwrap()
+        .iter()
+        .fold(SteeringStats::default(), |mut sum, s| {
+            sum.add(s);
+            sum
+        })
+}
 
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(5));
+/// A route that sends every connection of the spilling CPU to `target`.
+fn all_to(target: u32) -> SpillRoute {
+    SpillRoute {
+        active: 1,
+        reserved: 0,
+        slots: [target as u16; SPILL_SLOTS],
     }
 }
 
 #[test]
-fn an_overloaded_cpu_spills_to_the_idle_listener_and_returns_when_drained() {
+fn a_spill_route_spreads_by_hash_and_skips_a_closed_target() {
+    let Some((busy, idle)) = two_cpus() else {
+        return;
+    };
+    let (addr, mut steering, mut listeners) =
+        steered_group_with(&[busy, idle], SteeringProgram::recommended(), true);
+    let mut routes = steering.take_spill_map().unwrap();
+
+    // Half the slots stay on `busy`, half go to `idle`: connections split between them by hash.
+    let mut half = all_to(idle);
+    for (slot, cpu) in half.slots.iter_mut().enumerate() {
+        if slot % 2 == 0 {
+            *cpu = busy as u16;
+        }
+    }
+    routes.set(busy, half, 0).unwrap();
+    let served: Vec<u32> = (0..64)
+        .map(|_| {
+            let _client = on_cpu(busy, move || TcpStream::connect(addr).expect("connect"));
+            accept_from(&listeners)
+        })
+        .collect();
+    let to_idle = served.iter().filter(|&&cpu| cpu == idle).count();
+    assert!(
+        (8..=56).contains(&to_idle),
+        "about half of 64 go to idle by hash, not {to_idle}"
+    );
+    let bpf = totals(&steering);
+    assert_eq!(bpf.spilled, to_idle as u64, "{bpf:?}");
+    assert_eq!(bpf.local, 64 - to_idle as u64, "{bpf:?}");
+
+    // Every slot names `idle`, whose listener then closes: the program skips it and stays
+    // local; nothing is refused.
+    routes.set(busy, all_to(idle), 0).unwrap();
+    let _client = on_cpu(busy, move || TcpStream::connect(addr).expect("connect"));
+    assert_eq!(accept_from(&listeners), idle, "spilled while idle lives");
+    drop(listeners.remove(1));
+    for _ in 0..16 {
+        let _client = on_cpu(busy, move || {
+            TcpStream::connect(addr).expect("connect: a closed target is skipped, not refused")
+        });
+        assert_eq!(accept_from(&listeners), busy);
+    }
+    let bpf = totals(&steering);
+    assert_eq!(bpf.errors, 0, "{bpf:?}");
+    assert_eq!(bpf.spilled, to_idle as u64 + 1, "{bpf:?}");
+}
+
+#[test]
+fn the_sampler_spreads_a_skewed_slow_cpu_and_returns_to_local_when_the_skew_ends() {
     let Some((busy, idle)) = two_cpus() else {
         return;
     };
     let (addr, mut steering, listeners) =
-        steered_group(&[busy, idle], SteeringProgram::recommended());
+        steered_group_with(&[busy, idle], SteeringProgram::recommended(), true);
     let fds = listeners
         .iter()
         .map(|(cpu, l)| (*cpu, l.as_fd().try_clone_to_owned().unwrap()))
@@ -42,69 +103,64 @@ fn an_overloaded_cpu_spills_to_the_idle_listener_and_returns_when_drained() {
     let sampler = SpillSampler::start(
         steering.take_spill_map().unwrap(),
         steering.stats_map_handle().unwrap(),
+        Protocol::Tcp,
         fds,
         CpuTopology::default(),
         SpillConfig {
-            threshold: THRESHOLD,
-            period: Duration::from_millis(1),
+            threshold: 4,
+            ..SpillConfig::default()
         },
     )
     .expect("sampler");
     let (busy_listener, idle_listener) = (&listeners[0].1, &listeners[1].1);
-    // The idle CPU's worker keeps up: it accepts everything that reaches it.
-    let mut idle_accepted = 0;
-    let mut drain_idle = || {
+
+    // Every connection arrives on `busy`, whose worker accepts at most one per millisecond (a
+    // slow worker under skew); `idle`'s worker accepts all it gets. None may be refused.
+    const CONNECTIONS: usize = 1500;
+    let connecting = thread::spawn(move || {
+        reuseport::cpus::pin_current_thread(busy).expect("pin client thread");
+        (0..CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).expect("connect: never refused"))
+            .collect::<Vec<_>>()
+    });
+    let (mut busy_accepted, mut idle_accepted) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while busy_accepted + idle_accepted < CONNECTIONS {
+        assert!(
+            Instant::now() < deadline,
+            "accepted {busy_accepted} + {idle_accepted}"
+        );
+        if busy_listener.accept().is_ok() {
+            busy_accepted += 1;
+        }
         while idle_listener.accept().is_ok() {
             idle_accepted += 1;
         }
-        idle_accepted
-    };
-
-    // Nobody accepts on `busy`: its first THRESHOLD connections queue there, then it spills.
-    let mut clients = Vec::new();
-    for n in 0..3 * THRESHOLD {
-        clients.push(on_cpu(busy, move || {
-            TcpStream::connect(addr).expect("connect")
-        }));
-        if n < THRESHOLD {
-            wait_until("the connection in busy's queue", || {
-                accept_queue_depth(busy_listener).unwrap() == n + 1
-            });
-        } else {
-            wait_until("the connection spilled to idle", || {
-                drain_idle() == n + 1 - THRESHOLD
-            });
-        }
-        // Let the sampler see the queue before the next connection.
-        thread::sleep(Duration::from_millis(10));
+        thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(accept_queue_depth(busy_listener).unwrap(), THRESHOLD);
-    let bpf =
-        steering
-            .stats()
-            .unwrap()
-            .iter()
-            .fold(reuseport::SteeringStats::default(), |mut sum, s| {
-                sum.add(s);
-                sum
-            });
-    assert_eq!(bpf.local, u64::from(THRESHOLD), "{bpf:?}");
-    assert_eq!(bpf.spilled, u64::from(2 * THRESHOLD), "{bpf:?}");
+    let clients = connecting.join().expect("client thread");
+    // With `busy`'s queues this full the kernel selects some connections twice (a dropped SYN
+    // is sent again; a SYN-cookie ACK is looked up again), so the counters only bound the
+    // connections.
+    let bpf = totals(&steering);
+    assert!(bpf.spilled > 0, "{bpf:?}");
+    assert!(bpf.local + bpf.spilled >= CONNECTIONS as u64, "{bpf:?}");
+    assert!(
+        idle_accepted >= CONNECTIONS / 10,
+        "the idle worker took a real share: {idle_accepted} of {CONNECTIONS}"
+    );
+    assert!(sampler.counters().spill_starts >= 1);
+    drop(clients);
 
-    // The busy worker catches up: its queue drains, the sampler ends the spill, and new
-    // connections are local again.
-    while busy_listener.accept().is_ok() {}
-    thread::sleep(Duration::from_millis(50));
-    for n in 0..3 {
-        clients.push(on_cpu(busy, move || {
-            TcpStream::connect(addr).expect("connect")
-        }));
-        wait_until("a local connection", || {
-            accept_queue_depth(busy_listener).unwrap() == n + 1
-        });
+    // The skew is over (nothing arrives): after a while `busy` is local again.
+    thread::sleep(Duration::from_millis(500));
+    let before = totals(&steering);
+    for _ in 0..8 {
+        let _client = on_cpu(busy, move || TcpStream::connect(addr).expect("connect"));
+        assert_eq!(accept_from(&listeners), busy);
     }
-    assert_eq!(drain_idle(), 2 * THRESHOLD, "nothing more spilled");
-    assert_eq!(sampler.counters().spill_starts, 1);
+    let after = totals(&steering);
+    assert_eq!(after.local - before.local, 8, "{after:?}");
 }
 
 #[test]

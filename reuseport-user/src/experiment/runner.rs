@@ -82,6 +82,8 @@ pub enum Row {
     NginxAttached,
     /// `reuseport serve --mode percpu --bpf-program noop`: calibrates the steering cost figure.
     BpfNoop,
+    /// `reuseport serve --mode percpu --bpf-program select-only`: the kernel helper's share of it.
+    BpfSelect,
 }
 
 impl std::fmt::Display for Row {
@@ -91,6 +93,7 @@ impl std::fmt::Display for Row {
             Self::Nginx => f.write_str("nginx"),
             Self::NginxAttached => f.write_str("nginx+attach"),
             Self::BpfNoop => f.write_str("bpf-noop"),
+            Self::BpfSelect => f.write_str("bpf-select"),
         }
     }
 }
@@ -108,7 +111,7 @@ pub struct AbConfig {
     pub peer_nginx_attach: bool,
     /// Also run `wrk` against our server and report its req/s beside the built-in generator's.
     pub cross_check_wrk: bool,
-    /// Also run the `bpf-noop` calibration row.
+    /// Also run the `bpf-noop` and `bpf-select` calibration rows.
     pub calibrate: bool,
     /// Where server and clients run.
     pub topology: TopologyKind,
@@ -259,6 +262,7 @@ pub fn run(
     }
     if config.calibrate {
         rows.push(Row::BpfNoop);
+        rows.push(Row::BpfSelect);
     }
     let warmups = if config.warmup.is_zero() {
         0
@@ -362,6 +366,7 @@ fn start_server(
     let (mode, program) = match row {
         Row::Mode(mode) => (mode, SteeringProgram::recommended()),
         Row::BpfNoop => (SteeringMode::Percpu, SteeringProgram::Noop),
+        Row::BpfSelect => (SteeringMode::Percpu, SteeringProgram::SelectOnly),
         Row::Nginx | Row::NginxAttached => {
             let (guard, addr) =
                 crate::experiment::peers::start_nginx(topology, cpus, files, config.connections)?;
@@ -424,6 +429,9 @@ fn start_server(
                 "--spill-period",
                 &format!("{}us", config.spill.period.as_micros()),
             ]);
+        if let Some(targets) = config.spill.max_targets {
+            command.args(["--spill-targets", &targets.to_string()]);
+        }
     }
     topology.server_side(&mut command)?;
     let mut guard = ChildGuard::spawn(command, format!("reuseport serve ({row})"))?;

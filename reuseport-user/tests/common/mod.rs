@@ -287,6 +287,15 @@ pub fn steered_group(
     cpus: &[u32],
     program: SteeringProgram,
 ) -> (SocketAddr, Steering, Vec<(u32, TcpListener)>) {
+    steered_group_with(cpus, program, false)
+}
+
+/// [`steered_group`], with the program loaded with its spill branch when `spill` is set.
+pub fn steered_group_with(
+    cpus: &[u32],
+    program: SteeringProgram,
+    spill: bool,
+) -> (SocketAddr, Steering, Vec<(u32, TcpListener)>) {
     let group = PerCpuListeners::bind(
         "127.0.0.1:0".parse().unwrap(),
         Protocol::Tcp,
@@ -295,7 +304,9 @@ pub fn steered_group(
     )
     .expect("bind");
     let addr = group.local_addr();
-    let steering = Steering::attach_program(&group.fds(), program).expect("attach");
+    let steering = Steering::load(program, spill)
+        .and_then(|loaded| loaded.attach_listening(&group.fds()))
+        .expect("attach");
     let listeners = group
         .into_inner()
         .into_iter()
