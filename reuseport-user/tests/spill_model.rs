@@ -32,7 +32,8 @@
 //! N >= 4: with one CPU receiving 80 %, it and its target share that 80 %, 0.4 N times the ideal
 //! each (6.4x at N = 16).
 //!
-//! `SPILL_MODEL_SEED=<n>` reruns it with other seeds.
+//! `SPILL_MODEL_SEED=<n>` reruns it with other seeds; `SPILL_MODEL_MAX_TARGETS=1` runs the policy
+//! with one target per hot CPU, as the old rule had, to see the test fail.
 //!
 //! `cargo test --release --test spill_model -- --nocapture` prints the table.
 
@@ -245,7 +246,13 @@ fn simulate(case: Case) -> Outcome {
         CpuTopology::default()
     };
     let cpus: Vec<u32> = (0..case.n).collect();
-    let mut policy = SpillPolicy::new(&cpus, topology.clone(), PolicyConfig::default());
+    let config = PolicyConfig {
+        max_targets: std::env::var("SPILL_MODEL_MAX_TARGETS")
+            .ok()
+            .and_then(|cap| cap.parse().ok()),
+        ..PolicyConfig::default()
+    };
+    let mut policy = SpillPolicy::new(&cpus, topology.clone(), config);
     let mut routes: Vec<SpillRoute> = (0..case.n)
         .map(|cpu| SpillRoute::local(cpu as u16))
         .collect();
