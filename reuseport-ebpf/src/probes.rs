@@ -1,3 +1,5 @@
+//! The probes object (`reuseport-probes`): what the lab loads while it measures, and nothing else.
+//!
 //! Tracepoint probes for experiments (`reuseport ab`), attached only during a measured run.
 //!
 //! Each probe counts into this CPU's [`ProbeCounts`] (a per-CPU array, so no atomics):
@@ -18,6 +20,19 @@
 //! added to a histogram. One CPU per connection means its socket's cache lines never moved.
 //!
 //! Field offsets come from userspace (`probe_config`), read from each tracepoint's `format` file.
+#![no_std]
+#![no_main]
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// A GPL-compatible licence keeps every helper available to these probes.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},

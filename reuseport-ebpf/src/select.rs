@@ -1,3 +1,5 @@
+//! The steering object (`reuseport-steering`): what `serve` and `attach` load, and nothing else.
+//!
 //! `steer_to_cpu`: keep each new connection on the CPU that received it.
 //!
 //! The kernel runs this program when a TCP SYN (or a UDP datagram) arrives for a port whose
@@ -36,6 +38,20 @@
 //! | `steering_stats` | `PERCPU_ARRAY`        | `0`      | `SteeringStats` of this CPU                |
 //!
 //! A closed listener leaves its `cpu_listeners` slot empty by itself (the kernel removes it).
+#![no_std]
+#![no_main]
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// The helpers this program calls are not GPL-only, but a GPL-compatible licence keeps every
+// helper available to future programs in this object.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 use aya_ebpf::{
     Global,

@@ -23,8 +23,10 @@ use crate::{
     cpus::{CpuError, possible_cpus},
 };
 
-/// The BPF object built from `reuseport-ebpf` by this crate's `build.rs`.
-pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport"));
+/// The steering BPF object (`reuseport-ebpf/src/select.rs`: the steering programs and their maps,
+/// nothing else) built by this crate's `build.rs`.
+pub static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-steering"));
 
 /// How the kernel chooses a listener of the reuseport group for each new connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]

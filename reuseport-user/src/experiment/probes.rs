@@ -12,7 +12,10 @@ use reuseport_common::{ProbeCounts, names, probe_config as cfg};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::steering::BPF_OBJECT;
+/// The probes BPF object (`reuseport-ebpf/src/probes.rs`: the tracepoint programs and their maps,
+/// nothing else), built with the steering object by the library's `build.rs`.
+pub static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-probes"));
 
 /// Errors from attaching or reading the probes.
 #[derive(Debug, Error)]
@@ -97,7 +100,7 @@ impl Probes {
     /// Loads the probes and attaches them; `server_port` selects the connections to follow.
     pub fn attach(server_port: u16) -> Result<Self, ProbeError> {
         mount_tracefs()?;
-        let mut ebpf = EbpfLoader::new().load(BPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new().load(PROBES_OBJECT)?;
         let offsets = [
             (cfg::WAKING_PID, "sched/sched_waking", "pid"),
             (cfg::WAKING_TARGET_CPU, "sched/sched_waking", "target_cpu"),
