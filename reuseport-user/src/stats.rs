@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, net::SocketAddr, time::Duration};
 
 use reuseport_common::SteeringStats;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     listeners::Protocol, spill::SpillCounters, steering::ProgramRunStats, steering::SteeringMode,
@@ -51,7 +51,7 @@ impl WorkerStats {
 /// Connection requests the kernel moved from a closing listener to a live one of its group
 /// (`TCPMigrateReqSuccess` / `TCPMigrateReqFailure` in `/proc/net/netstat`). The kernel counts
 /// them per network namespace, so other servers in the namespace add to them too.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Migrations {
     /// Requests moved to a live listener instead of being reset.
     pub success: u64,
@@ -243,7 +243,7 @@ pub fn percent(fraction: Option<f64>) -> String {
 }
 
 /// The end-of-run report: printed as a table, written as JSON by `--stats-json`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
     /// How connections were steered.
     pub mode: SteeringMode,
@@ -268,7 +268,7 @@ pub struct Summary {
 }
 
 /// One worker's (or all workers') counters plus locality.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct WorkerSummary {
     /// The worker's CPU; absent for the total.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -302,7 +302,7 @@ impl WorkerSummary {
 }
 
 /// The steering program's share of the summary.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SteeringSummary {
     /// Counters per receiving CPU (only CPUs where the program ran).
     pub per_cpu: Vec<SteeringCpu>,
@@ -315,7 +315,7 @@ pub struct SteeringSummary {
 }
 
 /// Serializable copy of [`SteeringStats`].
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct SteeringCounters {
     /// Steered to the receiving CPU's listener.
     pub local: u64,
@@ -345,7 +345,7 @@ impl From<SteeringStats> for SteeringCounters {
 }
 
 /// Steering counters of one receiving CPU.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct SteeringCpu {
     /// The CPU that received the connections.
     pub cpu: u32,

@@ -29,7 +29,7 @@ pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-steering"));
 
 /// How the kernel chooses a listener of the reuseport group for each new connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SteeringMode {
     /// Our `SK_REUSEPORT` program picks the listener of the worker pinned to the CPU that received
@@ -184,7 +184,7 @@ pub enum SteeringError {
 }
 
 /// How often and for how long the steering program ran, from the kernel's BPF run-time statistics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ProgramRunStats {
     /// Times the program ran (one per TCP SYN or UDP datagram reaching the group).
     pub run_count: u64,

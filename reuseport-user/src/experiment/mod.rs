@@ -8,10 +8,13 @@
 //! - [`runner`]: runs the real `reuseport serve` / `reuseport load` (and peers) per row and
 //!   repetition, interleaved, with probes attached only while measuring.
 //! - [`peers`]: nginx as a row, wrk as a cross-check.
+//! - [`metrics`]: every compared metric, defined once (name, unit, better direction, label).
 //! - [`report`]: medians and ranges, ratios, table, JSON, SVG.
 
 pub(crate) mod child;
+pub mod error;
 pub mod hw_counters;
+pub mod metrics;
 pub mod peers;
 pub mod probes;
 pub mod report;

@@ -14,7 +14,7 @@ use std::{
 
 use crate::{
     cpus::CpuList,
-    experiment::{child::ChildGuard, runner::RunnerError, topology::Topology},
+    experiment::{child::ChildGuard, error::RunnerError, topology::Topology},
     load::LoadKind,
 };
 

@@ -11,7 +11,10 @@ use plotters::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::experiment::runner::{AbConfig, AbResults, CrossCheck, Metric, RunRecord};
+use crate::experiment::{
+    metrics::{Metric, MetricId, median},
+    runner::{AbConfig, AbResults, CrossCheck, RunRecord},
+};
 
 /// Errors from writing the report.
 #[derive(Debug, Error)]
@@ -33,100 +36,6 @@ pub enum ReportError {
         /// What plotters said.
         detail: String,
     },
-}
-
-/// Whether more or less of a metric is better (for reading ratios).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Better {
-    /// More is better.
-    Higher,
-    /// Less is better.
-    Lower,
-    /// Informational.
-    Neither,
-}
-
-/// The compared metrics, in table order: name, what it is, which way is better.
-pub const METRICS: &[(&str, &str, Better)] = &[
-    ("conn_per_s", "new connections per second", Better::Higher),
-    ("req_per_s", "requests per second", Better::Higher),
-    ("p50_us", "median latency, µs", Better::Lower),
-    ("p99_us", "99th percentile latency, µs", Better::Lower),
-    ("p999_us", "99.9th percentile latency, µs", Better::Lower),
-    (
-        "locality",
-        "connections accepted on their SYN's CPU",
-        Better::Higher,
-    ),
-    (
-        "cross_cpu_wakeups_per_conn",
-        "server wakeups raised on another CPU",
-        Better::Lower,
-    ),
-    (
-        "lock_contended_per_conn",
-        "contended kernel lock waits",
-        Better::Lower,
-    ),
-    (
-        "lock_wait_ns_per_conn",
-        "ns waiting for contended locks",
-        Better::Lower,
-    ),
-    ("ipis_per_conn", "IPIs (RES + CAL)", Better::Lower),
-    (
-        "cpus_per_conn",
-        "distinct CPUs touching a connection",
-        Better::Lower,
-    ),
-    (
-        "cross_cpu_conn_fraction",
-        "connections touched by >1 CPU",
-        Better::Lower,
-    ),
-    (
-        "cache_misses_per_conn",
-        "hardware cache misses",
-        Better::Lower,
-    ),
-    (
-        "bpf_ns_per_select",
-        "steering program ns per selection",
-        Better::Neither,
-    ),
-    (
-        "syn_cpu_max_share",
-        "share of SYNs on the busiest CPU",
-        Better::Neither,
-    ),
-    ("errors", "failed requests", Better::Lower),
-    (
-        "spilled_fraction",
-        "connections spilled off their SYN's CPU (percpu-spill)",
-        Better::Neither,
-    ),
-    (
-        "restarts",
-        "workers restarted during the run (--restart-every)",
-        Better::Neither,
-    ),
-    (
-        "migrated",
-        "queued requests the kernel migrated (TCPMigrateReqSuccess)",
-        Better::Neither,
-    ),
-];
-
-/// The median of `values` (the mean of the middle two for an even count); sorts them.
-pub fn median(values: &mut [f64]) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-    }
 }
 
 /// Median and range of one metric over repetitions.
@@ -202,9 +111,9 @@ pub struct Report {
     /// The machine and settings.
     pub machine: Machine,
     /// Per row, per metric.
-    pub summary: BTreeMap<String, BTreeMap<&'static str, Summary>>,
+    pub summary: BTreeMap<String, BTreeMap<MetricId, Summary>>,
     /// percpu / hash per metric, when both rows ran.
-    pub ratios: BTreeMap<&'static str, Ratio>,
+    pub ratios: BTreeMap<MetricId, Ratio>,
     /// wrk vs the built-in generator.
     pub cross_check: Option<CrossCheck>,
     /// Every measured run.
@@ -222,29 +131,29 @@ impl Report {
                 rows.push(run.row.clone());
             }
         }
-        let summary: BTreeMap<String, BTreeMap<&'static str, Summary>> = rows
+        let summary: BTreeMap<String, BTreeMap<MetricId, Summary>> = rows
             .iter()
             .map(|row| {
                 let runs: Vec<&RunRecord> = results.runs.iter().filter(|r| &r.row == row).collect();
-                let metrics = METRICS
-                    .iter()
-                    .map(|&(name, _, _)| (name, summarize(&runs, name)))
+                let metrics = MetricId::ALL
+                    .into_iter()
+                    .map(|metric| (metric, summarize(&runs, metric)))
                     .collect();
                 (row.clone(), metrics)
             })
             .collect();
         let ratios = match (summary.get("percpu"), summary.get("hash")) {
-            (Some(percpu), Some(hash)) => METRICS
-                .iter()
-                .filter_map(|&(name, _, _)| {
+            (Some(percpu), Some(hash)) => MetricId::ALL
+                .into_iter()
+                .filter_map(|metric| {
                     let (Some(Summary::Range(p)), Some(Summary::Range(h))) =
-                        (percpu.get(name), hash.get(name))
+                        (percpu.get(&metric), hash.get(&metric))
                     else {
                         return None;
                     };
                     (h.median != 0.0).then(|| {
                         (
-                            name,
+                            metric,
                             Ratio {
                                 ratio: p.median / h.median,
                                 ranges_overlap: p.overlaps(h),
@@ -296,10 +205,10 @@ impl Report {
             out.push_str("  percpu/hash");
         }
         out.push('\n');
-        for &(name, _, _) in METRICS {
-            let _ = write!(out, "{name:<28}");
+        for metric in MetricId::ALL {
+            let _ = write!(out, "{:<28}", metric.name());
             for row in &self.rows {
-                let cell = match self.summary.get(row).and_then(|m| m.get(name)) {
+                let cell = match self.summary.get(row).and_then(|m| m.get(&metric)) {
                     Some(Summary::Range(r)) => {
                         format!("{} [{}-{}]", number(r.median), number(r.min), number(r.max))
                     }
@@ -308,7 +217,7 @@ impl Report {
                 };
                 let _ = write!(out, " {cell:>26}");
             }
-            if let Some(ratio) = self.ratios.get(name) {
+            if let Some(ratio) = self.ratios.get(&metric) {
                 let flag = if ratio.ranges_overlap { " ~" } else { "" };
                 let _ = write!(out, "  {:.2}{flag}", ratio.ratio);
             }
@@ -343,15 +252,7 @@ impl Report {
     /// Writes `results.svg`: the key metrics of every row relative to the first row's median
     /// (so one axis fits them all), bars at the median, whiskers at min and max.
     pub fn write_svg(&self, path: &Path) -> Result<(), ReportError> {
-        const KEY: [(&str, &str); 7] = [
-            ("conn_per_s", "conn/s"),
-            ("p99_us", "p99 latency"),
-            ("cross_cpu_wakeups_per_conn", "x-CPU wakeups/conn"),
-            ("lock_wait_ns_per_conn", "lock wait/conn"),
-            ("ipis_per_conn", "IPIs/conn"),
-            ("cpus_per_conn", "CPUs/conn"),
-            ("cross_cpu_conn_fraction", "x-CPU conns"),
-        ];
+        let key: Vec<(MetricId, &str)> = MetricId::charted().collect();
         let chart_error = |detail: String| ReportError::Chart {
             path: path.display().to_string(),
             detail,
@@ -359,13 +260,13 @@ impl Report {
         let Some(baseline_row) = self.rows.first() else {
             return Err(chart_error("no runs".into()));
         };
-        let range = |row: &str, metric: &str| match self.summary.get(row)?.get(metric)? {
+        let range = |row: &str, metric: MetricId| match self.summary.get(row)?.get(&metric)? {
             Summary::Range(r) => Some(*r),
             _ => None,
         };
         let mut top: f64 = 1.5;
         let mut bars = Vec::new();
-        for (m, &(metric, _)) in KEY.iter().enumerate() {
+        for (m, &(metric, _)) in key.iter().enumerate() {
             let Some(base) = range(baseline_row, metric).filter(|b| b.median > 0.0) else {
                 continue;
             };
@@ -394,7 +295,7 @@ impl Report {
             .margin(12)
             .x_label_area_size(10)
             .y_label_area_size(60)
-            .build_cartesian_2d(0f64..KEY.len() as f64, floor..top)
+            .build_cartesian_2d(0f64..key.len() as f64, floor..top)
             .map_err(|e| chart_error(e.to_string()))?;
         chart
             .configure_mesh()
@@ -406,7 +307,7 @@ impl Report {
         let centred = TextStyle::from(("sans-serif", 13).into_font())
             .pos(Pos::new(HPos::Center, VPos::Center));
         chart
-            .draw_series(KEY.iter().enumerate().map(|(m, (_, label))| {
+            .draw_series(key.iter().enumerate().map(|(m, (_, label))| {
                 Text::new(*label, (m as f64 + 0.5, floor / 2.0), centred.clone())
             }))
             .map_err(|e| chart_error(e.to_string()))?;
@@ -441,7 +342,7 @@ impl Report {
         }
         chart
             .draw_series(std::iter::once(PathElement::new(
-                vec![(0.0, 1.0), (KEY.len() as f64, 1.0)],
+                vec![(0.0, 1.0), (key.len() as f64, 1.0)],
                 BLACK.mix(0.4),
             )))
             .map_err(|e| chart_error(e.to_string()))?;
@@ -456,10 +357,10 @@ impl Report {
     }
 }
 
-fn summarize(runs: &[&RunRecord], name: &str) -> Summary {
+fn summarize(runs: &[&RunRecord], metric: MetricId) -> Summary {
     let metrics: Vec<Metric> = runs
         .iter()
-        .filter_map(|r| r.metrics.get(name).copied())
+        .filter_map(|r| r.metrics.get(&metric).copied())
         .collect();
     if let Some(Metric::Unsupported(text)) = metrics.first() {
         return Summary::Unsupported(text);

@@ -18,57 +18,22 @@ use std::{
 };
 
 use serde::Serialize;
-use serde_json::Value;
-use thiserror::Error;
 
 use crate::{
-    cpus::{CpuError, CpuList},
+    cpus::CpuList,
     experiment::{
         child::ChildGuard,
         hw_counters::{HwCount, HwCounters},
-        probes::{ProbeError, ProbeTotals, Probes, ipi_count},
-        topology::{Topology, TopologyError, TopologyKind},
+        metrics::{Metric, MetricId, median},
+        probes::{ProbeTotals, Probes, ipi_count},
+        topology::{Topology, TopologyKind},
     },
     load::{LoadKind, LoadReport},
+    stats::Summary,
     steering::{SteeringMode, SteeringProgram},
 };
 
-/// Errors that end an experiment.
-#[derive(Debug, Error)]
-pub enum RunnerError {
-    /// Creating the topology failed.
-    #[error(transparent)]
-    Topology(#[from] TopologyError),
-    /// Attaching or reading probes failed.
-    #[error(transparent)]
-    Probe(#[from] ProbeError),
-    /// Reading CPUs failed.
-    #[error(transparent)]
-    Cpu(#[from] CpuError),
-    /// A child process failed.
-    #[error("{what}: {detail}")]
-    Child {
-        /// Which process.
-        what: String,
-        /// What went wrong.
-        detail: String,
-    },
-    /// Writing or reading a file failed.
-    #[error("{path}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// Stopped by Ctrl-C or SIGTERM.
-    #[error("interrupted")]
-    Interrupted,
-    /// The configuration cannot run.
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use crate::experiment::error::RunnerError;
 
 /// One row of the comparison: a steering mode of our server, or a peer server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -143,44 +108,18 @@ pub struct RunRecord {
     pub row: String,
     /// Repetition, from 1.
     pub rep: usize,
-    /// The derived metrics (see `experiment::report::METRICS`).
-    pub metrics: BTreeMap<&'static str, Metric>,
+    /// The derived metrics (see [`MetricId`]).
+    pub metrics: BTreeMap<MetricId, Metric>,
     /// The load generator's report.
     pub load: LoadReport,
     /// The server's `--stats-json` summary (null for peers).
-    pub server: Value,
+    pub server: Option<Summary>,
     /// What the probes counted.
     pub probes: ProbeTotals,
     /// IPIs (RES + CAL) during the run.
     pub ipis: u64,
     /// Hardware counters during the run.
     pub hw: BTreeMap<&'static str, HwCount>,
-}
-
-/// One metric of one run.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-#[serde(untagged)]
-pub enum Metric {
-    /// A value.
-    Value(f64),
-    /// The machine cannot measure it (e.g. hardware counters in a VM).
-    Unsupported(&'static str),
-    /// Not applicable to this row (e.g. steering cost without a program).
-    None(()),
-}
-
-impl Metric {
-    fn from_option(value: Option<f64>) -> Self {
-        value.map_or(Self::None(()), Self::Value)
-    }
-
-    /// The value, if there is one.
-    pub fn value(&self) -> Option<f64> {
-        match self {
-            Self::Value(v) => Some(*v),
-            _ => None,
-        }
-    }
 }
 
 /// Progress events for a progress bar.
@@ -614,11 +553,11 @@ fn measure(
         return Ok(None);
     };
     let load: LoadReport = read_json(&load_json)?;
-    let server_json: Value = match &stats_json {
-        Some(path) => read_json(path)?,
-        None => Value::Null,
+    let server_json: Option<Summary> = match &stats_json {
+        Some(path) => Some(read_json(path)?),
+        None => None,
     };
-    let metrics = derive_metrics(config.load, &load, &server_json, &probes, ipis, &hw);
+    let metrics = derive_metrics(config.load, &load, server_json.as_ref(), &probes, ipis, &hw);
     Ok(Some(RunRecord {
         row: row.to_string(),
         rep,
@@ -647,82 +586,70 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RunnerErr
 pub fn derive_metrics(
     kind: LoadKind,
     load: &LoadReport,
-    server: &Value,
+    server: Option<&Summary>,
     probes: &ProbeTotals,
     ipis: u64,
     hw: &BTreeMap<&'static str, HwCount>,
-) -> BTreeMap<&'static str, Metric> {
+) -> BTreeMap<MetricId, Metric> {
     let units = match kind {
         LoadKind::Crr => load.connections,
         LoadKind::Rr | LoadKind::Udp => load.requests,
     };
     let per = |count: u64| Metric::from_option(crate::stats::fraction(count, units));
+    let steering = server.and_then(|server| server.steering.as_ref());
     // Our server knows each TCP connection's SO_INCOMING_CPU; for peers use the probes' SYN CPU
     // vs first-read CPU, which sees any TCP server; for UDP (no SO_INCOMING_CPU on unconnected
     // sockets) the steering program's own counters, where there is a program.
-    let steered = |field: &str| server["steering"]["total"][field].as_u64().unwrap_or(0);
-    let locality = server["total"]["locality"]
-        .as_f64()
+    let locality = server
+        .and_then(|server| server.total.locality)
         .or_else(|| crate::stats::fraction(probes.sum.conns_read_local, probes.sum.conns_read))
         .or_else(|| {
-            let selections =
-                steered("local") + steered("spilled") + steered("fallback") + steered("unsteered");
-            crate::stats::fraction(steered("local"), selections)
+            let total = steering?.total;
+            let selections = total.local + total.spilled + total.fallback + total.unsteered;
+            crate::stats::fraction(total.local, selections)
         });
     let cache_misses = match hw.get("cache_misses") {
         Some(HwCount::Count(count)) => per(*count),
         _ => Metric::Unsupported("unsupported"),
     };
     let syns: u64 = probes.syn_cpus.iter().sum();
-    BTreeMap::from([
-        ("conn_per_s", Metric::Value(load.conn_per_s)),
-        ("req_per_s", Metric::Value(load.req_per_s)),
-        ("p50_us", Metric::Value(load.p50_us)),
-        ("p99_us", Metric::Value(load.p99_us)),
-        ("p999_us", Metric::Value(load.p999_us)),
-        ("errors", Metric::Value(load.errors as f64)),
-        (
-            "spilled_fraction",
-            Metric::from_option(
-                server["steering"]["total"]["spilled"]
-                    .as_u64()
-                    .and_then(|spilled| crate::stats::fraction(spilled, units)),
-            ),
-        ),
-        (
-            "restarts",
-            Metric::from_option(server["restarts"].as_u64().map(|n| n as f64)),
-        ),
-        (
-            "migrated",
-            Metric::from_option(server["migrations"]["success"].as_u64().map(|n| n as f64)),
-        ),
-        ("locality", Metric::from_option(locality)),
-        (
-            "cross_cpu_wakeups_per_conn",
-            per(probes.sum.server_cross_cpu_wakeups),
-        ),
-        ("lock_contended_per_conn", per(probes.sum.lock_contended)),
-        ("lock_wait_ns_per_conn", per(probes.sum.lock_wait_ns)),
-        ("ipis_per_conn", per(ipis)),
-        ("cpus_per_conn", Metric::from_option(probes.cpus_per_conn())),
-        (
-            "cross_cpu_conn_fraction",
-            Metric::from_option(probes.cross_cpu_conn_fraction()),
-        ),
-        ("cache_misses_per_conn", cache_misses),
-        (
-            "bpf_ns_per_select",
-            Metric::from_option(server["steering"]["ns_per_select"].as_f64()),
-        ),
-        (
-            "syn_cpu_max_share",
-            Metric::from_option(crate::stats::fraction(
-                probes.syn_cpus.iter().copied().max().unwrap_or(0),
-                syns,
-            )),
-        ),
-    ])
+    let count = |n: Option<u64>| Metric::from_option(n.map(|n| n as f64));
+    MetricId::ALL
+        .into_iter()
+        .map(|metric| {
+            let value = match metric {
+                MetricId::ConnPerS => Metric::Value(load.conn_per_s),
+                MetricId::ReqPerS => Metric::Value(load.req_per_s),
+                MetricId::P50Us => Metric::Value(load.p50_us),
+                MetricId::P99Us => Metric::Value(load.p99_us),
+                MetricId::P999Us => Metric::Value(load.p999_us),
+                MetricId::Errors => Metric::Value(load.errors as f64),
+                MetricId::SpilledFraction => Metric::from_option(
+                    steering.and_then(|s| crate::stats::fraction(s.total.spilled, units)),
+                ),
+                MetricId::Restarts => count(server.map(|s| s.restarts)),
+                MetricId::Migrated => count(server.map(|s| s.migrations.success)),
+                MetricId::Locality => Metric::from_option(locality),
+                MetricId::CrossCpuWakeupsPerConn => per(probes.sum.server_cross_cpu_wakeups),
+                MetricId::LockContendedPerConn => per(probes.sum.lock_contended),
+                MetricId::LockWaitNsPerConn => per(probes.sum.lock_wait_ns),
+                MetricId::IpisPerConn => per(ipis),
+                MetricId::CpusPerConn => Metric::from_option(probes.cpus_per_conn()),
+                MetricId::CrossCpuConnFraction => {
+                    Metric::from_option(probes.cross_cpu_conn_fraction())
+                }
+                MetricId::CacheMissesPerConn => cache_misses,
+                MetricId::BpfNsPerSelect => {
+                    Metric::from_option(steering.and_then(|s| s.ns_per_select))
+                }
+                MetricId::SynCpuMaxShare => Metric::from_option(crate::stats::fraction(
+                    probes.syn_cpus.iter().copied().max().unwrap_or(0),
+                    syns,
+                )),
+            };
+            (metric, value)
+        })
+        .collect()
 }
 
 fn cross_check_wrk(
@@ -759,9 +686,9 @@ fn cross_check_wrk(
     let mut builtin: Vec<f64> = runs
         .iter()
         .filter(|r| r.row == mode.to_string())
-        .filter_map(|r| r.metrics.get("req_per_s").and_then(Metric::value))
+        .filter_map(|r| r.metrics.get(&MetricId::ReqPerS).and_then(Metric::value))
         .collect();
-    let builtin_req_per_s = crate::experiment::report::median(&mut builtin).unwrap_or(0.0);
+    let builtin_req_per_s = median(&mut builtin).unwrap_or(0.0);
     Ok(CrossCheck {
         mode: mode.to_string(),
         wrk_req_per_s,

@@ -108,7 +108,7 @@ impl SpillConfig {
 }
 
 /// What the sampler has seen, for the live line and the summary.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SpillCounters {
     /// Samples taken (one per period, all listeners at once).
     pub samples: u64,
