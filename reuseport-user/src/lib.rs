@@ -22,8 +22,10 @@
 //! - [`spill`]: `percpu-spill`, per-CPU steering that spills an overloaded CPU's connections.
 //! - [`stats`]: counters, live line and JSON summary.
 //! - [`server`]: all of the above started and stopped together ([`Server`]).
-//! - [`load`]: the built-in load generator (crr, rr, udp; closed or open loop, HdrHistogram).
-//! - [`experiment`]: the A/B harness behind `reuseport ab` / `cargo xtask ab`.
+//!
+//! This crate is what a server embeds: it has no command-line or measurement dependencies. The
+//! `reuseport` command line is the `reuseport-cli` crate; the load generator and the A/B
+//! experiments behind `reuseport ab` are the `reuseport-lab` crate.
 //!
 //! ```no_run
 //! use reuseport::{Server, ServerConfig, SteeringMode};
@@ -40,12 +42,10 @@ pub mod attach;
 pub mod cbpf;
 pub mod cpu_topology;
 pub mod cpus;
-pub mod experiment;
 pub mod http;
 pub mod incoming_cpu;
 pub mod kernel;
 pub mod listeners;
-pub mod load;
 pub mod procfs;
 pub mod server;
 pub mod spill;

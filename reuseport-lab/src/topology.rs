@@ -19,11 +19,10 @@ use std::{
     process::{Command, Stdio},
 };
 
+use reuseport::cpus::CpuList;
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use serde::Serialize;
 use thiserror::Error;
-
-use crate::cpus::CpuList;
 
 /// Errors from creating a topology.
 #[derive(Debug, Error)]

@@ -24,6 +24,7 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
+use reuseport::cpus::{CpuError, CpuList, pin_current_thread};
 use serde::Serialize;
 use thiserror::Error;
 use tokio::{
@@ -31,8 +32,6 @@ use tokio::{
     net::{TcpStream, UdpSocket},
     time::timeout,
 };
-
-use crate::cpus::{CpuError, CpuList, pin_current_thread};
 
 /// Errors that stop a load run from starting or finishing (individual failed requests are only
 /// counted, see [`LoadReport::errors`]).

@@ -8,11 +8,10 @@ use aya::{
     maps::{Array, HashMap, MapError, PerCpuArray},
     programs::{ProgramError, TracePoint},
 };
+use reuseport::steering::BPF_OBJECT;
 use reuseport_common::{ProbeCounts, names, probe_config as cfg};
 use serde::Serialize;
 use thiserror::Error;
-
-use crate::steering::BPF_OBJECT;
 
 /// Errors from attaching or reading the probes.
 #[derive(Debug, Error)]
@@ -81,12 +80,12 @@ impl ProbeTotals {
             .zip(self.sum.conn_cpus)
             .map(|(n, count)| n * count)
             .sum();
-        crate::stats::fraction(weighted, self.conns_closed())
+        reuseport::stats::fraction(weighted, self.conns_closed())
     }
 
     /// Fraction of closed connections touched by more than one CPU.
     pub fn cross_cpu_conn_fraction(&self) -> Option<f64> {
-        crate::stats::fraction(
+        reuseport::stats::fraction(
             self.conns_closed() - self.sum.conn_cpus[0],
             self.conns_closed(),
         )

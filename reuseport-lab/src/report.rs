@@ -11,7 +11,7 @@ use plotters::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::experiment::runner::{AbConfig, AbResults, CrossCheck, Metric, RunRecord};
+use crate::runner::{AbConfig, AbResults, CrossCheck, Metric, RunRecord};
 
 /// Errors from writing the report.
 #[derive(Debug, Error)]
@@ -255,7 +255,7 @@ impl Report {
                 .collect(),
             _ => BTreeMap::new(),
         };
-        let kernel = crate::kernel::release();
+        let kernel = reuseport::kernel::release();
         Self {
             machine: Machine {
                 cpus,

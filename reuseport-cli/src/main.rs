@@ -19,21 +19,28 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, error::ErrorKind};
 use reuseport::{
     CpuList, Protocol, Server, ServerConfig, SteeringMode,
-    experiment::{
-        report::Report,
-        runner::{AbConfig, Progress},
-        topology::TopologyKind,
-    },
-    load::{LoadConfig, LoadKind},
     server::ServerError,
     spill::{SpillConfig, SpillError},
     stats::{Migrations, Snapshot, Summary},
     steering::SteeringProgram,
 };
+use reuseport_lab::{
+    load::{LoadConfig, LoadKind},
+    report::Report,
+    runner::{AbConfig, Progress},
+    topology::TopologyKind,
+};
 
 /// Per-CPU SO_REUSEPORT steering with eBPF.
 #[derive(Debug, Parser)]
-#[command(name = "reuseport", version, about, long_about = None)]
+// The help's first line, as before the CLI had its own package (`about` alone would take this
+// package's description).
+#[command(
+    name = "reuseport",
+    version,
+    about = "Per-CPU SO_REUSEPORT steering with eBPF: library and the `reuseport` CLI",
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -477,7 +484,7 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
         Some(cpus) => cpus.within(&allowed)?,
         None => allowed,
     };
-    let report = reuseport::load::run(&LoadConfig {
+    let report = reuseport_lab::load::run(&LoadConfig {
         target: args.target,
         kind: args.kind,
         connections: args.connections,
@@ -547,7 +554,7 @@ fn ab(args: AbArgs) -> anyhow::Result<()> {
         )
         .context("progress bar template")?,
     );
-    let results = reuseport::experiment::runner::run(&config, &stop, |progress| match progress {
+    let results = reuseport_lab::runner::run(&config, &stop, |progress| match progress {
         Progress::Run {
             index,
             total,

@@ -17,20 +17,20 @@ use std::{
     time::Duration,
 };
 
+use reuseport::{
+    cpus::{CpuError, CpuList},
+    steering::{SteeringMode, SteeringProgram},
+};
 use serde::Serialize;
 use serde_json::Value;
 use thiserror::Error;
 
 use crate::{
-    cpus::{CpuError, CpuList},
-    experiment::{
-        child::ChildGuard,
-        hw_counters::{HwCount, HwCounters},
-        probes::{ProbeError, ProbeTotals, Probes, ipi_count},
-        topology::{Topology, TopologyError, TopologyKind},
-    },
+    child::ChildGuard,
+    hw_counters::{HwCount, HwCounters},
     load::{LoadKind, LoadReport},
-    steering::{SteeringMode, SteeringProgram},
+    probes::{ProbeError, ProbeTotals, Probes, ipi_count},
+    topology::{Topology, TopologyError, TopologyKind},
 };
 
 /// Errors that end an experiment.
@@ -119,7 +119,7 @@ pub struct AbConfig {
     /// one queue or one bursty client: the load strict per-CPU steering cannot spread.
     pub skew: bool,
     /// Threshold and period of the `percpu-spill` rows.
-    pub spill: crate::spill::SpillConfig,
+    pub spill: reuseport::spill::SpillConfig,
     /// Restart our server's workers (SIGHUP) this often while the load runs.
     pub restart_every: Option<Duration>,
     /// The load.
@@ -323,7 +323,7 @@ pub fn run(
 fn note_syn_spread(record: &RunRecord, progress: &mut impl FnMut(Progress)) {
     let syns: u64 = record.probes.syn_cpus.iter().sum();
     let busiest = record.probes.syn_cpus.iter().copied().max().unwrap_or(0);
-    if let Some(share) = crate::stats::fraction(busiest, syns)
+    if let Some(share) = reuseport::stats::fraction(busiest, syns)
         && share > 0.9
         && record.probes.syn_cpus.len() > 1
     {
@@ -369,7 +369,7 @@ fn start_server(
         Row::BpfSelect => (SteeringMode::Percpu, SteeringProgram::SelectOnly),
         Row::Nginx | Row::NginxAttached => {
             let (guard, addr) =
-                crate::experiment::peers::start_nginx(topology, cpus, files, config.connections)?;
+                crate::peers::start_nginx(topology, cpus, files, config.connections)?;
             let attach = if row == Row::NginxAttached {
                 let mut command = Command::new(&config.binary);
                 command
@@ -537,8 +537,8 @@ impl Drop for Restarter {
 /// The thread ids of `pid` and, for a prefork server, its children (`/proc/PID/task/*`).
 pub fn server_threads(pid: u32) -> Vec<u32> {
     std::iter::once(pid)
-        .chain(crate::procfs::children_of(pid))
-        .flat_map(crate::procfs::threads)
+        .chain(reuseport::procfs::children_of(pid))
+        .flat_map(reuseport::procfs::threads)
         .collect()
 }
 
@@ -656,18 +656,18 @@ pub fn derive_metrics(
         LoadKind::Crr => load.connections,
         LoadKind::Rr | LoadKind::Udp => load.requests,
     };
-    let per = |count: u64| Metric::from_option(crate::stats::fraction(count, units));
+    let per = |count: u64| Metric::from_option(reuseport::stats::fraction(count, units));
     // Our server knows each TCP connection's SO_INCOMING_CPU; for peers use the probes' SYN CPU
     // vs first-read CPU, which sees any TCP server; for UDP (no SO_INCOMING_CPU on unconnected
     // sockets) the steering program's own counters, where there is a program.
     let steered = |field: &str| server["steering"]["total"][field].as_u64().unwrap_or(0);
     let locality = server["total"]["locality"]
         .as_f64()
-        .or_else(|| crate::stats::fraction(probes.sum.conns_read_local, probes.sum.conns_read))
+        .or_else(|| reuseport::stats::fraction(probes.sum.conns_read_local, probes.sum.conns_read))
         .or_else(|| {
             let selections =
                 steered("local") + steered("spilled") + steered("fallback") + steered("unsteered");
-            crate::stats::fraction(steered("local"), selections)
+            reuseport::stats::fraction(steered("local"), selections)
         });
     let cache_misses = match hw.get("cache_misses") {
         Some(HwCount::Count(count)) => per(*count),
@@ -686,7 +686,7 @@ pub fn derive_metrics(
             Metric::from_option(
                 server["steering"]["total"]["spilled"]
                     .as_u64()
-                    .and_then(|spilled| crate::stats::fraction(spilled, units)),
+                    .and_then(|spilled| reuseport::stats::fraction(spilled, units)),
             ),
         ),
         (
@@ -717,7 +717,7 @@ pub fn derive_metrics(
         ),
         (
             "syn_cpu_max_share",
-            Metric::from_option(crate::stats::fraction(
+            Metric::from_option(reuseport::stats::fraction(
                 probes.syn_cpus.iter().copied().max().unwrap_or(0),
                 syns,
             )),
@@ -746,7 +746,7 @@ fn cross_check_wrk(
     })?;
     let limit = config.duration * 3 + Duration::from_secs(30);
     let server = start_server(config, topology, cpus, Row::Mode(mode), &files, limit)?;
-    let wrk_req_per_s = crate::experiment::peers::run_wrk(
+    let wrk_req_per_s = crate::peers::run_wrk(
         topology,
         server.addr,
         config.load,
@@ -761,7 +761,7 @@ fn cross_check_wrk(
         .filter(|r| r.row == mode.to_string())
         .filter_map(|r| r.metrics.get("req_per_s").and_then(Metric::value))
         .collect();
-    let builtin_req_per_s = crate::experiment::report::median(&mut builtin).unwrap_or(0.0);
+    let builtin_req_per_s = crate::report::median(&mut builtin).unwrap_or(0.0);
     Ok(CrossCheck {
         mode: mode.to_string(),
         wrk_req_per_s,
