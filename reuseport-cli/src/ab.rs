@@ -5,24 +5,25 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use reuseport::{CpuList, SteeringMode, spill::SpillConfig};
 use reuseport_lab::{
-    load::LoadKind,
     report::Report,
     runner::{AbConfig, Progress},
-    topology::TopologyKind,
 };
 
-use crate::{args, live};
+use crate::{
+    args::{self, LoadKindArg, ModeArg, TopologyArg},
+    live,
+};
 
 /// `reuseport ab`'s arguments.
 #[derive(Debug, clap::Args)]
 pub struct AbArgs {
     /// Steering modes to compare, in order.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "hash,percpu")]
-    modes: Vec<SteeringMode>,
+    modes: Vec<ModeArg>,
     /// veth: server and clients in two namespaces, RPS spreading SYNs over CPUs by flow hash;
     /// loopback: clients pinned round-robin to CPUs.
-    #[arg(long, value_enum, default_value_t = TopologyKind::Veth)]
-    topology: TopologyKind,
+    #[arg(long, value_enum, default_value_t = TopologyArg::Veth)]
+    topology: TopologyArg,
     /// Process every SYN on the first CPU (veth: RPS mask of one CPU; loopback: all clients
     /// pinned there), as with a one-queue NIC or one bursty client. Compare
     /// `--modes hash,percpu,percpu-spill`.
@@ -45,8 +46,8 @@ pub struct AbArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     spill_targets: Option<u32>,
     /// crr: a new connection per request; rr: keep-alive; udp: datagram request/reply.
-    #[arg(long, value_enum, default_value_t = LoadKind::Crr)]
-    load: LoadKind,
+    #[arg(long, value_enum, default_value_t = LoadKindArg::Crr)]
+    load: LoadKindArg,
     /// Measured time per run.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     duration: Duration,
@@ -90,12 +91,12 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
     };
     let config = AbConfig {
         binary: std::env::current_exe().context("finding the reuseport binary")?,
-        modes: args.modes,
+        modes: args.modes.into_iter().map(SteeringMode::from).collect(),
         peer_nginx: args.peer.is_some(),
         peer_nginx_attach: args.peer.as_deref() == Some("nginx-attach"),
         cross_check_wrk: args.cross_check.is_some(),
         calibrate: args.calibrate,
-        topology: args.topology,
+        topology: args.topology.into(),
         skew: args.skew,
         spill: SpillConfig {
             threshold: args.spill_threshold,
@@ -103,7 +104,7 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
             max_targets: args.spill_targets,
         },
         restart_every: args.restart_every,
-        load: args.load,
+        load: args.load.into(),
         connections: args.connections,
         duration,
         warmup,

@@ -6,6 +6,8 @@ use anyhow::Context as _;
 use reuseport::CpuList;
 use reuseport_lab::load::{LoadConfig, LoadKind};
 
+use crate::args::LoadKindArg;
+
 /// `reuseport load`'s arguments.
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
@@ -13,8 +15,8 @@ pub struct LoadArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     target: SocketAddr,
     /// crr: connect, one request, close; rr: keep-alive requests; udp: datagram request/reply.
-    #[arg(long, value_enum, default_value_t = LoadKind::Crr)]
-    kind: LoadKind,
+    #[arg(long, value_enum, default_value_t = LoadKindArg::Crr)]
+    kind: LoadKindArg,
     /// Concurrent clients.
     #[arg(long, default_value_t = 32)]
     connections: usize,
@@ -48,7 +50,7 @@ pub fn load(args: LoadArgs) -> anyhow::Result<()> {
         Some(cpus) => cpus.within(&allowed)?,
         None => allowed,
     };
-    let kind = args.kind;
+    let kind = LoadKind::from(args.kind);
     let report = reuseport_lab::load::run(&LoadConfig {
         target: args.target,
         kind,

@@ -22,7 +22,11 @@ use reuseport::{
     steering::SteeringProgram,
 };
 
-use crate::{args, error::BadArguments, live};
+use crate::{
+    args::{self, ModeArg, ProgramArg, ProtoArg},
+    error::BadArguments,
+    live,
+};
 
 /// `reuseport serve`'s arguments.
 #[derive(Debug, clap::Args)]
@@ -36,8 +40,8 @@ pub struct ServeArgs {
     /// first, until the skew ends.
     /// auto: percpu-spill if this process may load BPF, else incoming-cpu if honoured, else
     /// cbpf.
-    #[arg(long, value_enum, default_value_t = SteeringMode::PercpuSpill)]
-    mode: SteeringMode,
+    #[arg(long, value_enum, default_value_t = ModeArg::PercpuSpill)]
+    mode: ModeArg,
     /// percpu-spill: queue depth (TCP: accept queue; UDP: receive queue, in datagrams) that
     /// counts as overloaded (see README "Restarts and overload").
     #[arg(long, default_value_t = SpillConfig::default().threshold,
@@ -54,8 +58,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Transport protocol.
-    #[arg(long, value_enum, default_value_t = Protocol::Tcp)]
-    proto: Protocol,
+    #[arg(long, value_enum, default_value_t = ProtoArg::Tcp)]
+    proto: ProtoArg,
     /// CPUs to run workers on, e.g. `0-3,6` (default: every CPU this process may use).
     #[arg(long)]
     cpus: Option<CpuList>,
@@ -80,14 +84,14 @@ pub struct ServeArgs {
     /// helper on the local slot (no counters, no fallback), the part of the cost no program
     /// avoids.
     #[arg(long, value_enum)]
-    bpf_program: Option<SteeringProgram>,
+    bpf_program: Option<ProgramArg>,
 }
 
 /// Serves until Ctrl-C, SIGTERM or `--duration`, restarting the workers on SIGHUP, then prints
 /// the summary.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stop = live::stop_on_signals()?;
-    let (mode, protocol) = (args.mode, args.proto);
+    let (mode, protocol) = (SteeringMode::from(args.mode), Protocol::from(args.proto));
     // SIGHUP: restart the workers one at a time (zero-downtime, see `Server::restart_worker`).
     // Installed before anything is served, so an early SIGHUP cannot end the process.
     let hangup = Arc::new(AtomicBool::new(false));
@@ -101,7 +105,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         backlog: args.backlog,
         program: args
             .bpf_program
-            .unwrap_or_else(SteeringProgram::recommended),
+            .map_or_else(SteeringProgram::recommended, SteeringProgram::from),
         spill: SpillConfig {
             threshold: args.spill_threshold,
             period: args.spill_period,

@@ -55,7 +55,7 @@ pub enum LoadError {
 }
 
 /// What each client does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoadKind {
     /// A new TCP connection per HTTP request.

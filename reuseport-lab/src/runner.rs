@@ -406,7 +406,7 @@ fn start_server(
     command
         .arg("serve")
         .args(["--mode", &mode.to_string()])
-        .args(["--bpf-program", program.cli_name()])
+        .args(["--bpf-program", &program.to_string()])
         .args([
             "--listen",
             &SocketAddr::new(topology.server_ip(), 0).to_string(),

@@ -56,7 +56,7 @@ pub enum TopologyError {
 }
 
 /// Which topology an experiment uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TopologyKind {
     /// Server and clients in two namespaces joined by veth, RPS spreading SYNs by flow hash.

@@ -52,7 +52,7 @@ pub enum ListenerError {
 }
 
 /// The transport protocol of a listener group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP: listeners, steering picks the listener whose accept queue gets the connection.

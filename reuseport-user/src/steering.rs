@@ -27,7 +27,7 @@ use crate::{
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport"));
 
 /// How the kernel chooses a listener of the reuseport group for each new connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SteeringMode {
     /// Our `SK_REUSEPORT` program picks the listener of the worker pinned to the CPU that received
@@ -64,7 +64,7 @@ impl std::fmt::Display for SteeringMode {
 
 /// Which `SK_REUSEPORT` program [`Steering`] attaches ([`SteeringProgram::recommended`] unless
 /// asked otherwise).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SteeringProgram {
     /// `steer_to_cpu`: the listener of the receiving CPU, select only: connections queued on a
@@ -83,6 +83,18 @@ pub enum SteeringProgram {
     SelectOnly,
 }
 
+/// The short name, as in JSON: `steer-to-cpu`, `steer-migrate`, `noop`, `select-only`.
+impl std::fmt::Display for SteeringProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SteerToCpu => "steer-to-cpu",
+            Self::SteerMigrate => "steer-migrate",
+            Self::Noop => "noop",
+            Self::SelectOnly => "select-only",
+        })
+    }
+}
+
 /// The first kernel with `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`.
 pub const FIRST_MIGRATING_KERNEL: (u32, u32) = (5, 14);
 
@@ -98,16 +110,6 @@ impl SteeringProgram {
             Self::SteerMigrate
         } else {
             Self::SteerToCpu
-        }
-    }
-
-    /// The value `reuseport serve --bpf-program` takes for it.
-    pub fn cli_name(self) -> &'static str {
-        match self {
-            Self::SteerToCpu => "steer-to-cpu",
-            Self::SteerMigrate => "steer-migrate",
-            Self::Noop => "noop",
-            Self::SelectOnly => "select-only",
         }
     }
 
