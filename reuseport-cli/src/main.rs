@@ -98,7 +98,7 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(err) => {
-            eprintln!("reuseport: error: {err:#}");
+            eprintln!("reuseport: error: {}", error::message(&err));
             ExitCode::FAILURE
         }
     }

@@ -7,7 +7,7 @@
 //! connection's whole life on one CPU.
 //!
 //! The pieces, each usable on its own:
-//! - [`cpus`]: which CPUs to use (`--cpus 0-3,6`, the affinity mask), pinning;
+//! - [`cpus`]: which CPUs to use (lists such as `0-3,6`, the affinity mask), pinning;
 //!   [`cpu_topology`]: which CPUs share a core, a cache, a NUMA node.
 //! - [`listeners`]: one `SO_REUSEPORT` socket per CPU ([`PerCpuListeners`]).
 //! - [`steering`]: load the BPF program, fill slot CPU → listener, attach, read counters

@@ -130,14 +130,12 @@ pub enum SteeringError {
     /// The process lacks the capability to load BPF programs.
     #[error(
         "per-CPU steering loads a BPF program, which needs CAP_BPF (or CAP_SYS_ADMIN, e.g. root); \
-         this process has neither. Run as root, or use --mode auto (it picks incoming-cpu or cbpf, \
-         which need no privileges) or --mode hash"
+         this process has neither"
     )]
     MissingCapabilities,
     /// The kernel cannot run `SK_REUSEPORT` programs or has no `REUSEPORT_SOCKARRAY` maps.
     #[error(
-        "this kernel does not support {what} (Linux >= 4.19 with CONFIG_BPF_SYSCALL is needed); \
-         use --mode auto (it picks incoming-cpu or cbpf, which need no eBPF) or --mode hash"
+        "this kernel does not support {what} (Linux >= 4.19 with CONFIG_BPF_SYSCALL is needed)"
     )]
     Unsupported {
         /// The missing feature.
@@ -277,7 +275,7 @@ impl Steering {
     ///    handed to another CPU's worker (every fallback is `HOLD`);
     /// 4. [`Steering::open`]: every slot is filled, the real fallbacks replace `HOLD`.
     ///
-    /// `spill` loads the program with its spill branch (`--mode percpu-spill`); without it the
+    /// `spill` loads the program with its spill branch (percpu-spill mode); without it the
     /// verifier removes that branch.
     pub fn load(program: SteeringProgram, spill: bool) -> Result<Self, SteeringError> {
         Self::check_available()?;
@@ -358,7 +356,7 @@ impl Steering {
     }
 
     /// Hands over the `cpu_spill` map, for a [`SpillSampler`](crate::spill::SpillSampler) to
-    /// write (`--mode percpu-spill`, loaded with `spill`). Only once; until then (and without a
+    /// write (percpu-spill mode, loaded with `spill`). Only once; until then (and without a
     /// sampler) it spills nothing.
     pub fn take_spill_map(
         &mut self,
