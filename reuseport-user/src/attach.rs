@@ -86,13 +86,13 @@ pub enum AttachError {
         /// The address.
         addr: SocketAddr,
     },
-    /// An fd given with `--fd` is not a socket.
+    /// A file descriptor given to [`check_fds`] is not a socket.
     #[error("fd {fd} is not a socket")]
     NotASocket {
         /// The fd.
         fd: i32,
     },
-    /// A socket given with `--fd` is not listening.
+    /// A socket given to [`check_fds`] is not listening.
     #[error("fd {fd} is a socket but not a listening TCP socket")]
     NotListening {
         /// The fd.
@@ -424,17 +424,17 @@ pub fn steer(found: Vec<FoundListener>) -> Result<Steering, AttachError> {
     Ok(steering)
 }
 
-/// Where `--persist` pins the program and maps of the steering for `port`.
+/// Where [`persist`] pins the program and maps of the steering for `port`.
 pub fn persist_dir(port: u16) -> PathBuf {
     Path::new("/sys/fs/bpf/reuseport").join(port.to_string())
 }
 
-/// Where `--persist` records what it steers for `port` (bpffs holds only BPF objects).
+/// Where [`persist`] records what it steers for `port` (bpffs holds only BPF objects).
 pub fn state_path(port: u16) -> PathBuf {
     Path::new("/run/reuseport").join(format!("{port}.json"))
 }
 
-/// What `--persist` records beside the pins, for `status` and `detach`.
+/// What [`persist`] records beside the pins, for [`persisted`] and [`detach_persisted`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PersistedState {
     /// The port.
@@ -497,7 +497,7 @@ fn write_state(path: &Path, state: &PersistedState) -> Result<(), AttachError> {
     })
 }
 
-/// Reads what `--persist` recorded for `port`.
+/// Reads what [`persist`] recorded for `port`.
 pub fn persisted(port: u16) -> Result<PersistedState, AttachError> {
     let path = state_path(port);
     let text = fs::read_to_string(&path).map_err(|_| AttachError::NotPersisted {

@@ -1,4 +1,4 @@
-//! `--mode cbpf`: the classic BPF way (Envoy's CPU-locality balancer, the kernel selftest
+//! cbpf mode: the classic BPF way (Envoy's CPU-locality balancer, the kernel selftest
 //! `reuseport_bpf_cpu`): a two-instruction filter, `ld [cpu]; ret a`, attached to the group with
 //! `SO_ATTACH_REUSEPORT_CBPF`. It needs no privileges.
 //!
@@ -24,8 +24,8 @@ const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 pub enum CbpfError {
     /// The workers' CPUs are not 0..N-1, so group indices cannot equal CPU numbers.
     #[error(
-        "--mode cbpf returns the CPU number as the listener's index in the group, so it needs \
-         workers on CPUs 0 to N-1 (got {cpus}); use --mode percpu, which is keyed by CPU"
+        "cbpf returns the CPU number as the listener's index in the group, so it needs workers on \
+         CPUs 0 to N-1 (got {cpus})"
     )]
     CpusNotFromZero {
         /// The workers' CPUs.

@@ -1,5 +1,5 @@
-//! Which CPUs the server runs on: parsing `--cpus 0-3,6`, the process's affinity mask, and pinning
-//! a thread to one CPU.
+//! Which CPUs the server runs on: parsing lists such as `0-3,6`, the process's affinity mask,
+//! and pinning a thread to one CPU.
 
 use std::{collections::BTreeSet, fmt, fs, io, str::FromStr};
 
@@ -9,7 +9,7 @@ use thiserror::Error;
 /// Errors from reading, choosing or pinning CPUs.
 #[derive(Debug, Error)]
 pub enum CpuError {
-    /// A `--cpus` list could not be parsed.
+    /// A CPU list (such as `0-3,6`) could not be parsed.
     #[error("invalid CPU list {list:?}: {reason} (expected e.g. \"0-3,6\")")]
     Parse {
         /// The list as given.

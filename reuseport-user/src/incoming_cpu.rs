@@ -1,4 +1,4 @@
-//! `--mode incoming-cpu`: no program at all. Each listener's `SO_INCOMING_CPU` is set to its
+//! incoming-cpu mode: no program at all. Each listener's `SO_INCOMING_CPU` is set to its
 //! worker's CPU; since Linux 6.2 the kernel's reuseport selection prefers, among the group's
 //! sockets, one whose `SO_INCOMING_CPU` equals the CPU processing the packet, before falling
 //! back to the hash. Older kernels accept the option but ignore it there.
@@ -18,7 +18,7 @@ pub enum IncomingCpuError {
     /// This kernel ignores `SO_INCOMING_CPU` in reuseport selection.
     #[error(
         "kernel {release} ignores SO_INCOMING_CPU when it selects a reuseport listener (that \
-         needs Linux 6.2 or later); use --mode percpu or --mode cbpf"
+         needs Linux 6.2 or later)"
     )]
     Ignored {
         /// `uname -r`.

@@ -7,7 +7,7 @@
 //! connection's whole life on one CPU.
 //!
 //! The pieces, each usable on its own:
-//! - [`cpus`]: which CPUs to use (`--cpus 0-3,6`, the affinity mask), pinning;
+//! - [`cpus`]: which CPUs to use (lists such as `0-3,6`, the affinity mask), pinning;
 //!   [`cpu_topology`]: which CPUs share a core, a cache, a NUMA node.
 //! - [`listeners`]: one `SO_REUSEPORT` socket per CPU ([`PerCpuListeners`]).
 //! - [`steering`]: load the BPF program, fill slot CPU → listener, attach, read counters
@@ -22,8 +22,10 @@
 //! - [`spill`]: `percpu-spill`, per-CPU steering that spills an overloaded CPU's connections.
 //! - [`stats`]: counters, live line and JSON summary.
 //! - [`server`]: all of the above started and stopped together ([`Server`]).
-//! - [`load`]: the built-in load generator (crr, rr, udp; closed or open loop, HdrHistogram).
-//! - [`experiment`]: the A/B harness behind `reuseport ab` / `cargo xtask ab`.
+//!
+//! This crate is what a server embeds: it has no command-line or measurement dependencies. The
+//! `reuseport` command line is the `reuseport-cli` crate; the load generator and the A/B
+//! experiments behind `reuseport ab` are the `reuseport-lab` crate.
 //!
 //! ```no_run
 //! use reuseport::{Server, ServerConfig, SteeringMode};
@@ -40,12 +42,10 @@ pub mod attach;
 pub mod cbpf;
 pub mod cpu_topology;
 pub mod cpus;
-pub mod experiment;
 pub mod http;
 pub mod incoming_cpu;
 pub mod kernel;
 pub mod listeners;
-pub mod load;
 pub mod procfs;
 pub mod server;
 pub mod spill;

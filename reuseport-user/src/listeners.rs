@@ -52,9 +52,7 @@ pub enum ListenerError {
 }
 
 /// The transport protocol of a listener group.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP: listeners, steering picks the listener whose accept queue gets the connection.

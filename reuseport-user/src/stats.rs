@@ -242,7 +242,7 @@ pub fn percent(fraction: Option<f64>) -> String {
     fraction.map_or_else(|| "-".to_owned(), |f| format!("{:.1}%", f * 100.0))
 }
 
-/// The end-of-run report: printed as a table, written as JSON by `--stats-json`.
+/// The end-of-run report: printed as a table ([`Summary::table`]), or serialized as JSON.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
     /// How connections were steered.

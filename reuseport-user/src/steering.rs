@@ -29,7 +29,7 @@ pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-steering"));
 
 /// How the kernel chooses a listener of the reuseport group for each new connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SteeringMode {
     /// Our `SK_REUSEPORT` program picks the listener of the worker pinned to the CPU that received
@@ -66,7 +66,7 @@ impl std::fmt::Display for SteeringMode {
 
 /// Which `SK_REUSEPORT` program [`Steering`] attaches ([`SteeringProgram::recommended`] unless
 /// asked otherwise).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SteeringProgram {
     /// `steer_to_cpu`: the listener of the receiving CPU, select only: connections queued on a
@@ -83,6 +83,18 @@ pub enum SteeringProgram {
     /// `steer_select`: only `bpf_sk_select_reuseport` of the local slot, no counters. For
     /// calibrating: its cost above `noop`'s is the kernel helper's, which any steering pays.
     SelectOnly,
+}
+
+/// The short name, as in JSON: `steer-to-cpu`, `steer-migrate`, `noop`, `select-only`.
+impl std::fmt::Display for SteeringProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SteerToCpu => "steer-to-cpu",
+            Self::SteerMigrate => "steer-migrate",
+            Self::Noop => "noop",
+            Self::SelectOnly => "select-only",
+        })
+    }
 }
 
 /// The first kernel with `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`.
@@ -103,16 +115,6 @@ impl SteeringProgram {
         }
     }
 
-    /// The value `reuseport serve --bpf-program` takes for it.
-    pub fn cli_name(self) -> &'static str {
-        match self {
-            Self::SteerToCpu => "steer-to-cpu",
-            Self::SteerMigrate => "steer-migrate",
-            Self::Noop => "noop",
-            Self::SelectOnly => "select-only",
-        }
-    }
-
     /// The program's name in the object (and in `bpftool prog show`).
     pub fn name(self) -> &'static str {
         match self {
@@ -130,14 +132,12 @@ pub enum SteeringError {
     /// The process lacks the capability to load BPF programs.
     #[error(
         "per-CPU steering loads a BPF program, which needs CAP_BPF (or CAP_SYS_ADMIN, e.g. root); \
-         this process has neither. Run as root, or use --mode auto (it picks incoming-cpu or cbpf, \
-         which need no privileges) or --mode hash"
+         this process has neither"
     )]
     MissingCapabilities,
     /// The kernel cannot run `SK_REUSEPORT` programs or has no `REUSEPORT_SOCKARRAY` maps.
     #[error(
-        "this kernel does not support {what} (Linux >= 4.19 with CONFIG_BPF_SYSCALL is needed); \
-         use --mode auto (it picks incoming-cpu or cbpf, which need no eBPF) or --mode hash"
+        "this kernel does not support {what} (Linux >= 4.19 with CONFIG_BPF_SYSCALL is needed)"
     )]
     Unsupported {
         /// The missing feature.
@@ -277,7 +277,7 @@ impl Steering {
     ///    handed to another CPU's worker (every fallback is `HOLD`);
     /// 4. [`Steering::open`]: every slot is filled, the real fallbacks replace `HOLD`.
     ///
-    /// `spill` loads the program with its spill branch (`--mode percpu-spill`); without it the
+    /// `spill` loads the program with its spill branch (percpu-spill mode); without it the
     /// verifier removes that branch.
     pub fn load(program: SteeringProgram, spill: bool) -> Result<Self, SteeringError> {
         Self::check_available()?;
@@ -358,7 +358,7 @@ impl Steering {
     }
 
     /// Hands over the `cpu_spill` map, for a [`SpillSampler`](crate::spill::SpillSampler) to
-    /// write (`--mode percpu-spill`, loaded with `spill`). Only once; until then (and without a
+    /// write (percpu-spill mode, loaded with `spill`). Only once; until then (and without a
     /// sampler) it spills nothing.
     pub fn take_spill_map(
         &mut self,

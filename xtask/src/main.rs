@@ -77,7 +77,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Task::Run { mode, serve_args } => {
-            run_checked(cargo().args(["build", "--release", "--package", "reuseport-user"]))?;
+            run_checked(cargo().args(["build", "--release", "--package", "reuseport-cli"]))?;
             run_checked(
                 Command::new(release_binary())
                     .args(["serve", "--mode", &mode])
@@ -93,7 +93,7 @@ fn run(cli: Cli) -> Result<()> {
                 packages.push("wrk");
             }
             toolchain::ensure_apt_packages(&packages, "the A/B experiment runs them")?;
-            run_checked(cargo().args(["build", "--release", "--package", "reuseport-user"]))?;
+            run_checked(cargo().args(["build", "--release", "--package", "reuseport-cli"]))?;
             run_checked(Command::new(release_binary()).arg("ab").args(&ab_args))
         }
         Task::Soak { connections } => run_checked(
@@ -102,7 +102,7 @@ fn run(cli: Cli) -> Result<()> {
                     "test",
                     "--release",
                     "--package",
-                    "reuseport-user",
+                    "reuseport-cli",
                     "--test",
                     "soak",
                 ])

@@ -1,4 +1,4 @@
-//! `--mode percpu-spill`: stay on the receiving CPU while its worker keeps up; while it does not,
+//! percpu-spill mode: stay on the receiving CPU while its worker keeps up; while it does not,
 //! spread its excess connections over several listeners, nearest first.
 //!
 //! Strict per-CPU steering has one failure mode: when the SYNs of many connections arrive on few

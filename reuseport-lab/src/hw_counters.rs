@@ -8,9 +8,8 @@ use perf_event::{
     Builder, Counter,
     events::{Cache, CacheId, CacheOp, CacheResult, Event, Hardware},
 };
+use reuseport::cpus::CpuList;
 use serde::Serialize;
-
-use crate::cpus::CpuList;
 
 /// One hardware event's count over a measured window, or why there is none.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]

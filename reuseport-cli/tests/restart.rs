@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::*;
-use reuseport::experiment::topology::{Topology, TopologyKind};
+use reuseport_lab::topology::{Topology, TopologyKind};
 
 /// What one rolling-restart run saw.
 #[derive(Debug)]

@@ -24,6 +24,7 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
+use reuseport::cpus::{CpuError, CpuList, pin_current_thread};
 use serde::Serialize;
 use thiserror::Error;
 use tokio::{
@@ -31,8 +32,6 @@ use tokio::{
     net::{TcpStream, UdpSocket},
     time::timeout,
 };
-
-use crate::cpus::{CpuError, CpuList, pin_current_thread};
 
 /// Errors that stop a load run from starting or finishing (individual failed requests are only
 /// counted, see [`LoadReport::errors`]).
@@ -56,7 +55,7 @@ pub enum LoadError {
 }
 
 /// What each client does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoadKind {
     /// A new TCP connection per HTTP request.

@@ -1,7 +1,9 @@
-//! A/B experiments: does steering each connection to the CPU that received it reduce lock
-//! contention, cross-CPU wakeups and cache traffic, and what does that do to throughput and tail
-//! latency, against the kernel's hash selection?
+//! The measurement lab: the built-in load generator and the A/B experiments behind
+//! `reuseport load`, `reuseport ab` and `cargo xtask ab`. Does steering each connection to the CPU
+//! that received it reduce lock contention, cross-CPU wakeups and cache traffic, and what does
+//! that do to throughput and tail latency, against the kernel's hash selection?
 //!
+//! - [`load`]: the load generator (crr, rr, udp; closed or open loop, HdrHistogram).
 //! - [`topology`]: namespaces + veth + RPS, or loopback with pinned clients; always torn down.
 //! - [`probes`]: tracepoint BPF programs (lock contention, wakeups, per-connection CPUs) and IPIs.
 //! - [`hw_counters`]: hardware counters where the machine has them (`unsupported` otherwise).
@@ -10,10 +12,14 @@
 //! - [`peers`]: nginx as a row, wrk as a cross-check.
 //! - [`metrics`]: every compared metric, defined once (name, unit, better direction, label).
 //! - [`report`]: medians and ranges, ratios, table, JSON, SVG.
+//!
+//! It builds on the `reuseport` library (CPU lists, steering modes, the BPF object whose probes
+//! it attaches); a server embedding that library does not pull in any of this.
 
 pub(crate) mod child;
 pub mod error;
 pub mod hw_counters;
+pub mod load;
 pub mod metrics;
 pub mod peers;
 pub mod probes;

@@ -1,6 +1,6 @@
 //! The compared metrics, defined once: each one's name (the key in `results.json` and the row
 //! of the table), unit, which way is better, what it is, and its label in the chart. The runner
-//! fills them ([`crate::experiment::runner::derive_metrics`]), the report summarizes, prints and
+//! fills them ([`crate::runner::derive_metrics`]), the report summarizes, prints and
 //! draws them in [`MetricId::ALL`] order.
 
 use serde::{Serialize, Serializer};

@@ -13,7 +13,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 /// The probes BPF object (`reuseport-ebpf/src/probes.rs`: the tracepoint programs and their maps,
-/// nothing else), built with the steering object by the library's `build.rs`.
+/// nothing else), built by this crate's `build.rs`.
 pub static PROBES_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-probes"));
 
@@ -84,12 +84,12 @@ impl ProbeTotals {
             .zip(self.sum.conn_cpus)
             .map(|(n, count)| n * count)
             .sum();
-        crate::stats::fraction(weighted, self.conns_closed())
+        reuseport::stats::fraction(weighted, self.conns_closed())
     }
 
     /// Fraction of closed connections touched by more than one CPU.
     pub fn cross_cpu_conn_fraction(&self) -> Option<f64> {
-        crate::stats::fraction(
+        reuseport::stats::fraction(
             self.conns_closed() - self.sum.conn_cpus[0],
             self.conns_closed(),
         )

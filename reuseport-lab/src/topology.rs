@@ -19,11 +19,10 @@ use std::{
     process::{Command, Stdio},
 };
 
+use reuseport::cpus::CpuList;
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use serde::Serialize;
 use thiserror::Error;
-
-use crate::cpus::CpuList;
 
 /// Errors from creating a topology.
 #[derive(Debug, Error)]
@@ -57,7 +56,7 @@ pub enum TopologyError {
 }
 
 /// Which topology an experiment uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TopologyKind {
     /// Server and clients in two namespaces joined by veth, RPS spreading SYNs by flow hash.

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::experiment::error::RunnerError;
+use crate::error::RunnerError;
 
 /// Kills the child on drop, so no server or client outlives the harness's error paths.
 pub(crate) struct ChildGuard {

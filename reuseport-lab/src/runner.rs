@@ -17,23 +17,23 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
-
-use crate::{
+use reuseport::{
     cpus::CpuList,
-    experiment::{
-        child::ChildGuard,
-        hw_counters::{HwCount, HwCounters},
-        metrics::{Metric, MetricId, median},
-        probes::{ProbeTotals, Probes, ipi_count},
-        topology::{Topology, TopologyKind},
-    },
-    load::{LoadKind, LoadReport},
     stats::Summary,
     steering::{SteeringMode, SteeringProgram},
 };
+use serde::Serialize;
 
-pub use crate::experiment::error::RunnerError;
+use crate::{
+    child::ChildGuard,
+    hw_counters::{HwCount, HwCounters},
+    load::{LoadKind, LoadReport},
+    metrics::{Metric, MetricId, median},
+    probes::{ProbeTotals, Probes, ipi_count},
+    topology::{Topology, TopologyKind},
+};
+
+pub use crate::error::RunnerError;
 
 /// One row of the comparison: a steering mode of our server, or a peer server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -84,7 +84,7 @@ pub struct AbConfig {
     /// one queue or one bursty client: the load strict per-CPU steering cannot spread.
     pub skew: bool,
     /// Threshold and period of the `percpu-spill` rows.
-    pub spill: crate::spill::SpillConfig,
+    pub spill: reuseport::spill::SpillConfig,
     /// Restart our server's workers (SIGHUP) this often while the load runs.
     pub restart_every: Option<Duration>,
     /// The load.
@@ -262,7 +262,7 @@ pub fn run(
 fn note_syn_spread(record: &RunRecord, progress: &mut impl FnMut(Progress)) {
     let syns: u64 = record.probes.syn_cpus.iter().sum();
     let busiest = record.probes.syn_cpus.iter().copied().max().unwrap_or(0);
-    if let Some(share) = crate::stats::fraction(busiest, syns)
+    if let Some(share) = reuseport::stats::fraction(busiest, syns)
         && share > 0.9
         && record.probes.syn_cpus.len() > 1
     {
@@ -308,7 +308,7 @@ fn start_server(
         Row::BpfSelect => (SteeringMode::Percpu, SteeringProgram::SelectOnly),
         Row::Nginx | Row::NginxAttached => {
             let (guard, addr) =
-                crate::experiment::peers::start_nginx(topology, cpus, files, config.connections)?;
+                crate::peers::start_nginx(topology, cpus, files, config.connections)?;
             let attach = if row == Row::NginxAttached {
                 let mut command = Command::new(&config.binary);
                 command
@@ -345,7 +345,7 @@ fn start_server(
     command
         .arg("serve")
         .args(["--mode", &mode.to_string()])
-        .args(["--bpf-program", program.cli_name()])
+        .args(["--bpf-program", &program.to_string()])
         .args([
             "--listen",
             &SocketAddr::new(topology.server_ip(), 0).to_string(),
@@ -476,8 +476,8 @@ impl Drop for Restarter {
 /// The thread ids of `pid` and, for a prefork server, its children (`/proc/PID/task/*`).
 pub fn server_threads(pid: u32) -> Vec<u32> {
     std::iter::once(pid)
-        .chain(crate::procfs::children_of(pid))
-        .flat_map(crate::procfs::threads)
+        .chain(reuseport::procfs::children_of(pid))
+        .flat_map(reuseport::procfs::threads)
         .collect()
 }
 
@@ -595,18 +595,18 @@ pub fn derive_metrics(
         LoadKind::Crr => load.connections,
         LoadKind::Rr | LoadKind::Udp => load.requests,
     };
-    let per = |count: u64| Metric::from_option(crate::stats::fraction(count, units));
+    let per = |count: u64| Metric::from_option(reuseport::stats::fraction(count, units));
     let steering = server.and_then(|server| server.steering.as_ref());
     // Our server knows each TCP connection's SO_INCOMING_CPU; for peers use the probes' SYN CPU
     // vs first-read CPU, which sees any TCP server; for UDP (no SO_INCOMING_CPU on unconnected
     // sockets) the steering program's own counters, where there is a program.
     let locality = server
         .and_then(|server| server.total.locality)
-        .or_else(|| crate::stats::fraction(probes.sum.conns_read_local, probes.sum.conns_read))
+        .or_else(|| reuseport::stats::fraction(probes.sum.conns_read_local, probes.sum.conns_read))
         .or_else(|| {
             let total = steering?.total;
             let selections = total.local + total.spilled + total.fallback + total.unsteered;
-            crate::stats::fraction(total.local, selections)
+            reuseport::stats::fraction(total.local, selections)
         });
     let cache_misses = match hw.get("cache_misses") {
         Some(HwCount::Count(count)) => per(*count),
@@ -625,7 +625,7 @@ pub fn derive_metrics(
                 MetricId::P999Us => Metric::Value(load.p999_us),
                 MetricId::Errors => Metric::Value(load.errors as f64),
                 MetricId::SpilledFraction => Metric::from_option(
-                    steering.and_then(|s| crate::stats::fraction(s.total.spilled, units)),
+                    steering.and_then(|s| reuseport::stats::fraction(s.total.spilled, units)),
                 ),
                 MetricId::Restarts => count(server.map(|s| s.restarts)),
                 MetricId::Migrated => count(server.map(|s| s.migrations.success)),
@@ -642,7 +642,7 @@ pub fn derive_metrics(
                 MetricId::BpfNsPerSelect => {
                     Metric::from_option(steering.and_then(|s| s.ns_per_select))
                 }
-                MetricId::SynCpuMaxShare => Metric::from_option(crate::stats::fraction(
+                MetricId::SynCpuMaxShare => Metric::from_option(reuseport::stats::fraction(
                     probes.syn_cpus.iter().copied().max().unwrap_or(0),
                     syns,
                 )),
@@ -673,7 +673,7 @@ fn cross_check_wrk(
     })?;
     let limit = config.duration * 3 + Duration::from_secs(30);
     let server = start_server(config, topology, cpus, Row::Mode(mode), &files, limit)?;
-    let wrk_req_per_s = crate::experiment::peers::run_wrk(
+    let wrk_req_per_s = crate::peers::run_wrk(
         topology,
         server.addr,
         config.load,

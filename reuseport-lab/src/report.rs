@@ -11,7 +11,7 @@ use plotters::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::experiment::{
+use crate::{
     metrics::{Metric, MetricId, median},
     runner::{AbConfig, AbResults, CrossCheck, RunRecord},
 };
@@ -164,7 +164,7 @@ impl Report {
                 .collect(),
             _ => BTreeMap::new(),
         };
-        let kernel = crate::kernel::release();
+        let kernel = reuseport::kernel::release();
         Self {
             machine: Machine {
                 cpus,

@@ -5,10 +5,9 @@ use std::{io, path::PathBuf};
 
 use thiserror::Error;
 
-use crate::{
-    cpus::CpuError,
-    experiment::{probes::ProbeError, topology::TopologyError},
-};
+use reuseport::cpus::CpuError;
+
+use crate::{probes::ProbeError, topology::TopologyError};
 
 /// Errors that end an experiment.
 #[derive(Debug, Error)]

@@ -12,11 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    cpus::CpuList,
-    experiment::{child::ChildGuard, error::RunnerError, topology::Topology},
-    load::LoadKind,
-};
+use reuseport::cpus::CpuList;
+
+use crate::{child::ChildGuard, error::RunnerError, load::LoadKind, topology::Topology};
 
 /// Starts nginx on the server side, serving `200 ok` on a free port with `reuseport`; returns
 /// once every worker is up.
@@ -61,7 +59,7 @@ pub(crate) fn start_nginx(
     let mut guard = ChildGuard::spawn(command, "nginx (apt-get install nginx)")?;
     // Ready when all workers exist (the master binds the reuseport sockets before forking them).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while crate::procfs::children_of(guard.pid()).len() < workers {
+    while reuseport::procfs::children_of(guard.pid()).len() < workers {
         if Instant::now() > deadline || matches!(guard.child_mut().try_wait(), Ok(Some(_))) {
             let stderr = guard.kill_and_read_stderr();
             let log = fs::read_to_string(dir.join("error.log")).unwrap_or_default();

@@ -12,13 +12,10 @@ use std::{
 };
 
 use common::*;
-use reuseport::{
-    Server, ServerConfig, SteeringMode,
-    cpus::pin_current_thread,
-    experiment::{
-        probes::Probes,
-        topology::{Topology, TopologyKind, harness_namespaces},
-    },
+use reuseport::{Server, ServerConfig, SteeringMode, cpus::pin_current_thread};
+use reuseport_lab::{
+    probes::Probes,
+    topology::{Topology, TopologyKind, harness_namespaces},
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_reuseport");
@@ -207,10 +204,7 @@ fn wakeup_probe_counts_cross_cpu_wakeups_of_watched_threads_only() {
 
 /// Runs a real server in `mode` with the probes following its connections; pinned clients make
 /// `per_cpu` connections from each CPU.
-fn followed_connections(
-    mode: SteeringMode,
-    per_cpu: usize,
-) -> reuseport::experiment::probes::ProbeTotals {
+fn followed_connections(mode: SteeringMode, per_cpu: usize) -> reuseport_lab::probes::ProbeTotals {
     let server =
         Server::start(ServerConfig::new("127.0.0.1:0".parse().unwrap(), mode)).expect("start");
     let probes = Probes::attach(server.local_addr().port()).expect("attach probes");

@@ -1,0 +1,143 @@
+//! `reuseport ab`: the lab's A/B experiment, with a progress bar, a table and results.json/svg.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use reuseport::{CpuList, SteeringMode, spill::SpillConfig};
+use reuseport_lab::{
+    report::Report,
+    runner::{AbConfig, Progress},
+};
+
+use crate::{
+    args::{self, LoadKindArg, ModeArg, TopologyArg},
+    live,
+};
+
+/// `reuseport ab`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct AbArgs {
+    /// Steering modes to compare, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "hash,percpu")]
+    modes: Vec<ModeArg>,
+    /// veth: server and clients in two namespaces, RPS spreading SYNs over CPUs by flow hash;
+    /// loopback: clients pinned round-robin to CPUs.
+    #[arg(long, value_enum, default_value_t = TopologyArg::Veth)]
+    topology: TopologyArg,
+    /// Process every SYN on the first CPU (veth: RPS mask of one CPU; loopback: all clients
+    /// pinned there), as with a one-queue NIC or one bursty client. Compare
+    /// `--modes hash,percpu,percpu-spill`.
+    #[arg(long)]
+    skew: bool,
+    /// Restart our server's workers (SIGHUP, one at a time) at random intervals averaging this
+    /// (0.5x to 1.5x) during every measured run, e.g. `500ms`; peers are not restarted. Errors
+    /// show any connection lost.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    restart_every: Option<Duration>,
+    /// percpu-spill rows: queue depth that counts as overloaded.
+    #[arg(long, default_value_t = SpillConfig::default().threshold,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    spill_threshold: u32,
+    /// percpu-spill rows: how often the queues are sampled (more than 0, at most 1s).
+    #[arg(long, value_parser = args::parse_spill_period, default_value = "1ms")]
+    spill_period: Duration,
+    /// percpu-spill rows: most CPUs one overloaded CPU spreads its excess over (default: as many
+    /// as the load needs; at most the CPU count less one).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    spill_targets: Option<u32>,
+    /// crr: a new connection per request; rr: keep-alive; udp: datagram request/reply.
+    #[arg(long, value_enum, default_value_t = LoadKindArg::Crr)]
+    load: LoadKindArg,
+    /// Measured time per run.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Unmeasured run per row before the first repetition.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    warmup: Duration,
+    /// Repetitions of every row.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// A short run for a first look or CI: 2 reps of 3 s after a 1 s warm-up.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for results.json, results.svg and per-run files.
+    #[arg(long, default_value = "ab-results")]
+    out: PathBuf,
+    /// Also run a peer server as a row: nginx (Debian's, reuseport, one pinned worker per CPU);
+    /// nginx-attach adds a second row, the same nginx steered by `reuseport attach`.
+    #[arg(long, value_parser = ["nginx", "nginx-attach"])]
+    peer: Option<String>,
+    /// Also run wrk against our server and report its req/s beside the built-in generator's.
+    #[arg(long, value_parser = ["wrk"])]
+    cross_check: Option<String>,
+    /// Also run the rows `bpf-noop` (an empty program, kernel hash: its bpf_ns_per_select is the
+    /// floor of the cost measurement on this machine) and `bpf-select` (only the kernel's
+    /// select helper on the local slot: the cost every steering program pays).
+    #[arg(long)]
+    calibrate: bool,
+}
+
+/// Runs the experiment with a progress bar, prints the table and writes results.json and
+/// results.svg.
+pub fn ab(args: AbArgs) -> anyhow::Result<()> {
+    let stop = live::stop_on_signals()?;
+    let (duration, warmup, reps) = if args.quick {
+        (Duration::from_secs(3), Duration::from_secs(1), 2)
+    } else {
+        (args.duration, args.warmup, args.reps)
+    };
+    let config = AbConfig {
+        binary: std::env::current_exe().context("finding the reuseport binary")?,
+        modes: args.modes.into_iter().map(SteeringMode::from).collect(),
+        peer_nginx: args.peer.is_some(),
+        peer_nginx_attach: args.peer.as_deref() == Some("nginx-attach"),
+        cross_check_wrk: args.cross_check.is_some(),
+        calibrate: args.calibrate,
+        topology: args.topology.into(),
+        skew: args.skew,
+        spill: SpillConfig {
+            threshold: args.spill_threshold,
+            period: args.spill_period,
+            max_targets: args.spill_targets,
+        },
+        restart_every: args.restart_every,
+        load: args.load.into(),
+        connections: args.connections,
+        duration,
+        warmup,
+        reps,
+        out: args.out,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} runs, {msg} (about {eta} left)",
+        )
+        .context("progress bar template")?,
+    );
+    let results = reuseport_lab::runner::run(&config, &stop, |progress| match progress {
+        Progress::Run {
+            index,
+            total,
+            label,
+        } => {
+            bar.set_length(total as u64);
+            bar.set_position(index as u64);
+            bar.set_message(label);
+        }
+        Progress::Note(note) => bar.println(note),
+    });
+    bar.finish_and_clear();
+    let results = results?;
+    let report = Report::new(&config, results, CpuList::allowed()?.len());
+    print!("{}", report.table());
+    let json = config.out.join("results.json");
+    let svg = config.out.join("results.svg");
+    report.write_json(&json)?;
+    report.write_svg(&svg)?;
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}

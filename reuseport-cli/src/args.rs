@@ -1,0 +1,185 @@
+//! What the verbs share on the command line: the value enums behind `--mode`, `--bpf-program`,
+//! `--proto`, `--kind`/`--load` and `--topology`, and `--spill-period`'s parser.
+//!
+//! The value enums mirror the library's and the lab's types variant for variant, with the same
+//! doc comments, word for word (clap shows them as the possible values' help, links and all),
+//! and convert into them; the library and the lab stay free of clap.
+
+use std::time::Duration;
+
+use reuseport::{
+    Protocol,
+    steering::{SteeringMode, SteeringProgram},
+};
+use reuseport_lab::{load::LoadKind, topology::TopologyKind};
+
+/// [`SteeringMode`] on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// Our `SK_REUSEPORT` program picks the listener of the worker pinned to the CPU that received
+    /// the SYN, so the connection's whole life stays on that CPU.
+    Percpu,
+    /// No program: the kernel's default selection by a hash of the 4-tuple.
+    Hash,
+    /// A classic BPF filter returning the CPU as the listener's index in the group (no
+    /// privileges needed; drifts when a listener closes, see [`crate::cbpf`]).
+    Cbpf,
+    /// No program: each listener's `SO_INCOMING_CPU` is its worker's CPU, which the kernel's
+    /// selection prefers since Linux 6.2 (see [`crate::incoming_cpu`]).
+    IncomingCpu,
+    /// `percpu`, except that a CPU whose listener's accept queue reaches a threshold sends its
+    /// new connections to the least-loaded listener until it drains (see [`crate::spill`]).
+    PercpuSpill,
+    /// `percpu-spill` when this process may load BPF programs, else `incoming-cpu` when the kernel
+    /// honours it, else `cbpf` (see [`crate::strategy::choose`]).
+    Auto,
+}
+
+impl From<ModeArg> for SteeringMode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::Percpu => Self::Percpu,
+            ModeArg::Hash => Self::Hash,
+            ModeArg::Cbpf => Self::Cbpf,
+            ModeArg::IncomingCpu => Self::IncomingCpu,
+            ModeArg::PercpuSpill => Self::PercpuSpill,
+            ModeArg::Auto => Self::Auto,
+        }
+    }
+}
+
+/// [`SteeringProgram`] on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgramArg {
+    /// `steer_to_cpu`: the listener of the receiving CPU, select only: connections queued on a
+    /// listener that closes are reset (the default before Linux 5.14).
+    SteerToCpu,
+    /// `steer_migrate`: the same choice, attached as select-or-migrate (Linux >= 5.14), so that
+    /// connections queued on a listener that closes move to a live listener (its replacement
+    /// on the same CPU, else the nearest live CPU's) instead of being reset. The default where
+    /// the kernel has it.
+    SteerMigrate,
+    /// `steer_noop`: selects nothing (the kernel hashes). For calibrating the ns/select figure:
+    /// its cost is the floor the kernel's BPF statistics report on this machine.
+    Noop,
+    /// `steer_select`: only `bpf_sk_select_reuseport` of the local slot, no counters. For
+    /// calibrating: its cost above `noop`'s is the kernel helper's, which any steering pays.
+    SelectOnly,
+}
+
+impl From<ProgramArg> for SteeringProgram {
+    fn from(program: ProgramArg) -> Self {
+        match program {
+            ProgramArg::SteerToCpu => Self::SteerToCpu,
+            ProgramArg::SteerMigrate => Self::SteerMigrate,
+            ProgramArg::Noop => Self::Noop,
+            ProgramArg::SelectOnly => Self::SelectOnly,
+        }
+    }
+}
+
+/// [`Protocol`] on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtoArg {
+    /// TCP: listeners, steering picks the listener whose accept queue gets the connection.
+    Tcp,
+    /// UDP: bound datagram sockets, steering picks the socket that receives each datagram.
+    Udp,
+}
+
+impl From<ProtoArg> for Protocol {
+    fn from(protocol: ProtoArg) -> Self {
+        match protocol {
+            ProtoArg::Tcp => Self::Tcp,
+            ProtoArg::Udp => Self::Udp,
+        }
+    }
+}
+
+/// [`LoadKind`] on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadKindArg {
+    /// A new TCP connection per HTTP request.
+    Crr,
+    /// Keep-alive HTTP requests over long-lived connections.
+    Rr,
+    /// UDP request/reply, a new socket per request.
+    Udp,
+}
+
+impl From<LoadKindArg> for LoadKind {
+    fn from(kind: LoadKindArg) -> Self {
+        match kind {
+            LoadKindArg::Crr => Self::Crr,
+            LoadKindArg::Rr => Self::Rr,
+            LoadKindArg::Udp => Self::Udp,
+        }
+    }
+}
+
+/// [`TopologyKind`] on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopologyArg {
+    /// Server and clients in two namespaces joined by veth, RPS spreading SYNs by flow hash.
+    Veth,
+    /// Everything on loopback, clients pinned round-robin to CPUs.
+    Loopback,
+}
+
+impl From<TopologyArg> for TopologyKind {
+    fn from(kind: TopologyArg) -> Self {
+        match kind {
+            TopologyArg::Veth => Self::Veth,
+            TopologyArg::Loopback => Self::Loopback,
+        }
+    }
+}
+
+/// `--spill-period`: a duration more than 0 and at most [`reuseport::spill::MAX_PERIOD`].
+pub fn parse_spill_period(value: &str) -> Result<Duration, String> {
+    let period = humantime::parse_duration(value).map_err(|err| err.to_string())?;
+    if period.is_zero() || period > reuseport::spill::MAX_PERIOD {
+        return Err("must be more than 0 and at most 1s".to_owned());
+    }
+    Ok(period)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum;
+
+    use super::*;
+
+    /// Each value the command line accepts is the name the library and the lab give that
+    /// variant (in summaries, JSON and the lab's command lines), so nothing is lost in between.
+    #[test]
+    fn every_value_is_the_name_the_library_and_the_lab_use() {
+        fn names<T: ValueEnum, U>(to_name: impl Fn(U) -> String) -> Vec<(String, String)>
+        where
+            U: From<T>,
+        {
+            T::value_variants()
+                .iter()
+                .map(|value| {
+                    let accepted = value
+                        .to_possible_value()
+                        .map(|v| v.get_name().to_owned())
+                        .unwrap_or_default();
+                    (accepted, to_name(U::from(value.clone())))
+                })
+                .collect()
+        }
+        let json = |value: serde_json::Value| value.as_str().unwrap_or_default().to_owned();
+        let pairs = [
+            names::<ModeArg, SteeringMode>(|m| m.to_string()),
+            names::<ProgramArg, SteeringProgram>(|p| p.to_string()),
+            names::<ProtoArg, Protocol>(|p| json(serde_json::json!(p))),
+            names::<LoadKindArg, LoadKind>(|k| json(serde_json::json!(k))),
+            names::<TopologyArg, TopologyKind>(|k| json(serde_json::json!(k))),
+        ];
+        for (accepted, library) in pairs.iter().flatten() {
+            assert_eq!(accepted, library);
+        }
+        assert_eq!(pairs.iter().map(Vec::len).sum::<usize>(), 6 + 4 + 2 + 3 + 2);
+    }
+}

@@ -1,0 +1,52 @@
+//! What the long-running verbs (`serve`, `attach`, `ab`) share: ending cleanly on a signal, and
+//! the live line once a second.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use reuseport::stats::Snapshot;
+
+/// A flag that SIGINT or SIGTERM sets, for loops that must end cleanly (detaching, tearing down).
+pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handler")?;
+    }
+    Ok(stop)
+}
+
+/// Waits until `stop` is set or `duration` has passed, printing once a second (unless `quiet`)
+/// the live line of what happened in that second, from `snapshot`'s counters. Calls `tick`
+/// every 50 ms in between (e.g. to act on SIGHUP).
+pub fn show_live_until_stopped(
+    stop: &AtomicBool,
+    duration: Option<Duration>,
+    quiet: bool,
+    mut snapshot: impl FnMut() -> anyhow::Result<Snapshot>,
+    mut tick: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let deadline = duration.map(|d| Instant::now() + d);
+    let mut previous = Snapshot::default();
+    let mut next_line = Instant::now() + Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+        thread::sleep(Duration::from_millis(50));
+        tick()?;
+        if Instant::now() >= next_line {
+            next_line += Duration::from_secs(1);
+            let now = snapshot()?;
+            if !quiet {
+                println!("{}", now.since(&previous).live_line(now.elapsed));
+            }
+            previous = now;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! `reuseport serve`: one pinned worker and one SO_REUSEPORT listener per CPU, steered, with a
+//! live line each second and a summary at the end.
+
+use std::{
+    cell::RefCell,
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use reuseport::{
+    CpuList, Protocol, Server, ServerConfig, SteeringMode,
+    server::ServerError,
+    spill::{SpillConfig, SpillError},
+    stats::Summary,
+    steering::SteeringProgram,
+};
+
+use crate::{
+    args::{self, ModeArg, ProgramArg, ProtoArg},
+    error::BadArguments,
+    live,
+};
+
+/// `reuseport serve`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// percpu: our eBPF program keeps each connection on the CPU that received it.
+    /// hash: no program, the kernel's default 4-tuple hash.
+    /// cbpf: classic BPF `ld cpu; ret a` (no privileges; drifts when a listener closes).
+    /// incoming-cpu: SO_INCOMING_CPU on each listener (no program; Linux >= 6.2).
+    /// percpu-spill: percpu, but a CPU that receives more than its share while its queue
+    /// reaches --spill-threshold spreads its excess connections over several listeners, nearest
+    /// first, until the skew ends.
+    /// auto: percpu-spill if this process may load BPF, else incoming-cpu if honoured, else
+    /// cbpf.
+    #[arg(long, value_enum, default_value_t = ModeArg::PercpuSpill)]
+    mode: ModeArg,
+    /// percpu-spill: queue depth (TCP: accept queue; UDP: receive queue, in datagrams) that
+    /// counts as overloaded (see README "Restarts and overload").
+    #[arg(long, default_value_t = SpillConfig::default().threshold,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    spill_threshold: u32,
+    /// percpu-spill: how often the queues and arrivals are sampled (more than 0, at most 1s).
+    #[arg(long, value_parser = args::parse_spill_period, default_value = "1ms")]
+    spill_period: Duration,
+    /// percpu-spill: most CPUs one overloaded CPU spreads its excess over (default: as many as
+    /// the load needs; at most the number of worker CPUs less one).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    spill_targets: Option<u32>,
+    /// Address to serve (IPv4 or [IPv6]); port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Transport protocol.
+    #[arg(long, value_enum, default_value_t = ProtoArg::Tcp)]
+    proto: ProtoArg,
+    /// CPUs to run workers on, e.g. `0-3,6` (default: every CPU this process may use).
+    #[arg(long)]
+    cpus: Option<CpuList>,
+    /// Stop after this long (e.g. `10s`, `2m`); default: until Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Write the final summary as JSON to this file.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+    /// Accept-queue length of each TCP listener.
+    #[arg(long, default_value_t = 1024)]
+    backlog: i32,
+    /// Do not print the live line every second.
+    #[arg(long)]
+    quiet: bool,
+    /// With --mode percpu or percpu-spill: the program to attach. Default: `steer-migrate` on Linux >= 5.14,
+    /// else `steer-to-cpu`. Both make the same choice; `steer-migrate` is attached as
+    /// select-or-migrate, so connections queued on a listener that closes (a restarting worker)
+    /// move to a live listener instead of being reset. `noop` selects nothing (the kernel
+    /// hashes) and only calibrates the ns/select figure: its cost is what the BPF statistics
+    /// report for an empty program on this machine; `select-only` only calls the kernel's select
+    /// helper on the local slot (no counters, no fallback), the part of the cost no program
+    /// avoids.
+    #[arg(long, value_enum)]
+    bpf_program: Option<ProgramArg>,
+}
+
+/// Serves until Ctrl-C, SIGTERM or `--duration`, restarting the workers on SIGHUP, then prints
+/// the summary.
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let stop = live::stop_on_signals()?;
+    let (mode, protocol) = (SteeringMode::from(args.mode), Protocol::from(args.proto));
+    // SIGHUP: restart the workers one at a time (zero-downtime, see `Server::restart_worker`).
+    // Installed before anything is served, so an early SIGHUP cannot end the process.
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
+        .context("installing the SIGHUP handler")?;
+    let server = Server::start(ServerConfig {
+        listen: args.listen,
+        protocol,
+        mode,
+        cpus: args.cpus,
+        backlog: args.backlog,
+        program: args
+            .bpf_program
+            .map_or_else(SteeringProgram::recommended, SteeringProgram::from),
+        spill: SpillConfig {
+            threshold: args.spill_threshold,
+            period: args.spill_period,
+            max_targets: args.spill_targets,
+        },
+    })
+    .map_err(|err| match err {
+        ServerError::Spill(spill @ SpillError::TooManyTargets { .. }) => {
+            anyhow::Error::new(BadArguments(format!("--spill-targets: {spill}")))
+        }
+        other => other.into(),
+    })?;
+    let program = match server.steering() {
+        Some(steering) => format!("steering program id {}", steering.program_id()?),
+        None => "no eBPF steering program".to_owned(),
+    };
+    println!(
+        "reuseport: serving {} on {} with workers on CPUs {}, mode {}{}, {}; {}",
+        match protocol {
+            Protocol::Tcp => "http",
+            Protocol::Udp => "udp",
+        },
+        server.local_addr(),
+        server.cpus(),
+        server.mode(),
+        if mode == SteeringMode::Auto {
+            format!(" ({})", server.mode_reason())
+        } else {
+            String::new()
+        },
+        program,
+        match args.duration {
+            Some(d) => format!("stopping after {}", humantime::format_duration(d)),
+            None => "Ctrl-C to stop".to_owned(),
+        }
+    );
+
+    let server = RefCell::new(server);
+    live::show_live_until_stopped(
+        &stop,
+        args.duration,
+        args.quiet,
+        || Ok(server.borrow().snapshot()?),
+        || {
+            if hangup.swap(false, Ordering::Relaxed) {
+                let started = Instant::now();
+                let restarted = server.borrow_mut().restart_workers();
+                match restarted {
+                    Ok(()) => println!(
+                        "reuseport: SIGHUP: restarted {} workers one at a time in {:.0?}",
+                        server.borrow().cpus().len(),
+                        started.elapsed()
+                    ),
+                    // The worker that could not be replaced keeps serving; so does the server.
+                    Err(err) => eprintln!(
+                        "reuseport: SIGHUP: restart failed, the old worker keeps serving: {:#}",
+                        anyhow::Error::from(err)
+                    ),
+                }
+            }
+            Ok(())
+        },
+    )?;
+
+    let server = server.into_inner();
+    let (mode, protocol, listen) = (server.mode(), server.protocol(), server.local_addr());
+    let last = server.stop()?;
+    let summary = Summary::new(mode, protocol, listen, &last);
+    print!("{}", summary.table());
+    if let Some(path) = args.stats_json {
+        let json = serde_json::to_string_pretty(&summary).context("encoding the summary")?;
+        fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("reuseport: stopped; all listeners closed, steering detached");
+    Ok(())
+}
