@@ -12,8 +12,9 @@
 //! - [`listeners`]: one `SO_REUSEPORT` socket per CPU ([`PerCpuListeners`]).
 //! - [`steering`]: load the BPF program, fill slot CPU → listener, attach, read counters
 //!   ([`Steering`]) — the one steering path.
-//! - [`strategy`]: the other ways to the same goal, and `auto`: [`cbpf`] (classic BPF
-//!   `ld cpu; ret a`), [`incoming_cpu`] (`SO_INCOMING_CPU`, Linux >= 6.2), kernel hash.
+//! - [`strategy`]: one type per steering mode behind the [`Strategy`] trait, and `auto`: eBPF
+//!   per-CPU (with or without spill), [`cbpf`] (classic BPF `ld cpu; ret a`), [`incoming_cpu`]
+//!   (`SO_INCOMING_CPU`, Linux >= 6.2), kernel hash.
 //! - [`attach`]: the same steering for a running server's listeners (nginx, prefork servers),
 //!   found through `/proc` ([`procfs`]) and taken with `pidfd_getfd`.
 //! - [`kernel`]: the running kernel's release, for features that depend on it.
@@ -59,3 +60,4 @@ pub use listeners::{PerCpuListeners, Protocol};
 pub use reuseport_common::SteeringStats;
 pub use server::{Server, ServerConfig};
 pub use steering::{Steering, SteeringMode};
+pub use strategy::Strategy;
