@@ -22,10 +22,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs, io,
+    io,
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
@@ -35,6 +35,7 @@ use thiserror::Error;
 
 use crate::{
     cpus::CpuList,
+    pinned::{PinnedError, PinnedRoot, PinnedSlot, PinnedSteering},
     procfs::{self, ProcError},
     steering::{Steering, SteeringError},
 };
@@ -184,6 +185,21 @@ pub enum AttachError {
         #[source]
         source: io::Error,
     },
+    /// Persisting, reading or removing pinned steering failed otherwise.
+    #[error(transparent)]
+    Pinned(PinnedError),
+}
+
+impl From<PinnedError> for AttachError {
+    /// The errors [`AttachError`] had its own variants for keep them (and their messages).
+    fn from(err: PinnedError) -> Self {
+        match err {
+            PinnedError::NotPersisted { port, dir } => Self::NotPersisted { port, dir },
+            PinnedError::Io { path, source, .. } => Self::State { path, source },
+            PinnedError::Steering(err) => Self::Steering(err),
+            other => Self::Pinned(other),
+        }
+    }
 }
 
 /// A running server's listener, duplicated into this process, with the CPU of its worker.
@@ -425,16 +441,24 @@ pub fn steer(found: Vec<FoundListener>) -> Result<Steering, AttachError> {
 }
 
 /// Where `--persist` pins the program and maps of the steering for `port`.
+///
+/// A thin wrapper over [`PinnedRoot::pin_dir`] of [`PinnedRoot::system`], kept for the CLI.
 pub fn persist_dir(port: u16) -> PathBuf {
-    Path::new("/sys/fs/bpf/reuseport").join(port.to_string())
+    PinnedRoot::system().pin_dir(port)
 }
 
 /// Where `--persist` records what it steers for `port` (bpffs holds only BPF objects).
+///
+/// A thin wrapper over [`PinnedRoot::state_path`] of [`PinnedRoot::system`], kept for the CLI.
 pub fn state_path(port: u16) -> PathBuf {
-    Path::new("/run/reuseport").join(format!("{port}.json"))
+    PinnedRoot::system().state_path(port)
 }
 
-/// What `--persist` records beside the pins, for `status` and `detach`.
+/// What `--persist` records beside the pins, for `status` and `detach`, with slots as bare
+/// `(cpu, pid, inode)` tuples.
+///
+/// Kept for the CLI; [`crate::pinned::PersistedState`] (slots as [`PinnedSlot`]) is the API.
+/// Both read and write the same state file format.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PersistedState {
     /// The port.
@@ -447,78 +471,43 @@ pub struct PersistedState {
     pub slots: Vec<(u32, u32, u64)>,
 }
 
-/// Pins `steering` under [`persist_dir`] with a `state.json`, so it outlives this process.
+impl From<crate::pinned::PersistedState> for PersistedState {
+    fn from(state: crate::pinned::PersistedState) -> Self {
+        Self {
+            port: state.port,
+            pids: state.pids,
+            program_id: state.program_id,
+            slots: state.slots.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// Pins `steering` under [`persist_dir`] with a state file, so it outlives this process.
+///
+/// A thin wrapper over [`PinnedSteering::persist`], kept for the CLI: it refuses a port that
+/// already has persistent steering, leaving that steering's pins alone.
 pub fn persist(
     steering: &mut Steering,
     port: u16,
     pids: &[u32],
     slots: Vec<(u32, u32, u64)>,
 ) -> Result<PathBuf, AttachError> {
-    let dir = persist_dir(port);
-    mount_bpffs()?;
-    fs::create_dir_all(&dir).map_err(|source| AttachError::State {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let pinned = steering
-        .pin(&dir)
-        .map_err(AttachError::from)
-        .and_then(|()| {
-            let state = PersistedState {
-                port,
-                pids: pids.to_vec(),
-                program_id: steering.program_id()?,
-                slots,
-            };
-            write_state(&state_path(port), &state)
-        });
-    if let Err(err) = pinned {
-        // Leave nothing half-persisted: without its pins the steering ends with this process.
-        let _ = fs::remove_dir_all(&dir);
-        return Err(err);
-    }
-    Ok(dir)
-}
-
-fn write_state(path: &Path, state: &PersistedState) -> Result<(), AttachError> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(|source| AttachError::State {
-            path: parent.display().to_string(),
-            source,
-        })?;
-    }
-    let json = serde_json::to_string_pretty(state).map_err(|e| AttachError::State {
-        path: path.display().to_string(),
-        source: io::Error::other(e),
-    })?;
-    fs::write(path, json).map_err(|source| AttachError::State {
-        path: path.display().to_string(),
-        source,
-    })
+    let slots = slots.into_iter().map(PinnedSlot::from).collect();
+    Ok(PinnedSteering::persist(steering, port, pids, slots)?.pin_dir())
 }
 
 /// Reads what `--persist` recorded for `port`.
+///
+/// A thin wrapper over [`PinnedSteering::open`], kept for the CLI.
 pub fn persisted(port: u16) -> Result<PersistedState, AttachError> {
-    let path = state_path(port);
-    let text = fs::read_to_string(&path).map_err(|_| AttachError::NotPersisted {
-        port,
-        dir: persist_dir(port).display().to_string(),
-    })?;
-    serde_json::from_str(&text).map_err(|e| AttachError::State {
-        path: path.display().to_string(),
-        source: io::Error::other(e),
-    })
+    Ok(PinnedSteering::open(port)?.into_state().into())
 }
 
 /// Every port with persistent steering.
+///
+/// A thin wrapper over [`PinnedSteering::ports`], kept for the CLI.
 pub fn persisted_ports() -> Vec<u16> {
-    let mut ports: Vec<u16> = fs::read_dir(Path::new("/sys/fs/bpf/reuseport"))
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    ports.sort_unstable();
-    ports
+    PinnedSteering::ports()
 }
 
 /// A socket of the group on `port` served by `pids`' tree, to detach through.
@@ -550,52 +539,49 @@ pub fn any_member(pids: &[u32], port: u16) -> Result<OwnedFd, AttachError> {
 
 /// Removes the persistent steering of `port`: detaches the program from the group (through a
 /// socket taken from the recorded processes) and deletes the pins.
+///
+/// A thin wrapper over [`PinnedSteering::open`] and [`PinnedSteering::detach`], kept for the CLI.
 pub fn detach_persisted(port: u16) -> Result<PersistedState, AttachError> {
-    let state = persisted(port)?;
-    // The server may be gone already (its group with it): then there is nothing to detach.
-    if let Ok(member) = any_member(&state.pids, port) {
-        aya::programs::SkReuseport::detach(&member).map_err(SteeringError::from)?;
-    }
-    let dir = persist_dir(port);
-    fs::remove_dir_all(&dir).map_err(|source| AttachError::State {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let _ = fs::remove_file(state_path(port));
-    // Remove the parent directories once they are empty (remove_dir refuses otherwise).
-    for parent in [persist_dir(port).parent(), state_path(port).parent()]
-        .into_iter()
-        .flatten()
-    {
-        let _ = fs::remove_dir(parent);
-    }
-    Ok(state)
+    Ok(PinnedSteering::open(port)?.detach()?.into())
 }
 
 /// Whether the recorded slot's socket is still open in its serving process.
+///
+/// A thin wrapper over [`procfs::holds_socket`] (also [`PinnedSlot::is_held`]), kept for the CLI.
 pub fn slot_alive(pid: u32, inode: u64) -> bool {
-    procfs::socket_fds(pid).is_ok_and(|fds| fds.iter().any(|&(_, i)| i == inode))
+    procfs::holds_socket(pid, inode)
 }
 
-fn mount_bpffs() -> Result<(), AttachError> {
-    let bpffs = Path::new("/sys/fs/bpf");
-    let mounted = fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
-        mounts
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-    });
-    if mounted {
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_errors_keep_the_attach_variants_they_had() {
+        let not_persisted = AttachError::from(PinnedError::NotPersisted {
+            port: 80,
+            dir: "/sys/fs/bpf/reuseport/80".into(),
+        });
+        assert_eq!(
+            not_persisted.to_string(),
+            "no persistent steering for port 80 (nothing under /sys/fs/bpf/reuseport/80)"
+        );
+        assert!(matches!(not_persisted, AttachError::NotPersisted { .. }));
+        let io = AttachError::from(PinnedError::Io {
+            action: "writing",
+            path: "/run/reuseport/80.json".into(),
+            source: io::Error::other("disk full"),
+        });
+        assert!(
+            matches!(io, AttachError::State { ref path, .. } if path == "/run/reuseport/80.json")
+        );
+        let already = AttachError::from(PinnedError::AlreadyPersisted {
+            port: 80,
+            dir: "/x".into(),
+        });
+        assert_eq!(
+            already.to_string(),
+            "port 80 already has persistent steering (pinned in /x)"
+        );
     }
-    rustix::mount::mount(
-        "bpf",
-        bpffs,
-        "bpf",
-        rustix::mount::MountFlags::empty(),
-        None,
-    )
-    .map_err(|err| AttachError::State {
-        path: "mounting bpffs on /sys/fs/bpf".into(),
-        source: err.into(),
-    })
 }

@@ -16,7 +16,8 @@
 //!   per-CPU (with or without spill), [`cbpf`] (classic BPF `ld cpu; ret a`), [`incoming_cpu`]
 //!   (`SO_INCOMING_CPU`, Linux >= 6.2), kernel hash.
 //! - [`attach`]: the same steering for a running server's listeners (nginx, prefork servers),
-//!   found through `/proc` ([`procfs`]) and taken with `pidfd_getfd`.
+//!   found through `/proc` ([`procfs`]) and taken with `pidfd_getfd`; [`pinned`]: such steering
+//!   left in place after the attaching process exits ([`PinnedSteering`]).
 //! - [`kernel`]: the running kernel's release, for features that depend on it.
 //! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener.
 //! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
@@ -47,6 +48,7 @@ pub mod incoming_cpu;
 pub mod kernel;
 pub mod listeners;
 pub mod load;
+pub mod pinned;
 pub mod procfs;
 pub mod server;
 pub mod spill;
@@ -57,6 +59,7 @@ pub mod worker;
 
 pub use cpus::CpuList;
 pub use listeners::{PerCpuListeners, Protocol};
+pub use pinned::PinnedSteering;
 pub use reuseport_common::SteeringStats;
 pub use server::{Server, ServerConfig};
 pub use steering::{Steering, SteeringMode};
