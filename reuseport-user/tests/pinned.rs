@@ -1,6 +1,6 @@
-//! Pinned steering (`PinnedSteering`) against the real kernel, with pins on a bpffs of their
-//! own (mounted on a temporary directory) so that nothing under /sys/fs/bpf is touched. Needs
-//! root.
+//! Pinned steering ([`PinnedSteering`]) and the `attach` verb as one call ([`attach::run`])
+//! against the real kernel, with pins on a bpffs of their own (mounted on a temporary directory)
+//! so that nothing under /sys/fs/bpf is touched. Needs root.
 
 mod common;
 
@@ -12,7 +12,8 @@ use std::{
 
 use common::*;
 use reuseport::{
-    PerCpuListeners, Protocol, Steering, attach,
+    PerCpuListeners, Protocol, Steering,
+    attach::{self, AttachAction, AttachError, AttachRequest, AttachTarget, Attached, SlotHolder},
     pinned::{PinnedError, PinnedRoot, PinnedSlot, SlotState},
 };
 
@@ -202,6 +203,119 @@ fn pins_off_bpffs_are_refused_and_nothing_is_left() {
     );
     assert!(!root.pin_dir(addr.port()).exists());
     assert!(!root.state_path(addr.port()).exists());
+}
+
+#[test]
+fn run_steers_held_sockets_live_and_detaches() {
+    let cpus = cpus();
+    let (addr, listeners) = group(&cpus);
+    let pairs: Vec<(BorrowedFd<'_>, u32)> =
+        listeners.iter().map(|(cpu, l)| (l.as_fd(), *cpu)).collect();
+    let request = AttachRequest::new(addr.port(), AttachTarget::Fds(pairs));
+    let Attached::Live(live) = attach::run(request).expect("run") else {
+        panic!("not persisted: live steering expected");
+    };
+    assert_eq!(live.port(), addr.port());
+    let described: Vec<u32> = live.slots().iter().map(|s| s.cpu).collect();
+    assert_eq!(described, cpus);
+    assert!(
+        live.slots()
+            .iter()
+            .all(|s| matches!(s.holder, SlotHolder::Fd(_)))
+    );
+    assert!(live.program_id().expect("program id") > 0);
+    for &cpu in &cpus {
+        let _client = connect_from(cpu, addr);
+        assert_eq!(accept_from(&listeners), cpu);
+    }
+    let snapshot = live.snapshot().expect("snapshot");
+    assert!(snapshot.workers.is_empty());
+    let total = snapshot.steering_totals().expect("steering counters");
+    assert_eq!(total.local, cpus.len() as u64);
+    live.detach().expect("detach");
+}
+
+#[test]
+fn run_persists_under_a_root_and_refuses_a_second_persist_before_attaching() {
+    let bpffs = TempBpffs::new();
+    let cpus = cpus();
+    let (addr, listeners) = group(&cpus);
+    let pairs = || -> Vec<(BorrowedFd<'_>, u32)> {
+        listeners.iter().map(|(cpu, l)| (l.as_fd(), *cpu)).collect()
+    };
+    let persisted = |target| AttachRequest {
+        persist: Some(bpffs.root.clone()),
+        ..AttachRequest::new(addr.port(), target)
+    };
+    let Attached::Persisted { pinned, slots } =
+        attach::run(persisted(AttachTarget::Fds(pairs()))).expect("run")
+    else {
+        panic!("persisted steering expected");
+    };
+    assert_eq!(slots.len(), cpus.len());
+    // Sockets given by fd have no process to record.
+    assert!(pinned.state().slots.is_empty());
+    assert_eq!(
+        pinned.status().expect("status").program_id,
+        pinned.program_id()
+    );
+
+    let again = attach::run(persisted(AttachTarget::Fds(pairs())));
+    assert!(
+        matches!(
+            again,
+            Err(AttachError::Pinned(PinnedError::AlreadyPersisted { .. }))
+        ),
+        "{again:?}"
+    );
+    pinned.detach().expect("detach");
+    assert!(bpffs.root.ports().is_empty());
+}
+
+#[test]
+fn run_with_hash_detaches_the_program() {
+    let cpus = cpus();
+    let (addr, listeners) = group(&cpus);
+    let pairs = || -> Vec<(BorrowedFd<'_>, u32)> {
+        listeners.iter().map(|(cpu, l)| (l.as_fd(), *cpu)).collect()
+    };
+    let Attached::Live(live) =
+        attach::run(AttachRequest::new(addr.port(), AttachTarget::Fds(pairs()))).expect("steer")
+    else {
+        panic!("live steering expected");
+    };
+    let hash = AttachRequest {
+        action: AttachAction::Hash,
+        ..AttachRequest::new(addr.port(), AttachTarget::Fds(pairs()))
+    };
+    let Attached::Hashed { slots } = attach::run(hash).expect("hash") else {
+        panic!("hash expected");
+    };
+    assert_eq!(slots.len(), cpus.len());
+    // Nothing is attached any more: detaching again finds no program.
+    assert!(live.detach().is_err());
+}
+
+#[test]
+fn run_refuses_an_empty_target_and_a_threaded_server() {
+    let empty = attach::run(AttachRequest::new(80, AttachTarget::Pids(Vec::new())));
+    assert!(matches!(empty, Err(AttachError::NoTarget)), "{empty:?}");
+    let no_fds = attach::run(AttachRequest::new(80, AttachTarget::Fds(Vec::new())));
+    assert!(matches!(no_fds, Err(AttachError::NoTarget)), "{no_fds:?}");
+
+    // This test process holds every listener of its group: a threaded server.
+    let Some((a, b)) = two_cpus() else {
+        return;
+    };
+    let (addr, _listeners) = group(&[a, b]);
+    let threaded = attach::run(AttachRequest::new(
+        addr.port(),
+        AttachTarget::Pids(vec![std::process::id()]),
+    ));
+    assert!(
+        matches!(threaded, Err(AttachError::Threaded { count: 2, .. })),
+        "{threaded:?}"
+    );
 }
 
 /// The state file stays in the format the CLI's `attach::persisted` reads.
