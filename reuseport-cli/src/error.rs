@@ -70,7 +70,7 @@ fn strategy(err: &StrategyError) -> Option<Advice> {
         StrategyError::Steering(err) => steering(err),
         StrategyError::Cbpf(err) => cbpf(err),
         StrategyError::IncomingCpu(err) => incoming_cpu(err),
-        StrategyError::Listener(_) => None,
+        _ => None,
     }
 }
 

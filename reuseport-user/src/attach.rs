@@ -22,10 +22,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs, io,
+    fmt, io,
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::PathBuf,
+    time::Instant,
 };
 
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
@@ -35,8 +36,10 @@ use thiserror::Error;
 
 use crate::{
     cpus::CpuList,
+    pinned::{PinnedError, PinnedRoot, PinnedSlot, PinnedSteering},
     procfs::{self, ProcError},
-    steering::{Steering, SteeringError},
+    stats::{Migrations, Snapshot},
+    steering::{Steering, SteeringError, SteeringProgram},
 };
 
 /// Errors from finding, checking or steering a running server's listeners.
@@ -184,6 +187,24 @@ pub enum AttachError {
         #[source]
         source: io::Error,
     },
+    /// Persisting, reading or removing pinned steering failed otherwise.
+    #[error(transparent)]
+    Pinned(PinnedError),
+    /// [`run`] was given an empty list of processes or sockets.
+    #[error("no process or socket to steer was given")]
+    NoTarget,
+}
+
+impl From<PinnedError> for AttachError {
+    /// The errors [`AttachError`] had its own variants for keep them (and their messages).
+    fn from(err: PinnedError) -> Self {
+        match err {
+            PinnedError::NotPersisted { port, dir } => Self::NotPersisted { port, dir },
+            PinnedError::Io { path, source, .. } => Self::State { path, source },
+            PinnedError::Steering(err) => Self::Steering(err),
+            other => Self::Pinned(other),
+        }
+    }
 }
 
 /// A running server's listener, duplicated into this process, with the CPU of its worker.
@@ -417,24 +438,28 @@ pub fn check_fds<'a>(
 /// Steers the listeners `found` (see [`from_pid`]) through [`Steering::attach`], then closes the
 /// duplicates so that the target's processes remain the only holders.
 pub fn steer(found: Vec<FoundListener>) -> Result<Steering, AttachError> {
-    let pairs: Vec<(u32, BorrowedFd<'_>)> = found.iter().map(|f| (f.cpu, f.fd.as_fd())).collect();
-    let steering = Steering::attach(&pairs)?;
-    drop(pairs);
-    drop(found);
-    Ok(steering)
+    steer_with(found, SteeringProgram::recommended())
 }
 
 /// Where [`persist`] pins the program and maps of the steering for `port`.
+///
+/// A thin wrapper over [`PinnedRoot::pin_dir`] of [`PinnedRoot::system`].
 pub fn persist_dir(port: u16) -> PathBuf {
-    Path::new("/sys/fs/bpf/reuseport").join(port.to_string())
+    PinnedRoot::system().pin_dir(port)
 }
 
 /// Where [`persist`] records what it steers for `port` (bpffs holds only BPF objects).
+///
+/// A thin wrapper over [`PinnedRoot::state_path`] of [`PinnedRoot::system`].
 pub fn state_path(port: u16) -> PathBuf {
-    Path::new("/run/reuseport").join(format!("{port}.json"))
+    PinnedRoot::system().state_path(port)
 }
 
-/// What [`persist`] records beside the pins, for [`persisted`] and [`detach_persisted`].
+/// What [`persist`] records beside the pins, for `status` and `detach`, with slots as bare
+/// `(cpu, pid, inode)` tuples.
+///
+/// [`crate::pinned::PersistedState`] (slots as [`PinnedSlot`]) is the API.
+/// Both read and write the same state file format.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PersistedState {
     /// The port.
@@ -447,78 +472,43 @@ pub struct PersistedState {
     pub slots: Vec<(u32, u32, u64)>,
 }
 
-/// Pins `steering` under [`persist_dir`] with a `state.json`, so it outlives this process.
+impl From<crate::pinned::PersistedState> for PersistedState {
+    fn from(state: crate::pinned::PersistedState) -> Self {
+        Self {
+            port: state.port,
+            pids: state.pids,
+            program_id: state.program_id,
+            slots: state.slots.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// Pins `steering` under [`persist_dir`] with a state file, so it outlives this process.
+///
+/// A thin wrapper over [`PinnedSteering::persist`], kept for the CLI: it refuses a port that
+/// already has persistent steering, leaving that steering's pins alone.
 pub fn persist(
     steering: &mut Steering,
     port: u16,
     pids: &[u32],
     slots: Vec<(u32, u32, u64)>,
 ) -> Result<PathBuf, AttachError> {
-    let dir = persist_dir(port);
-    mount_bpffs()?;
-    fs::create_dir_all(&dir).map_err(|source| AttachError::State {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let pinned = steering
-        .pin(&dir)
-        .map_err(AttachError::from)
-        .and_then(|()| {
-            let state = PersistedState {
-                port,
-                pids: pids.to_vec(),
-                program_id: steering.program_id()?,
-                slots,
-            };
-            write_state(&state_path(port), &state)
-        });
-    if let Err(err) = pinned {
-        // Leave nothing half-persisted: without its pins the steering ends with this process.
-        let _ = fs::remove_dir_all(&dir);
-        return Err(err);
-    }
-    Ok(dir)
-}
-
-fn write_state(path: &Path, state: &PersistedState) -> Result<(), AttachError> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(|source| AttachError::State {
-            path: parent.display().to_string(),
-            source,
-        })?;
-    }
-    let json = serde_json::to_string_pretty(state).map_err(|e| AttachError::State {
-        path: path.display().to_string(),
-        source: io::Error::other(e),
-    })?;
-    fs::write(path, json).map_err(|source| AttachError::State {
-        path: path.display().to_string(),
-        source,
-    })
+    let slots = slots.into_iter().map(PinnedSlot::from).collect();
+    Ok(PinnedSteering::persist(steering, port, pids, slots)?.pin_dir())
 }
 
 /// Reads what [`persist`] recorded for `port`.
+///
+/// A thin wrapper over [`PinnedSteering::open`].
 pub fn persisted(port: u16) -> Result<PersistedState, AttachError> {
-    let path = state_path(port);
-    let text = fs::read_to_string(&path).map_err(|_| AttachError::NotPersisted {
-        port,
-        dir: persist_dir(port).display().to_string(),
-    })?;
-    serde_json::from_str(&text).map_err(|e| AttachError::State {
-        path: path.display().to_string(),
-        source: io::Error::other(e),
-    })
+    Ok(PinnedSteering::open(port)?.into_state().into())
 }
 
 /// Every port with persistent steering.
+///
+/// A thin wrapper over [`PinnedSteering::ports`], kept for the CLI.
 pub fn persisted_ports() -> Vec<u16> {
-    let mut ports: Vec<u16> = fs::read_dir(Path::new("/sys/fs/bpf/reuseport"))
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    ports.sort_unstable();
-    ports
+    PinnedSteering::ports()
 }
 
 /// A socket of the group on `port` served by `pids`' tree, to detach through.
@@ -550,52 +540,430 @@ pub fn any_member(pids: &[u32], port: u16) -> Result<OwnedFd, AttachError> {
 
 /// Removes the persistent steering of `port`: detaches the program from the group (through a
 /// socket taken from the recorded processes) and deletes the pins.
+///
+/// A thin wrapper over [`PinnedSteering::open`] and [`PinnedSteering::detach`], kept for the CLI.
 pub fn detach_persisted(port: u16) -> Result<PersistedState, AttachError> {
-    let state = persisted(port)?;
-    // The server may be gone already (its group with it): then there is nothing to detach.
-    if let Ok(member) = any_member(&state.pids, port) {
-        aya::programs::SkReuseport::detach(&member).map_err(SteeringError::from)?;
-    }
-    let dir = persist_dir(port);
-    fs::remove_dir_all(&dir).map_err(|source| AttachError::State {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let _ = fs::remove_file(state_path(port));
-    // Remove the parent directories once they are empty (remove_dir refuses otherwise).
-    for parent in [persist_dir(port).parent(), state_path(port).parent()]
-        .into_iter()
-        .flatten()
-    {
-        let _ = fs::remove_dir(parent);
-    }
-    Ok(state)
+    Ok(PinnedSteering::open(port)?.detach()?.into())
 }
 
 /// Whether the recorded slot's socket is still open in its serving process.
+///
+/// A thin wrapper over [`procfs::holds_socket`] (also [`PinnedSlot::is_held`]), kept for the CLI.
 pub fn slot_alive(pid: u32, inode: u64) -> bool {
-    procfs::socket_fds(pid).is_ok_and(|fds| fds.iter().any(|&(_, i)| i == inode))
+    procfs::holds_socket(pid, inode)
 }
 
-fn mount_bpffs() -> Result<(), AttachError> {
-    let bpffs = Path::new("/sys/fs/bpf");
-    let mounted = fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
-        mounts
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-    });
-    if mounted {
-        return Ok(());
+/// Which listeners [`run`] steers.
+#[derive(Clone, Debug)]
+pub enum AttachTarget<'a> {
+    /// The server's processes (any of them: their descendants are searched too); the listeners
+    /// and their CPUs are found as [`from_pid`] does.
+    Pids(Vec<u32>),
+    /// Listening sockets this process already holds (inherited, systemd's `LISTEN_FDS`), each
+    /// with its CPU; checked as [`check_fds`] does.
+    Fds(Vec<(BorrowedFd<'a>, u32)>),
+}
+
+/// What [`run`] does with the listeners it found and checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachAction {
+    /// Attach the steering program.
+    #[default]
+    Steer,
+    /// Detach whatever program the group has: the kernel's hash selects again.
+    Hash,
+}
+
+/// Everything [`run`] needs: the `attach` verb's arguments, typed.
+#[derive(Clone, Debug)]
+pub struct AttachRequest<'a> {
+    /// The port the server listens on.
+    pub port: u16,
+    /// The listeners to steer.
+    pub target: AttachTarget<'a>,
+    /// Steer, or go back to hash selection.
+    pub action: AttachAction,
+    /// The program to attach ([`SteeringProgram::recommended`] by default).
+    pub program: SteeringProgram,
+    /// `Some`: pin the steering under this root so it outlives this process
+    /// ([`Attached::Persisted`]); `None`: it lasts until [`LiveSteering::detach`].
+    pub persist: Option<PinnedRoot>,
+}
+
+impl<'a> AttachRequest<'a> {
+    /// Steer `target`'s listeners on `port` with the recommended program, not persisted.
+    pub fn new(port: u16, target: AttachTarget<'a>) -> Self {
+        Self {
+            port,
+            target,
+            action: AttachAction::Steer,
+            program: SteeringProgram::recommended(),
+            persist: None,
+        }
     }
-    rustix::mount::mount(
-        "bpf",
-        bpffs,
-        "bpf",
-        rustix::mount::MountFlags::empty(),
-        None,
-    )
-    .map_err(|err| AttachError::State {
-        path: "mounting bpffs on /sys/fs/bpf".into(),
-        source: err.into(),
-    })
+}
+
+/// Who serves a steered listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotHolder {
+    /// A process of the server (found through `/proc`).
+    Process {
+        /// The serving process.
+        pid: u32,
+        /// Its name (`/proc/PID/comm`).
+        comm: String,
+        /// The socket's inode.
+        inode: u64,
+    },
+    /// A socket this process holds, by its file descriptor.
+    Fd(i32),
+}
+
+/// One steered slot: a CPU and who serves its listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedSlot {
+    /// The slot: the CPU whose connections go to this listener.
+    pub cpu: u32,
+    /// Who serves the listener.
+    pub holder: SlotHolder,
+}
+
+impl fmt::Display for AttachedSlot {
+    /// `cpu2 <- pid 1234 (nginx)` or `cpu2 <- fd 5`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.holder {
+            SlotHolder::Process { pid, comm, .. } => {
+                write!(f, "cpu{} <- pid {pid} ({comm})", self.cpu)
+            }
+            SlotHolder::Fd(fd) => write!(f, "cpu{} <- fd {fd}", self.cpu),
+        }
+    }
+}
+
+/// `slots`, comma-separated (each as [`AttachedSlot`] displays).
+pub fn describe_slots(slots: &[AttachedSlot]) -> String {
+    slots
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What [`run`] did.
+#[derive(Debug)]
+pub enum Attached<'a> {
+    /// [`AttachAction::Hash`]: the group selects by hash again.
+    Hashed {
+        /// The listeners found and checked.
+        slots: Vec<AttachedSlot>,
+    },
+    /// Steering in place until [`LiveSteering::detach`].
+    Live(LiveSteering<'a>),
+    /// Steering in place and pinned: it outlives this process until [`PinnedSteering::detach`].
+    Persisted {
+        /// The pinned steering.
+        pinned: PinnedSteering,
+        /// The listeners steered.
+        slots: Vec<AttachedSlot>,
+    },
+}
+
+/// How [`LiveSteering::detach`] reaches the group again.
+#[derive(Clone, Debug)]
+enum GroupMember<'a> {
+    /// One of the sockets this process holds.
+    Fd(BorrowedFd<'a>),
+    /// A socket of the group taken again from the server's processes ([`any_member`]).
+    Tree(Vec<u32>),
+}
+
+/// Steering attached by [`run`] to a running server's group, for as long as this process wants:
+/// read its counters with [`LiveSteering::snapshot`], end it with [`LiveSteering::detach`].
+/// Dropping it leaves the program attached (as [`Steering`] does).
+pub struct LiveSteering<'a> {
+    steering: Steering,
+    slots: Vec<AttachedSlot>,
+    port: u16,
+    member: GroupMember<'a>,
+    started: Instant,
+    migrations_at_start: Migrations,
+}
+
+impl fmt::Debug for LiveSteering<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveSteering")
+            .field("port", &self.port)
+            .field("slots", &self.slots)
+            .field("member", &self.member)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveSteering<'_> {
+    /// The steering program.
+    pub fn steering(&self) -> &Steering {
+        &self.steering
+    }
+
+    /// The listeners steered, in CPU order for processes, in the given order for sockets.
+    pub fn slots(&self) -> &[AttachedSlot] {
+        &self.slots
+    }
+
+    /// The port steered.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The kernel's id of the attached program.
+    pub fn program_id(&self) -> Result<u32, AttachError> {
+        Ok(self.steering.program_id()?)
+    }
+
+    /// The program's counters since [`run`] attached it. A foreign server's workers keep no
+    /// counters of ours, so [`Snapshot::workers`] is empty; [`Snapshot::migrations`] counts the
+    /// server's own worker restarts, which migrate through the program.
+    pub fn snapshot(&self) -> Result<Snapshot, AttachError> {
+        Ok(Snapshot {
+            elapsed: self.started.elapsed(),
+            workers: Vec::new(),
+            steering: Some(self.steering.stats()?),
+            program: self.steering.run_stats()?,
+            migrations: Migrations::read().since(&self.migrations_at_start),
+            restarts: 0,
+            spill: None,
+        })
+    }
+
+    /// Detaches the program: the group selects by hash again.
+    pub fn detach(self) -> Result<(), AttachError> {
+        detach_group(self.steering, &self.member, self.port)
+    }
+}
+
+/// Detaches `steering` from the group `member` reaches.
+fn detach_group(
+    steering: Steering,
+    member: &GroupMember<'_>,
+    port: u16,
+) -> Result<(), AttachError> {
+    match member {
+        GroupMember::Fd(member) => steering.detach(member)?,
+        GroupMember::Tree(pids) => steering.detach(any_member(pids, port)?)?,
+    }
+    Ok(())
+}
+
+/// The `attach` verb as one call: finds and checks the listeners of `request.target` (nothing is
+/// attached if that fails), then steers them, or with [`AttachAction::Hash`] detaches whatever
+/// program the group has. With [`AttachRequest::persist`] the steering is pinned; a port that
+/// already has persistent steering there is refused before anything is attached, and if pinning
+/// fails the program is detached again.
+pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
+    let AttachRequest {
+        port,
+        target,
+        action,
+        program,
+        persist,
+    } = request;
+    if action == AttachAction::Steer
+        && let Some(root) = &persist
+        && root.is_persisted(port)
+    {
+        return Err(AttachError::Pinned(PinnedError::AlreadyPersisted {
+            port,
+            dir: root.pin_dir(port).display().to_string(),
+        }));
+    }
+    match target {
+        AttachTarget::Fds(pairs) => {
+            let checked = check_fds(&pairs)?;
+            let &(_, member) = checked.first().ok_or(AttachError::NoTarget)?;
+            let slots = pairs
+                .iter()
+                .map(|&(fd, cpu)| AttachedSlot {
+                    cpu,
+                    holder: SlotHolder::Fd(fd.as_raw_fd()),
+                })
+                .collect();
+            if action == AttachAction::Hash {
+                aya::programs::SkReuseport::detach(member).map_err(SteeringError::from)?;
+                return Ok(Attached::Hashed { slots });
+            }
+            let steering = Steering::attach_program(&checked, program)?;
+            finish(
+                steering,
+                Steered {
+                    port,
+                    pids: Vec::new(),
+                    pinned_slots: Vec::new(),
+                    slots,
+                    member: GroupMember::Fd(member),
+                },
+                persist,
+            )
+        }
+        AttachTarget::Pids(pids) => {
+            if pids.is_empty() {
+                return Err(AttachError::NoTarget);
+            }
+            let found = from_pid(&pids, port)?;
+            let slots = found
+                .iter()
+                .map(|f| AttachedSlot {
+                    cpu: f.cpu,
+                    holder: SlotHolder::Process {
+                        pid: f.pid,
+                        comm: procfs::comm(f.pid),
+                        inode: f.inode,
+                    },
+                })
+                .collect();
+            if action == AttachAction::Hash {
+                let first = found.first().ok_or_else(|| AttachError::NoListener {
+                    port,
+                    pids: pids
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                })?;
+                aya::programs::SkReuseport::detach(first.fd.as_fd())
+                    .map_err(SteeringError::from)?;
+                return Ok(Attached::Hashed { slots });
+            }
+            let pinned_slots = found
+                .iter()
+                .map(|f| PinnedSlot {
+                    cpu: f.cpu,
+                    pid: f.pid,
+                    inode: f.inode,
+                })
+                .collect();
+            let steering = steer_with(found, program)?;
+            finish(
+                steering,
+                Steered {
+                    port,
+                    pids: pids.clone(),
+                    pinned_slots,
+                    slots,
+                    member: GroupMember::Tree(pids),
+                },
+                persist,
+            )
+        }
+    }
+}
+
+/// What [`run`] steered, for [`finish`].
+struct Steered<'a> {
+    port: u16,
+    pids: Vec<u32>,
+    pinned_slots: Vec<PinnedSlot>,
+    slots: Vec<AttachedSlot>,
+    member: GroupMember<'a>,
+}
+
+/// Pins `steering` under `persist`, or hands it over live.
+fn finish<'a>(
+    mut steering: Steering,
+    steered: Steered<'a>,
+    persist: Option<PinnedRoot>,
+) -> Result<Attached<'a>, AttachError> {
+    let Steered {
+        port,
+        pids,
+        pinned_slots,
+        slots,
+        member,
+    } = steered;
+    let Some(root) = persist else {
+        return Ok(Attached::Live(LiveSteering {
+            steering,
+            slots,
+            port,
+            member,
+            started: Instant::now(),
+            migrations_at_start: Migrations::read(),
+        }));
+    };
+    match root.persist(&mut steering, port, &pids, pinned_slots) {
+        Ok(pinned) => Ok(Attached::Persisted { pinned, slots }),
+        Err(err) => {
+            // Unpinned steering would outlive this process with nothing to remove it by.
+            let _ = detach_group(steering, &member, port);
+            Err(AttachError::Pinned(err))
+        }
+    }
+}
+
+/// [`steer`] with a chosen program.
+fn steer_with(
+    found: Vec<FoundListener>,
+    program: SteeringProgram,
+) -> Result<Steering, AttachError> {
+    let pairs: Vec<(u32, BorrowedFd<'_>)> = found.iter().map(|f| (f.cpu, f.fd.as_fd())).collect();
+    let steering = Steering::attach_program(&pairs, program)?;
+    drop(pairs);
+    drop(found);
+    Ok(steering)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_describe_their_holder() {
+        let slots = [
+            AttachedSlot {
+                cpu: 0,
+                holder: SlotHolder::Process {
+                    pid: 1234,
+                    comm: "nginx".into(),
+                    inode: 99,
+                },
+            },
+            AttachedSlot {
+                cpu: 3,
+                holder: SlotHolder::Fd(7),
+            },
+        ];
+        assert_eq!(
+            describe_slots(&slots),
+            "cpu0 <- pid 1234 (nginx), cpu3 <- fd 7"
+        );
+        assert_eq!(describe_slots(&[]), "");
+    }
+
+    #[test]
+    fn pinned_errors_keep_the_attach_variants_they_had() {
+        let not_persisted = AttachError::from(PinnedError::NotPersisted {
+            port: 80,
+            dir: "/sys/fs/bpf/reuseport/80".into(),
+        });
+        assert_eq!(
+            not_persisted.to_string(),
+            "no persistent steering for port 80 (nothing under /sys/fs/bpf/reuseport/80)"
+        );
+        assert!(matches!(not_persisted, AttachError::NotPersisted { .. }));
+        let io = AttachError::from(PinnedError::Io {
+            action: "writing",
+            path: "/run/reuseport/80.json".into(),
+            source: io::Error::other("disk full"),
+        });
+        assert!(
+            matches!(io, AttachError::State { ref path, .. } if path == "/run/reuseport/80.json")
+        );
+        let already = AttachError::from(PinnedError::AlreadyPersisted {
+            port: 80,
+            dir: "/x".into(),
+        });
+        assert_eq!(
+            already.to_string(),
+            "port 80 already has persistent steering (pinned in /x)"
+        );
+    }
 }

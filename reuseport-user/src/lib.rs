@@ -12,10 +12,12 @@
 //! - [`listeners`]: one `SO_REUSEPORT` socket per CPU ([`PerCpuListeners`]).
 //! - [`steering`]: load the BPF program, fill slot CPU → listener, attach, read counters
 //!   ([`Steering`]) — the one steering path.
-//! - [`strategy`]: the other ways to the same goal, and `auto`: [`cbpf`] (classic BPF
-//!   `ld cpu; ret a`), [`incoming_cpu`] (`SO_INCOMING_CPU`, Linux >= 6.2), kernel hash.
+//! - [`strategy`]: one type per steering mode behind the [`Strategy`] trait, and `auto`: eBPF
+//!   per-CPU (with or without spill), [`cbpf`] (classic BPF `ld cpu; ret a`), [`incoming_cpu`]
+//!   (`SO_INCOMING_CPU`, Linux >= 6.2), kernel hash.
 //! - [`attach`]: the same steering for a running server's listeners (nginx, prefork servers),
-//!   found through `/proc` ([`procfs`]) and taken with `pidfd_getfd`.
+//!   found through `/proc` ([`procfs`]) and taken with `pidfd_getfd`; [`pinned`]: such steering
+//!   left in place after the attaching process exits ([`PinnedSteering`]).
 //! - [`kernel`]: the running kernel's release, for features that depend on it.
 //! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener.
 //! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
@@ -46,6 +48,7 @@ pub mod http;
 pub mod incoming_cpu;
 pub mod kernel;
 pub mod listeners;
+pub mod pinned;
 pub mod procfs;
 pub mod server;
 pub mod spill;
@@ -56,6 +59,8 @@ pub mod worker;
 
 pub use cpus::CpuList;
 pub use listeners::{PerCpuListeners, Protocol};
+pub use pinned::PinnedSteering;
 pub use reuseport_common::SteeringStats;
 pub use server::{Server, ServerConfig};
 pub use steering::{Steering, SteeringMode};
+pub use strategy::Strategy;

@@ -112,6 +112,11 @@ pub fn socket_fds(pid: u32) -> Result<Vec<(i32, u64)>, ProcError> {
         .collect())
 }
 
+/// Whether `pid` has the socket with inode `inode` open (false if `pid` is gone or unreadable).
+pub fn holds_socket(pid: u32, inode: u64) -> bool {
+    socket_fds(pid).is_ok_and(|fds| fds.iter().any(|&(_, i)| i == inode))
+}
+
 /// The inodes of every file registered in any of `pid`'s epoll instances: each epoll fd's
 /// `/proc/PID/fdinfo/N` lists its targets as `tfd: 5 events: 19 data: ... ino:2b1c sdev:8`.
 pub fn epoll_targets(pid: u32) -> BTreeSet<u64> {

@@ -1,6 +1,7 @@
-//! A whole server: per-CPU listeners, steering (in `percpu` mode) and pinned workers, started and
+//! A whole server: per-CPU listeners, a steering [`Strategy`] and pinned workers, started and
 //! stopped together, and restarted one worker at a time without refusing a connection.
-//! `reuseport serve`, the tests and the example all run this.
+//! `reuseport serve`, the tests and the example all run this. The server never asks which mode it
+//! runs: the [`Strategy`] does what its mode needs.
 
 use std::{net::SocketAddr, os::fd::AsFd, time::Instant};
 
@@ -8,14 +9,13 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::{
-    cpu_topology::CpuTopology,
     cpus::{CpuError, CpuList},
     incoming_cpu::IncomingCpuError,
     listeners::{self, CpuListener, ListenerError, PerCpuListeners, Protocol},
-    spill::{SpillConfig, SpillError, SpillSampler},
+    spill::{SpillConfig, SpillError},
     stats::{Migrations, Snapshot, WorkerStats},
     steering::{Steering, SteeringMode, SteeringProgram},
-    strategy::{self, StrategyError},
+    strategy::{self, Strategy, StrategyError},
     worker::{Worker, WorkerError},
 };
 
@@ -49,6 +49,19 @@ pub enum ServerError {
     /// Setting `SO_INCOMING_CPU` on a restarted worker's listener failed.
     #[error(transparent)]
     IncomingCpu(#[from] IncomingCpuError),
+}
+
+impl ServerError {
+    /// A strategy's error while serving (a restart, reading counters), as the variants these
+    /// steps returned before strategies were types: [`ServerError::Steering`] and
+    /// [`ServerError::IncomingCpu`].
+    fn running(err: StrategyError) -> Self {
+        match err {
+            StrategyError::Steering(err) => Self::Steering(err),
+            StrategyError::IncomingCpu(err) => Self::IncomingCpu(err),
+            other => Self::Strategy(other),
+        }
+    }
 }
 
 /// What to serve and how.
@@ -88,7 +101,6 @@ impl ServerConfig {
 /// A running server: one pinned worker and one listener per CPU, all in one reuseport group.
 pub struct Server {
     listen: SocketAddr,
-    mode: SteeringMode,
     mode_reason: String,
     protocol: Protocol,
     backlog: i32,
@@ -97,9 +109,8 @@ pub struct Server {
     /// Final counters of workers replaced by [`Server::restart_worker`].
     retired: Vec<WorkerStats>,
     restarts: u64,
-    steering: Option<Steering>,
-    /// Samples the queues and arrivals in `percpu-spill` mode (TCP and UDP).
-    spill: Option<SpillSampler>,
+    /// The steering mode in place (`auto` resolved).
+    strategy: Box<dyn Strategy>,
     started: Instant,
     migrations_at_start: Migrations,
 }
@@ -135,34 +146,18 @@ impl Server {
             Some(cpus) => cpus.within(&allowed)?,
             None => allowed,
         };
-        if matches!(config.mode, SteeringMode::PercpuSpill | SteeringMode::Auto) {
-            config.spill.validate(cpus.len())?;
-        }
+        strategy::check_spill(config.mode, &config.spill, cpus.len())?;
         let pending =
             PerCpuListeners::prepare(config.listen, config.protocol, &cpus, config.backlog)?;
         let migrations_at_start = Migrations::read();
         let choice = strategy::choose(config.mode);
-        let (listeners, mut steering) = strategy::open(choice.mode, pending, config.program)?;
+        let mut strategy = strategy::for_mode(choice.mode, config.program, config.spill)?;
+        // The spill sampler's errors stay `ServerError::Spill`, as they were before strategies.
+        let listeners = strategy.open(pending).map_err(|err| match err {
+            StrategyError::Spill(spill) => ServerError::Spill(spill),
+            other => ServerError::Strategy(other),
+        })?;
         let listen = listeners.local_addr();
-        let spill = match steering.as_mut() {
-            Some(steering) if choice.mode == SteeringMode::PercpuSpill => {
-                let fds = listeners
-                    .iter()
-                    .map(|l| Ok((l.cpu, l.socket.as_fd().try_clone_to_owned()?)))
-                    .collect::<Result<Vec<_>, std::io::Error>>()
-                    .map_err(SpillError::Start)?;
-                let topology = CpuTopology::read(crate::cpus::possible_cpus()?);
-                Some(SpillSampler::start(
-                    steering.take_spill_map()?,
-                    steering.stats_map_handle()?,
-                    config.protocol,
-                    fds,
-                    topology,
-                    config.spill,
-                )?)
-            }
-            _ => None,
-        };
         let mut workers = Vec::with_capacity(cpus.len());
         for listener in listeners.into_inner() {
             // On error, the workers already started stop as their switches drop.
@@ -170,7 +165,6 @@ impl Server {
         }
         Ok(Self {
             listen,
-            mode: choice.mode,
             mode_reason: choice.reason,
             protocol: config.protocol,
             backlog: config.backlog,
@@ -178,8 +172,7 @@ impl Server {
             workers,
             retired: Vec::new(),
             restarts: 0,
-            steering,
-            spill,
+            strategy,
             started: Instant::now(),
             migrations_at_start,
         })
@@ -189,8 +182,9 @@ impl Server {
     ///
     /// 1. a new listener binds and joins the reuseport group, and a new worker pinned to `cpu`
     ///    starts serving it;
-    /// 2. the new listener takes `cpu`'s place: its steering slot (`percpu`) or its
-    ///    `SO_INCOMING_CPU` (`incoming-cpu`); from now on new connections go to it;
+    /// 2. the new listener takes `cpu`'s place ([`Strategy::replace_listener`]): its steering slot
+    ///    (`percpu`) or its `SO_INCOMING_CPU` (`incoming-cpu`); from now on new connections go to
+    ///    it;
     /// 3. the old worker closes its listener (with the select-or-migrate program the kernel moves
     ///    the connections still queued on it to the new listener instead of resetting them; see
     ///    [`Snapshot::migrations`]), lets its open connections finish their current request and
@@ -206,26 +200,16 @@ impl Server {
             .position(|running| running.worker.cpu() == cpu)
             .ok_or(ServerError::NoWorker { cpu })?;
         let socket = listeners::bind_one(self.listen, self.protocol, self.backlog)?;
-        if self.mode == SteeringMode::IncomingCpu {
-            crate::incoming_cpu::set(&socket, cpu)?;
-        }
-        // The new socket is in the group but in no slot yet: it only gets connections the
-        // program leaves to the kernel's hash until the slot switches below.
+        // The new socket is in the group but does not have `cpu`'s place yet: it only gets
+        // connections the strategy leaves to the kernel's hash until it takes that place below.
         let fd = socket
             .as_fd()
             .try_clone_to_owned()
             .map_err(|source| WorkerError::Start { cpu, source })?;
         let replacement = RunningWorker::spawn(CpuListener { cpu, socket })?;
-        if let Some(steering) = self.steering.as_mut()
-            && let Err(err) = steering.insert(cpu, fd.as_fd())
-        {
+        if let Err(err) = self.strategy.replace_listener(cpu, fd) {
             let _ = replacement.stop();
-            return Err(err.into());
-        }
-        // The sampler lets go of the old listener (so it can close) and samples the new one.
-        match &self.spill {
-            Some(spill) => spill.replace_listener(cpu, fd),
-            None => drop(fd),
+            return Err(ServerError::running(err));
         }
         let old = std::mem::replace(&mut self.workers[index], replacement);
         self.retired.push(old.stop()?);
@@ -249,7 +233,12 @@ impl Server {
 
     /// The steering mode in use (`auto` resolved).
     pub fn mode(&self) -> SteeringMode {
-        self.mode
+        self.strategy.mode()
+    }
+
+    /// The steering strategy in place, e.g. to [describe](Strategy::describe) it.
+    pub fn strategy(&self) -> &dyn Strategy {
+        self.strategy.as_ref()
     }
 
     /// Why [`Server::mode`] is in use (`as requested`, or what `auto` found).
@@ -267,14 +256,16 @@ impl Server {
         &self.cpus
     }
 
-    /// The steering program (`None` in hash mode), e.g. to empty or refill a slot while serving.
+    /// The eBPF steering program (`None` in modes without one), e.g. to empty or refill a slot
+    /// while serving. A shortcut for [`Strategy::steering_mut`].
     pub fn steering_mut(&mut self) -> Option<&mut Steering> {
-        self.steering.as_mut()
+        self.strategy.steering_mut()
     }
 
-    /// The steering program (`None` in hash mode).
+    /// The eBPF steering program (`None` in modes without one). A shortcut for
+    /// [`Strategy::steering`].
     pub fn steering(&self) -> Option<&Steering> {
-        self.steering.as_ref()
+        self.strategy.steering()
     }
 
     /// All counters, now.
@@ -290,8 +281,9 @@ impl Server {
     /// Stops the workers (closing every listener, which also ends the group and with it the
     /// program's attachment) and returns the final counters.
     pub fn stop(mut self) -> Result<Snapshot, ServerError> {
-        // The sampler holds duplicates of the listeners: let go of them first.
-        let spill = self.spill.take().map(|sampler| sampler.counters());
+        // The strategy may hold duplicates of the listeners (the spill sampler): let go of them
+        // first.
+        self.strategy.shutdown();
         let mut workers = Vec::with_capacity(self.workers.len());
         // Signal every worker first, so they drain in parallel.
         for running in &self.workers {
@@ -300,24 +292,19 @@ impl Server {
         for running in self.workers.drain(..) {
             workers.push(running.stop()?);
         }
-        let mut last = self.snapshot_with(workers)?;
-        last.spill = spill;
-        Ok(last)
+        self.snapshot_with(workers)
     }
 
     fn snapshot_with(&self, live: Vec<WorkerStats>) -> Result<Snapshot, ServerError> {
-        let (steering, program) = match &self.steering {
-            Some(steering) => (Some(steering.stats()?), steering.run_stats()?),
-            None => (None, None),
-        };
+        let strategy = self.strategy.counters().map_err(ServerError::running)?;
         Ok(Snapshot {
             elapsed: self.started.elapsed(),
             workers: with_retired(live, &self.retired),
-            steering,
-            program,
+            steering: strategy.steering,
+            program: strategy.program,
             migrations: Migrations::read().since(&self.migrations_at_start),
             restarts: self.restarts,
-            spill: self.spill.as_ref().map(SpillSampler::counters),
+            spill: strategy.spill,
         })
     }
 }

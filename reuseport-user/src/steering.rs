@@ -405,7 +405,7 @@ impl Steering {
     }
 
     /// Pins the program and its maps into `dir` (on bpffs), so the steering outlives this
-    /// process; [`pinned_stats`] and [`pinned_fallbacks`] read them back.
+    /// process; [`PinnedSteering`](crate::pinned::PinnedSteering) owns them from then on.
     pub fn pin(&mut self, dir: &std::path::Path) -> Result<(), SteeringError> {
         let name = self.program.name();
         self.program_mut()?.pin(dir.join(name))?;
@@ -503,49 +503,48 @@ impl Steering {
     }
 }
 
-fn read_stats(map: &aya::maps::Map) -> Result<Vec<SteeringStats>, SteeringError> {
+/// The counters in `map` (a `steering_stats` map), one entry per possible CPU.
+pub(crate) fn read_stats(map: &aya::maps::Map) -> Result<Vec<SteeringStats>, SteeringError> {
     let stats = PerCpuArray::<_, SteeringStats>::try_from(map)?;
     Ok(stats.get(&0, 0)?.iter().copied().collect())
 }
 
 /// The counters of steering pinned into `dir` by [`Steering::pin`].
+///
+/// A thin wrapper kept for the `status` verb; [`PinnedSteering::arrivals`] and
+/// [`PinnedSteering::status`] are the API.
+///
+/// [`PinnedSteering::arrivals`]: crate::pinned::PinnedSteering::arrivals
+/// [`PinnedSteering::status`]: crate::pinned::PinnedSteering::status
 pub fn pinned_stats(dir: &std::path::Path) -> Result<Vec<SteeringStats>, SteeringError> {
-    let data = aya::maps::MapData::from_pin(dir.join(names::STEERING_STATS))?;
-    read_stats(&aya::maps::Map::from_map_data(data)?)
+    crate::pinned::read_arrivals(dir)
 }
 
-/// Whether slot `cpu` of the steering pinned into `dir` holds a socket, asked of the kernel.
+/// Whether slot `cpu` of the steering pinned into `dir` holds a socket, asked of the kernel
+/// (see [`crate::pinned::slot_filled`]).
 ///
-/// A `REUSEPORT_SOCKARRAY` with 4-byte values cannot be read from userspace, so this asks by
-/// trying an update that cannot succeed: with `BPF_EXIST` and a fresh, unbound socket, the kernel
-/// answers `ENOENT` for an empty slot and `EINVAL` (the socket is in no group) for a filled one,
-/// and changes nothing either way.
+/// A thin wrapper kept for the `status` verb; [`PinnedSteering::status`] is the API.
+///
+/// [`PinnedSteering::status`]: crate::pinned::PinnedSteering::status
 pub fn pinned_slot_filled(dir: &std::path::Path, cpu: u32) -> Result<bool, SteeringError> {
-    const BPF_EXIST: u64 = 2;
-    let data = aya::maps::MapData::from_pin(dir.join(names::CPU_LISTENERS))?;
-    let mut map = aya::maps::Map::from_map_data(data)?;
-    let mut sockets = ReusePortSockArray::try_from(&mut map)?;
-    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .map_err(SteeringError::Capabilities)?;
-    match sockets.set(cpu, &probe, BPF_EXIST) {
-        Err(MapError::SyscallError(err)) => match err.io_error.raw_os_error() {
-            Some(libc::ENOENT) => Ok(false),
-            Some(libc::EINVAL) => Ok(true),
-            _ => Err(MapError::SyscallError(err).into()),
-        },
-        Err(other) => Err(other.into()),
-        // Cannot happen (an unbound socket is never accepted); treat as filled.
-        Ok(()) => Ok(true),
-    }
+    crate::pinned::slot_filled(dir, cpu).map_err(|err| match err {
+        crate::pinned::PinnedError::Steering(err) => err,
+        // Creating the probe socket failed: reported as this function always did.
+        crate::pinned::PinnedError::Probe { source, .. } => SteeringError::Capabilities(source),
+        other => SteeringError::Capabilities(io::Error::other(other)),
+    })
 }
 
 /// The fallback table of steering pinned into `dir` by [`Steering::pin`]: entry `c` is the CPU
 /// whose listener takes CPU `c`'s connections when slot `c` is empty.
+///
+/// A thin wrapper kept for the `status` verb; [`PinnedSteering::fallbacks`] and
+/// [`PinnedSteering::status`] are the API.
+///
+/// [`PinnedSteering::fallbacks`]: crate::pinned::PinnedSteering::fallbacks
+/// [`PinnedSteering::status`]: crate::pinned::PinnedSteering::status
 pub fn pinned_fallbacks(dir: &std::path::Path) -> Result<Vec<u32>, SteeringError> {
-    let data = aya::maps::MapData::from_pin(dir.join(names::CPU_FALLBACK))?;
-    let map = aya::maps::Map::from_map_data(data)?;
-    let fallback = Array::<_, u32>::try_from(&map)?;
-    Ok(fallback.iter().collect::<Result<_, _>>()?)
+    crate::pinned::read_fallbacks(dir)
 }
 
 /// Whether the kernel keeps BPF run-time statistics (run count and time per program) for us.
