@@ -317,22 +317,3 @@ fn run_refuses_an_empty_target_and_a_threaded_server() {
         "{threaded:?}"
     );
 }
-
-/// The state file stays in the format the CLI's `attach::persisted` reads.
-#[test]
-fn the_cli_wrappers_read_what_the_type_wrote() {
-    let bpffs = TempBpffs::new();
-    let (addr, listeners) = group(&cpus());
-    let mut steering = Steering::attach(&fds(&listeners)).expect("attach");
-    let pinned = bpffs
-        .root
-        .persist(&mut steering, addr.port(), &[1], slots(&listeners))
-        .expect("persist");
-    let text = std::fs::read_to_string(pinned.state_path()).expect("state file");
-    let legacy: attach::PersistedState = serde_json::from_str(&text).expect("legacy format");
-    let expected: attach::PersistedState = pinned.state().clone().into();
-    assert_eq!(legacy.slots, expected.slots);
-    assert_eq!(legacy.program_id, pinned.program_id());
-    assert!(pinned.pin_dir().is_dir());
-    pinned.detach().expect("detach");
-}

@@ -25,12 +25,10 @@ use std::{
     fmt, io,
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    path::PathBuf,
     time::Instant,
 };
 
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
-use serde::{Deserialize, Serialize};
 use socket2::SockRef;
 use thiserror::Error;
 
@@ -441,76 +439,6 @@ pub fn steer(found: Vec<FoundListener>) -> Result<Steering, AttachError> {
     steer_with(found, SteeringProgram::recommended())
 }
 
-/// Where [`persist`] pins the program and maps of the steering for `port`.
-///
-/// A thin wrapper over [`PinnedRoot::pin_dir`] of [`PinnedRoot::system`].
-pub fn persist_dir(port: u16) -> PathBuf {
-    PinnedRoot::system().pin_dir(port)
-}
-
-/// Where [`persist`] records what it steers for `port` (bpffs holds only BPF objects).
-///
-/// A thin wrapper over [`PinnedRoot::state_path`] of [`PinnedRoot::system`].
-pub fn state_path(port: u16) -> PathBuf {
-    PinnedRoot::system().state_path(port)
-}
-
-/// What [`persist`] records beside the pins, for `status` and `detach`, with slots as bare
-/// `(cpu, pid, inode)` tuples.
-///
-/// [`crate::pinned::PersistedState`] (slots as [`PinnedSlot`]) is the API.
-/// Both read and write the same state file format.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PersistedState {
-    /// The port.
-    pub port: u16,
-    /// The PIDs given to `attach`.
-    pub pids: Vec<u32>,
-    /// The kernel's id of the pinned program.
-    pub program_id: u32,
-    /// Slot by slot: CPU, serving PID, socket inode.
-    pub slots: Vec<(u32, u32, u64)>,
-}
-
-impl From<crate::pinned::PersistedState> for PersistedState {
-    fn from(state: crate::pinned::PersistedState) -> Self {
-        Self {
-            port: state.port,
-            pids: state.pids,
-            program_id: state.program_id,
-            slots: state.slots.into_iter().map(Into::into).collect(),
-        }
-    }
-}
-
-/// Pins `steering` under [`persist_dir`] with a state file, so it outlives this process.
-///
-/// A thin wrapper over [`PinnedSteering::persist`], kept for the CLI: it refuses a port that
-/// already has persistent steering, leaving that steering's pins alone.
-pub fn persist(
-    steering: &mut Steering,
-    port: u16,
-    pids: &[u32],
-    slots: Vec<(u32, u32, u64)>,
-) -> Result<PathBuf, AttachError> {
-    let slots = slots.into_iter().map(PinnedSlot::from).collect();
-    Ok(PinnedSteering::persist(steering, port, pids, slots)?.pin_dir())
-}
-
-/// Reads what [`persist`] recorded for `port`.
-///
-/// A thin wrapper over [`PinnedSteering::open`].
-pub fn persisted(port: u16) -> Result<PersistedState, AttachError> {
-    Ok(PinnedSteering::open(port)?.into_state().into())
-}
-
-/// Every port with persistent steering.
-///
-/// A thin wrapper over [`PinnedSteering::ports`], kept for the CLI.
-pub fn persisted_ports() -> Vec<u16> {
-    PinnedSteering::ports()
-}
-
 /// A socket of the group on `port` served by `pids`' tree, to detach through.
 pub fn any_member(pids: &[u32], port: u16) -> Result<OwnedFd, AttachError> {
     let pid_list = pids
@@ -536,21 +464,6 @@ pub fn any_member(pids: &[u32], port: u16) -> Result<OwnedFd, AttachError> {
         port,
         pids: pid_list,
     })
-}
-
-/// Removes the persistent steering of `port`: detaches the program from the group (through a
-/// socket taken from the recorded processes) and deletes the pins.
-///
-/// A thin wrapper over [`PinnedSteering::open`] and [`PinnedSteering::detach`], kept for the CLI.
-pub fn detach_persisted(port: u16) -> Result<PersistedState, AttachError> {
-    Ok(PinnedSteering::open(port)?.detach()?.into())
-}
-
-/// Whether the recorded slot's socket is still open in its serving process.
-///
-/// A thin wrapper over [`procfs::holds_socket`] (also [`PinnedSlot::is_held`]), kept for the CLI.
-pub fn slot_alive(pid: u32, inode: u64) -> bool {
-    procfs::holds_socket(pid, inode)
 }
 
 /// Which listeners [`run`] steers.

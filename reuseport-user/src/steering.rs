@@ -509,44 +509,6 @@ pub(crate) fn read_stats(map: &aya::maps::Map) -> Result<Vec<SteeringStats>, Ste
     Ok(stats.get(&0, 0)?.iter().copied().collect())
 }
 
-/// The counters of steering pinned into `dir` by [`Steering::pin`].
-///
-/// A thin wrapper kept for the `status` verb; [`PinnedSteering::arrivals`] and
-/// [`PinnedSteering::status`] are the API.
-///
-/// [`PinnedSteering::arrivals`]: crate::pinned::PinnedSteering::arrivals
-/// [`PinnedSteering::status`]: crate::pinned::PinnedSteering::status
-pub fn pinned_stats(dir: &std::path::Path) -> Result<Vec<SteeringStats>, SteeringError> {
-    crate::pinned::read_arrivals(dir)
-}
-
-/// Whether slot `cpu` of the steering pinned into `dir` holds a socket, asked of the kernel
-/// (see [`crate::pinned::slot_filled`]).
-///
-/// A thin wrapper kept for the `status` verb; [`PinnedSteering::status`] is the API.
-///
-/// [`PinnedSteering::status`]: crate::pinned::PinnedSteering::status
-pub fn pinned_slot_filled(dir: &std::path::Path, cpu: u32) -> Result<bool, SteeringError> {
-    crate::pinned::slot_filled(dir, cpu).map_err(|err| match err {
-        crate::pinned::PinnedError::Steering(err) => err,
-        // Creating the probe socket failed: reported as this function always did.
-        crate::pinned::PinnedError::Probe { source, .. } => SteeringError::Capabilities(source),
-        other => SteeringError::Capabilities(io::Error::other(other)),
-    })
-}
-
-/// The fallback table of steering pinned into `dir` by [`Steering::pin`]: entry `c` is the CPU
-/// whose listener takes CPU `c`'s connections when slot `c` is empty.
-///
-/// A thin wrapper kept for the `status` verb; [`PinnedSteering::fallbacks`] and
-/// [`PinnedSteering::status`] are the API.
-///
-/// [`PinnedSteering::fallbacks`]: crate::pinned::PinnedSteering::fallbacks
-/// [`PinnedSteering::status`]: crate::pinned::PinnedSteering::status
-pub fn pinned_fallbacks(dir: &std::path::Path) -> Result<Vec<u32>, SteeringError> {
-    crate::pinned::read_fallbacks(dir)
-}
-
 /// Whether the kernel keeps BPF run-time statistics (run count and time per program) for us.
 enum RunStats {
     /// Turned on with BPF_ENABLE_STATS while this fd is open; the kernel turns them off again when
