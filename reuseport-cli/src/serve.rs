@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Do not print the live line every second.
     #[arg(long)]
     quiet: bool,
+    /// Print the first line (the server is ready) as one JSON object instead of text: pid,
+    /// listen, protocol, mode, mode_reason, cpus, program_id. For programs that start `serve`.
+    #[arg(long)]
+    ready_json: bool,
     /// With --mode percpu or percpu-spill: the program to attach. Default: `steer-migrate` on Linux >= 5.14,
     /// else `steer-to-cpu`. Both make the same choice; `steer-migrate` is attached as
     /// select-or-migrate, so connections queued on a listener that closes (a restarting worker)
@@ -118,30 +122,35 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         other => other.into(),
     })?;
-    let program = match server.steering() {
-        Some(steering) => format!("steering program id {}", steering.program_id()?),
+    let ready = server.ready()?;
+    let program = match ready.program_id {
+        Some(id) => format!("steering program id {id}"),
         None => "no eBPF steering program".to_owned(),
     };
-    println!(
-        "reuseport: serving {} on {} with workers on CPUs {}, mode {}{}, {}; {}",
-        match protocol {
-            Protocol::Tcp => "http",
-            Protocol::Udp => "udp",
-        },
-        server.local_addr(),
-        server.cpus(),
-        server.mode(),
-        if mode == SteeringMode::Auto {
-            format!(" ({})", server.mode_reason())
-        } else {
-            String::new()
-        },
-        program,
-        match args.duration {
-            Some(d) => format!("stopping after {}", humantime::format_duration(d)),
-            None => "Ctrl-C to stop".to_owned(),
-        }
-    );
+    if args.ready_json {
+        println!("{}", serde_json::to_string(&ready)?);
+    } else {
+        println!(
+            "reuseport: serving {} on {} with workers on CPUs {}, mode {}{}, {}; {}",
+            match protocol {
+                Protocol::Tcp => "http",
+                Protocol::Udp => "udp",
+            },
+            server.local_addr(),
+            server.cpus(),
+            server.mode(),
+            if mode == SteeringMode::Auto {
+                format!(" ({})", server.mode_reason())
+            } else {
+                String::new()
+            },
+            program,
+            match args.duration {
+                Some(d) => format!("stopping after {}", humantime::format_duration(d)),
+                None => "Ctrl-C to stop".to_owned(),
+            }
+        );
+    }
 
     let server = RefCell::new(server);
     live::show_live_until_stopped(

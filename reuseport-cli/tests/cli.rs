@@ -303,3 +303,35 @@ fn spill_knobs_out_of_range_are_one_line_usage_errors() {
         ),
     );
 }
+
+#[test]
+fn ready_json_is_the_first_line_as_typed_data() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(BINARY)
+        .args(["serve", "--mode", "percpu", "--listen", "127.0.0.1:0"])
+        .args(["--duration", "2s", "--quiet", "--ready-json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn reuseport serve");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("first line");
+    let ready: reuseport::server::Ready = serde_json::from_str(&line).expect("a Ready object");
+    assert_eq!(ready.pid, child.id());
+    assert_ne!(ready.listen.port(), 0);
+    assert_eq!(ready.mode, reuseport::SteeringMode::Percpu);
+    let id = ready.program_id.expect("a program id in percpu mode");
+    assert!(program_is_loaded(id));
+    let served = http_get(ready.listen);
+    assert!(
+        ready
+            .cpus
+            .parse::<reuseport::CpuList>()
+            .expect("a CPU list")
+            .contains(served.worker_cpu)
+    );
+    // Read the rest (the summary), so serve does not die writing to a closed pipe.
+    let rest = std::io::read_to_string(stdout).expect("the rest of stdout");
+    assert!(rest.contains("summary: mode percpu"), "{rest}");
+    assert!(child.wait().expect("wait").success());
+}

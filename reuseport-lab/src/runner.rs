@@ -19,6 +19,7 @@ use std::{
 
 use reuseport::{
     cpus::CpuList,
+    server::Ready,
     stats::Summary,
     steering::{SteeringMode, SteeringProgram},
 };
@@ -355,6 +356,7 @@ fn start_server(
         .arg("--stats-json")
         .arg(&stats_json)
         .arg("--quiet")
+        .arg("--ready-json")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -374,7 +376,7 @@ fn start_server(
     }
     topology.server_side(&mut command)?;
     let mut guard = ChildGuard::spawn(command, format!("reuseport serve ({row})"))?;
-    let addr = serving_address(&mut guard)?;
+    let addr = ready(&mut guard)?.listen;
     Ok(RunningServer {
         guard,
         addr,
@@ -413,15 +415,13 @@ fn first_line(guard: &mut ChildGuard) -> Result<String, RunnerError> {
 }
 
 /// Reads `reuseport serve`'s first stdout line ("... serving http on ADDR with ...").
-fn serving_address(guard: &mut ChildGuard) -> Result<SocketAddr, RunnerError> {
+/// `serve --ready-json`'s first line, typed.
+fn ready(guard: &mut ChildGuard) -> Result<Ready, RunnerError> {
     let line = first_line(guard)?;
-    line.split_once(" on ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse().ok())
-        .ok_or_else(|| RunnerError::Child {
-            what: guard.what().to_owned(),
-            detail: format!("unexpected first line {line:?}"),
-        })
+    serde_json::from_str(&line).map_err(|err| RunnerError::Child {
+        what: guard.what().to_owned(),
+        detail: format!("its ready line {line:?} is not what this lab reads: {err}"),
+    })
 }
 
 /// Sends SIGHUP to a `reuseport serve` (it restarts its workers one at a time) at random

@@ -98,6 +98,27 @@ impl ServerConfig {
     }
 }
 
+/// What a started server reports once every listener accepts: `reuseport serve --ready-json`
+/// prints it as its first line, so a program that starts `serve` (the lab, a supervisor) reads
+/// typed data instead of the human line.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ready {
+    /// The serving process.
+    pub pid: u32,
+    /// The address served, port filled in.
+    pub listen: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The steering mode in use (`auto` resolved).
+    pub mode: SteeringMode,
+    /// Why that mode (`as requested`, or what `auto` found).
+    pub mode_reason: String,
+    /// The CPUs with a worker, as a CPU list (`0-3,6`).
+    pub cpus: String,
+    /// The kernel's id of the steering program, if one is attached.
+    pub program_id: Option<u32>,
+}
+
 /// A running server: one pinned worker and one listener per CPU, all in one reuseport group.
 pub struct Server {
     listen: SocketAddr,
@@ -224,6 +245,23 @@ impl Server {
             self.restart_worker(cpu)?;
         }
         Ok(())
+    }
+
+    /// What this server reports as ready (see [`Ready`]).
+    pub fn ready(&self) -> Result<Ready, ServerError> {
+        let program_id = match self.steering() {
+            Some(steering) => Some(steering.program_id()?),
+            None => None,
+        };
+        Ok(Ready {
+            pid: std::process::id(),
+            listen: self.local_addr(),
+            protocol: self.protocol(),
+            mode: self.mode(),
+            mode_reason: self.mode_reason().to_owned(),
+            cpus: self.cpus().to_string(),
+            program_id,
+        })
     }
 
     /// The address served, with the port filled in.
