@@ -1,4 +1,4 @@
-//! Steering that outlives the process that attached it (`reuseport attach --persist`), as one
+//! Steering that outlives the process that attached it (persisted by `reuseport attach`), as one
 //! type: [`PinnedSteering`] owns the program and maps pinned on bpffs and the state file beside
 //! them, and answers for both.
 //!

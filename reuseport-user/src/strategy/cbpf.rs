@@ -8,7 +8,7 @@ use crate::{
     steering::SteeringMode,
 };
 
-/// `--mode cbpf`: the classic BPF filter returning the receiving CPU as the listener's index in
+/// The cbpf mode: the classic BPF filter returning the receiving CPU as the listener's index in
 /// the group (no privileges needed; drifts when a listener closes, see [`crate::cbpf`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CbpfStrategy;

@@ -8,7 +8,7 @@ use crate::{
     steering::SteeringMode,
 };
 
-/// `--mode hash`: no program and no socket option; the kernel hashes each connection's 4-tuple
+/// The hash mode: no program and no socket option; the kernel hashes each connection's 4-tuple
 /// over the group. The baseline the other strategies are measured against.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HashStrategy;

@@ -9,7 +9,7 @@ use crate::{
     steering::SteeringMode,
 };
 
-/// `--mode incoming-cpu`: no program; each listener's `SO_INCOMING_CPU` is its worker's CPU,
+/// The incoming-cpu mode: no program; each listener's `SO_INCOMING_CPU` is its worker's CPU,
 /// which the kernel's reuseport selection prefers since Linux 6.2.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct IncomingCpuStrategy;

@@ -11,7 +11,7 @@ use crate::{
     steering::{Steering, SteeringMode, SteeringProgram},
 };
 
-/// `--mode percpu` (and `percpu-spill`): the `SK_REUSEPORT` program picks the listener of the
+/// The percpu (and percpu-spill) mode: the `SK_REUSEPORT` program picks the listener of the
 /// worker pinned to the CPU that received the connection; with spill, a sampler thread sends an
 /// overloaded CPU's excess to other listeners (see [`crate::spill`]).
 pub struct PercpuStrategy {
