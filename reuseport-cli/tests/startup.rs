@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BINARY, allowed_cpus, on_cpu, parse_served};
+use common::{BINARY, allowed_cpus, on_cpu, parse_served, request_on};
 
 /// Starts per mode.
 const STARTS: usize = 50;
@@ -35,10 +35,9 @@ fn free_port() -> u16 {
 /// Connects from the calling thread until the port accepts (refusals are retried for up to 10 s),
 /// then makes one request; returns the worker CPU that served it and how many refusals came first.
 fn first_request(addr: SocketAddr) -> (u32, u32) {
-    use std::io::{Read, Write};
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut refused = 0;
-    let mut stream = loop {
+    let stream = loop {
         match TcpStream::connect(addr) {
             Ok(stream) => break stream,
             Err(err) if err.kind() == ErrorKind::ConnectionRefused && Instant::now() < deadline => {
@@ -48,14 +47,7 @@ fn first_request(addr: SocketAddr) -> (u32, u32) {
             Err(err) => panic!("connect {addr}: {err}"),
         }
     };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set timeout");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .expect("send request");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("read response");
+    let response = request_on(stream);
     (parse_served(&response).worker_cpu, refused)
 }
 

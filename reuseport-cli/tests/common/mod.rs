@@ -131,7 +131,12 @@ pub fn on_cpu<T: Send + 'static>(cpu: u32, f: impl FnOnce() -> T + Send + 'stati
 /// Panics if the connection is refused or reset, so "none refused" is part of every test that
 /// uses it.
 fn http_exchange(addr: SocketAddr) -> Vec<u8> {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    request_on(stream)
+}
+
+/// One HTTP/1.1 request (`Connection: close`) on a connected `stream`; the raw response.
+pub fn request_on(mut stream: TcpStream) -> Vec<u8> {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("set timeout");
