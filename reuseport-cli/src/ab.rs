@@ -32,7 +32,7 @@ pub struct AbArgs {
     /// Restart our server's workers (SIGHUP, one at a time) at random intervals averaging this
     /// (0.5x to 1.5x) during every measured run, e.g. `500ms`; peers are not restarted. Errors
     /// show any connection lost.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::args::parse_duration)]
     restart_every: Option<Duration>,
     /// percpu-spill rows: queue depth that counts as overloaded.
     #[arg(long, default_value_t = SpillConfig::default().threshold,
@@ -49,10 +49,10 @@ pub struct AbArgs {
     #[arg(long, value_enum, default_value_t = LoadKindArg::Crr)]
     load: LoadKindArg,
     /// Measured time per run.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = crate::args::parse_duration, default_value = "10s")]
     duration: Duration,
     /// Unmeasured run per row before the first repetition.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    #[arg(long, value_parser = crate::args::parse_duration, default_value = "3s")]
     warmup: Duration,
     /// Repetitions of every row.
     #[arg(long, default_value_t = 5)]

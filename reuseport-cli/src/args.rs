@@ -135,6 +135,19 @@ impl From<TopologyArg> for TopologyKind {
     }
 }
 
+/// Longest `--duration`, `--timeout` or `--warmup` taken: a year. Longer ones would overflow the
+/// clock arithmetic, and no run is meant to last that long.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A duration (`10s`, `2m`, `1h`) of at most [`MAX_DURATION`].
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|err| err.to_string())?;
+    if duration > MAX_DURATION {
+        return Err("must be at most 365 days".to_owned());
+    }
+    Ok(duration)
+}
+
 /// `--spill-period`: a duration more than 0 and at most [`reuseport::spill::MAX_PERIOD`].
 pub fn parse_spill_period(value: &str) -> Result<Duration, String> {
     let period = humantime::parse_duration(value).map_err(|err| err.to_string())?;

@@ -35,7 +35,7 @@ pub struct AttachArgs {
     #[arg(long)]
     persist: bool,
     /// Detach after this long (default: at Ctrl-C or SIGTERM).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::args::parse_duration)]
     duration: Option<Duration>,
     /// Do not print the live line every second.
     #[arg(long)]

@@ -21,7 +21,7 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 32)]
     connections: usize,
     /// Stop after this long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = crate::args::parse_duration, default_value = "10s")]
     duration: Duration,
     /// Stop after this many requests in all.
     #[arg(long, default_value_t = 10_000_000)]
@@ -36,7 +36,7 @@ pub struct LoadArgs {
     #[arg(long)]
     pin: bool,
     /// Count a request as failed after this long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = crate::args::parse_duration, default_value = "5s")]
     timeout: Duration,
     /// Write the report as JSON to this file.
     #[arg(long)]

@@ -64,13 +64,14 @@ pub struct ServeArgs {
     #[arg(long)]
     cpus: Option<CpuList>,
     /// Stop after this long (e.g. `10s`, `2m`); default: until Ctrl-C or SIGTERM.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::args::parse_duration)]
     duration: Option<Duration>,
     /// Write the final summary as JSON to this file.
     #[arg(long)]
     stats_json: Option<PathBuf>,
-    /// Accept-queue length of each TCP listener.
-    #[arg(long, default_value_t = 1024)]
+    /// Accept-queue length of each TCP listener (1 to 65535; the kernel caps it at
+    /// net.core.somaxconn).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..=65535))]
     backlog: i32,
     /// Do not print the live line every second.
     #[arg(long)]
@@ -95,6 +96,10 @@ pub struct ServeArgs {
 /// the summary.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stop = live::stop_on_signals()?;
+    // A summary file that cannot be written fails now, not after the whole run.
+    if let Some(path) = &args.stats_json {
+        fs::write(path, "").with_context(|| format!("writing {}", path.display()))?;
+    }
     let (mode, protocol) = (SteeringMode::from(args.mode), Protocol::from(args.proto));
     // SIGHUP: restart the workers one at a time (zero-downtime, see `Server::restart_worker`).
     // Installed before anything is served, so an early SIGHUP cannot end the process.

@@ -335,3 +335,69 @@ fn ready_json_is_the_first_line_as_typed_data() {
     assert!(rest.contains("summary: mode percpu"), "{rest}");
     assert!(child.wait().expect("wait").success());
 }
+
+#[test]
+fn impossible_cpu_lists_durations_and_backlogs_are_refused_at_once() {
+    let started = std::time::Instant::now();
+    for (args, needle) in [
+        (
+            &["serve", "--cpus", "0-100000000"][..],
+            "CPU 100000000 is beyond the largest CPU number Linux supports (8191)",
+        ),
+        (
+            &["serve", "--cpus", "0-4294967295"][..],
+            "beyond the largest CPU number",
+        ),
+        (
+            &["load", "--cpus", "9000"][..],
+            "beyond the largest CPU number",
+        ),
+        (
+            &["serve", "--duration", "18446744073709551615s"][..],
+            "must be at most 365 days",
+        ),
+        (
+            &["load", "--duration", "18446744073709551615s"][..],
+            "must be at most 365 days",
+        ),
+        (
+            &[
+                "attach",
+                "--port",
+                "1",
+                "--pid",
+                "1",
+                "--duration",
+                "400days",
+            ][..],
+            "must be at most 365 days",
+        ),
+        (&["serve", "--backlog", "0"][..], "--backlog"),
+        (&["serve", "--backlog=-5"][..], "--backlog"),
+    ] {
+        let output = run(args);
+        assert_one_line_error(&output, 2, needle);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refusing took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn an_unwritable_summary_path_fails_before_serving() {
+    let started = std::time::Instant::now();
+    let output = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--duration",
+        "30s",
+        "--stats-json",
+        "/nonexistent-dir/summary.json",
+    ]);
+    assert_one_line_error(&output, 1, "writing /nonexistent-dir/summary.json");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(output.stdout.is_empty(), "nothing was served");
+}

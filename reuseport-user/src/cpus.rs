@@ -96,6 +96,10 @@ impl FromIterator<u32> for CpuList {
     }
 }
 
+/// The largest CPU number a Linux kernel can have (`CONFIG_NR_CPUS` is at most 8192): a list
+/// naming more is refused while parsing, before it costs time or memory.
+pub const MAX_CPU: u32 = 8191;
+
 impl FromStr for CpuList {
     type Err = CpuError;
 
@@ -114,13 +118,24 @@ impl FromStr for CpuList {
             match part.split_once('-') {
                 Some((first, last)) => {
                     let (first, last) = (number(first)?, number(last)?);
+                    if last > MAX_CPU {
+                        return Err(parse_error(format!(
+                            "CPU {last} is beyond the largest CPU number Linux supports ({MAX_CPU})"
+                        )));
+                    }
                     if first > last {
                         return Err(parse_error(format!("range {first}-{last} is backwards")));
                     }
                     cpus.extend(first..=last);
                 }
                 None => {
-                    cpus.insert(number(part)?);
+                    let cpu = number(part)?;
+                    if cpu > MAX_CPU {
+                        return Err(parse_error(format!(
+                            "CPU {cpu} is beyond the largest CPU number Linux supports ({MAX_CPU})"
+                        )));
+                    }
+                    cpus.insert(cpu);
                 }
             }
         }
