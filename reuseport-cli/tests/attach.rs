@@ -542,3 +542,45 @@ fn without_steering_kill_9_of_a_worker_resets_its_queued_requests() {
     let (served, failed) = requests_queued_on_a_killed_worker(addr, cpu, pid, 40);
     assert!(served > 0 && failed > 0, "served {served}, failed {failed}");
 }
+
+#[test]
+fn fds_given_twice_for_one_cpu_or_on_another_port_are_refused() {
+    let group = PerCpuListeners::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Protocol::Tcp,
+        &[0].into_iter().collect(),
+        16,
+    )
+    .expect("bind");
+    let addr = group.local_addr();
+    let listener = group.into_inner().remove(0).socket;
+    listener.set_cloexec(false).unwrap();
+    // A second member of the same group, for "two fds, one CPU".
+    let member = reuseport::listeners::bind_one(addr, Protocol::Tcp, 16).expect("join");
+    member.set_cloexec(false).unwrap();
+    let (fd, other) = (
+        listener.as_raw_fd().to_string(),
+        member.as_raw_fd().to_string(),
+    );
+    let port = addr.port().to_string();
+    assert_one_line_error(
+        &run(&[
+            "attach", "--port", &port, "--fd", &fd, "--cpu", "0", "--fd", &fd, "--cpu", "1",
+        ]),
+        1,
+        &format!("fd {fd} is given twice"),
+    );
+    assert_one_line_error(
+        &run(&[
+            "attach", "--port", &port, "--fd", &fd, "--cpu", "0", "--fd", &other, "--cpu", "0",
+        ]),
+        1,
+        &format!("CPU 0 is given twice (fds {fd} and {other})"),
+    );
+    let wrong_port = (addr.port() ^ 1).to_string();
+    assert_one_line_error(
+        &run(&["attach", "--port", &wrong_port, "--fd", &fd, "--cpu", "0"]),
+        1,
+        &format!("fd {fd} listens on {addr}, not on port {wrong_port}"),
+    );
+}

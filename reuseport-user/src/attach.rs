@@ -165,6 +165,32 @@ pub enum AttachError {
         /// The other.
         second: u32,
     },
+    /// The same socket was given twice.
+    #[error("fd {fd} is given twice")]
+    FdTwice {
+        /// The descriptor.
+        fd: i32,
+    },
+    /// Two sockets were given for one CPU.
+    #[error("CPU {cpu} is given twice (fds {first} and {second}): each CPU has one slot")]
+    CpuTwice {
+        /// The CPU.
+        cpu: u32,
+        /// One descriptor.
+        first: i32,
+        /// The other.
+        second: i32,
+    },
+    /// A socket listens on another port than the one to steer.
+    #[error("fd {fd} listens on {addr}, not on port {port}")]
+    OtherPort {
+        /// The descriptor.
+        fd: i32,
+        /// Where it listens.
+        addr: SocketAddr,
+        /// The port asked for.
+        port: u16,
+    },
     /// Steering itself failed.
     #[error(transparent)]
     Steering(#[from] SteeringError),
@@ -404,8 +430,23 @@ pub fn check_fds<'a>(
 ) -> Result<Vec<(u32, BorrowedFd<'a>)>, AttachError> {
     let mut checked = Vec::with_capacity(pairs.len());
     let mut members = Vec::with_capacity(pairs.len());
+    let mut cpus: BTreeMap<u32, i32> = BTreeMap::new();
     for &(socket_fd, cpu) in pairs {
         let fd = socket_fd.as_raw_fd();
+        if checked
+            .iter()
+            .any(|(_, seen): &(u32, BorrowedFd<'_>)| seen.as_raw_fd() == fd)
+        {
+            return Err(AttachError::FdTwice { fd });
+        }
+        if let Some(&first) = cpus.get(&cpu) {
+            return Err(AttachError::CpuTwice {
+                cpu,
+                first,
+                second: fd,
+            });
+        }
+        cpus.insert(cpu, fd);
         let stat = rustix::fs::fstat(socket_fd).map_err(|_| AttachError::NotASocket { fd })?;
         if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
             return Err(AttachError::NotASocket { fd });
@@ -692,6 +733,19 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
     match target {
         AttachTarget::Fds(pairs) => {
             let checked = check_fds(&pairs)?;
+            for &(_, socket) in &checked {
+                let addr = SockRef::from(&socket)
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket());
+                if let Some(addr) = addr.filter(|addr| addr.port() != port) {
+                    return Err(AttachError::OtherPort {
+                        fd: socket.as_raw_fd(),
+                        addr,
+                        port,
+                    });
+                }
+            }
             let &(_, member) = checked.first().ok_or(AttachError::NoTarget)?;
             let slots = pairs
                 .iter()
