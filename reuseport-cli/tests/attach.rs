@@ -584,3 +584,38 @@ fn fds_given_twice_for_one_cpu_or_on_another_port_are_refused() {
         &format!("fd {fd} listens on {addr}, not on port {wrong_port}"),
     );
 }
+
+#[test]
+fn a_second_attach_on_a_steered_port_says_it_is_steered_already() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let (port, master) = (addr.port().to_string(), master.to_string());
+    let first = start_attach(&["--port", &port, "--pid", &master]);
+    assert_one_line_error(
+        &run(&[
+            "attach",
+            "--port",
+            &port,
+            "--pid",
+            &master,
+            "--duration",
+            "1s",
+        ]),
+        1,
+        "this group is steered already",
+    );
+    stop_attach(first);
+}
+
+#[test]
+fn attach_without_cap_bpf_refuses_before_taking_any_socket() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let output = Command::new("setpriv")
+        .args(WITHOUT_CAPABILITIES)
+        .arg(BINARY)
+        .args(["attach", "--port", &addr.port().to_string()])
+        .args(["--pid", &master.to_string(), "--duration", "1s"])
+        .output()
+        .expect("run setpriv");
+    // The capability check comes first: without it pidfd_getfd (CAP_SYS_PTRACE) would fail first.
+    assert_one_line_error(&output, 1, "needs CAP_BPF");
+}

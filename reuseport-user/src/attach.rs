@@ -730,6 +730,10 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
             dir: root.pin_dir(port).display().to_string(),
         }));
     }
+    // Before any socket is taken from the server: this process must be able to steer at all.
+    if action == AttachAction::Steer {
+        Steering::check_available()?;
+    }
     match target {
         AttachTarget::Fds(pairs) => {
             let checked = check_fds(&pairs)?;

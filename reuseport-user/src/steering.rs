@@ -143,6 +143,16 @@ pub enum SteeringError {
         /// The missing feature.
         what: &'static str,
     },
+    /// The socket for a slot is already in another steering program's map: the group is steered
+    /// by another process (a running `attach`, or persisted steering).
+    #[error(
+        "the listener for CPU {cpu} is already in another steering map: this group is steered \
+         already (by a running attach or persisted steering)"
+    )]
+    AlreadySteered {
+        /// The slot whose socket is taken.
+        cpu: u32,
+    },
     /// [`Steering::attach`] was given no sockets.
     #[error("no listeners to steer")]
     NoListeners,
@@ -331,7 +341,15 @@ impl Steering {
     /// Puts `socket` (a member of the same group) into slot `cpu`, replacing what was there.
     pub fn insert(&mut self, cpu: u32, socket: BorrowedFd<'_>) -> Result<(), SteeringError> {
         self.check_slot(cpu)?;
-        self.sockets()?.set(cpu, &socket, 0)?;
+        match self.sockets()?.set(cpu, &socket, 0) {
+            // The kernel keeps a socket in one REUSEPORT_SOCKARRAY at a time.
+            Err(MapError::SyscallError(err))
+                if err.io_error.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                return Err(SteeringError::AlreadySteered { cpu });
+            }
+            other => other?,
+        }
         self.live.insert(cpu);
         if self.open {
             self.write_fallbacks()?;
