@@ -451,8 +451,10 @@ fn another_users_attach_is_not_allowed_to_take_the_sockets() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    // With CAP_BPF (so the capability check passes) but no right to take another user's fds.
     let output = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=+bpf", "--ambient-caps=+bpf", "--"])
         .arg(&copy)
         .args([
             "attach",
@@ -479,6 +481,23 @@ fn requests_queued_on_a_killed_worker(
     use std::io::{Read, Write};
     let worker = rustix::process::Pid::from_raw(pid as i32).unwrap();
     rustix::process::kill_process(worker, rustix::process::Signal::STOP).unwrap();
+    // SIGSTOP takes effect asynchronously: until the worker is really stopped it may still accept
+    // a connection, which then dies with it under any scheme. Wait for state `T`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("worker stat");
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if state == Some('T') {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker {pid} never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let clients: Vec<std::net::TcpStream> = on_cpu(cpu, move || {
         (0..count)
             .map(|_| {
