@@ -8,7 +8,7 @@ use reuseport::{
     pinned::PinnedRoot,
 };
 
-use crate::live;
+use crate::live::{self, say};
 
 /// `reuseport attach`'s arguments.
 #[derive(Debug, clap::Args)]
@@ -51,6 +51,7 @@ enum AttachMode {
 /// Finds and checks the listeners (nothing is attached on any error), steers them, then shows
 /// the live line until stopped and detaches, or with `--persist` pins the steering and returns.
 pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
+    live::keep_running_without_reader();
     if args.pids.is_empty() == args.fds.is_empty() {
         anyhow::bail!(
             "give the server's processes with --pid, or sockets with --fd/--cpu (not both)"
@@ -88,9 +89,9 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let live = match attach::run(request)? {
         Attached::Hashed { slots } => {
             if args.pids.is_empty() {
-                println!("reuseport: port {port} is on hash selection");
+                say!("reuseport: port {port} is on hash selection");
             } else {
-                println!(
+                say!(
                     "reuseport: port {port} is on hash selection ({})",
                     describe_slots(&slots)
                 );
@@ -98,7 +99,7 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         Attached::Persisted { pinned, slots } => {
-            println!(
+            say!(
                 "reuseport: steering port {port} ({}), program id {}, pinned in {}; \
                  `reuseport detach --port {port}` removes it",
                 describe_slots(&slots),
@@ -109,7 +110,7 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
         }
         Attached::Live(live) => live,
     };
-    println!(
+    say!(
         "reuseport: steering port {port} ({}), program id {}; {}",
         describe_slots(live.slots()),
         live.program_id()?,
@@ -126,6 +127,6 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
         || Ok(()),
     )?;
     live.detach()?;
-    println!("reuseport: detached; port {port} is back on hash selection");
+    say!("reuseport: detached; port {port} is back on hash selection");
     Ok(())
 }

@@ -13,6 +13,25 @@ use std::{
 use anyhow::Context as _;
 use reuseport::stats::Snapshot;
 
+/// `println!` for the long-running verbs: a reader that went away (`serve | head -1`) must not end
+/// a server, so write errors are ignored (with SIGPIPE ignored, see [`keep_running_without_reader`])
+/// and the verb goes on serving until it is stopped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
+/// Ignores SIGPIPE for this process: `serve` and `attach` keep running when whoever reads their
+/// output goes away; their output is written with [`say!`], which ignores the failed writes.
+pub fn keep_running_without_reader() {
+    // SAFETY: setting a signal's disposition to "ignore" has no handler to race with; the
+    // long-running verbs call this before they start any thread.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
 /// A flag that SIGINT or SIGTERM sets, for loops that must end cleanly (detaching, tearing down).
 pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -43,7 +62,7 @@ pub fn show_live_until_stopped(
             next_line += Duration::from_secs(1);
             let now = snapshot()?;
             if !quiet {
-                println!("{}", now.since(&previous).live_line(now.elapsed));
+                say!("{}", now.since(&previous).live_line(now.elapsed));
             }
             previous = now;
         }

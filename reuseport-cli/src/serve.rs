@@ -25,7 +25,7 @@ use reuseport::{
 use crate::{
     args::{self, ModeArg, ProgramArg, ProtoArg},
     error::BadArguments,
-    live,
+    live::{self, say},
 };
 
 /// `reuseport serve`'s arguments.
@@ -95,6 +95,7 @@ pub struct ServeArgs {
 /// Serves until Ctrl-C, SIGTERM or `--duration`, restarting the workers on SIGHUP, then prints
 /// the summary.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    live::keep_running_without_reader();
     let stop = live::stop_on_signals()?;
     // A summary file that cannot be written fails now, not after the whole run.
     if let Some(path) = &args.stats_json {
@@ -133,9 +134,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => "no eBPF steering program".to_owned(),
     };
     if args.ready_json {
-        println!("{}", serde_json::to_string(&ready)?);
+        say!("{}", serde_json::to_string(&ready)?);
     } else {
-        println!(
+        say!(
             "reuseport: serving {} on {} with workers on CPUs {}, mode {}{}, {}; {}",
             match protocol {
                 Protocol::Tcp => "http",
@@ -168,7 +169,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 let started = Instant::now();
                 let restarted = server.borrow_mut().restart_workers();
                 match restarted {
-                    Ok(()) => println!(
+                    Ok(()) => say!(
                         "reuseport: SIGHUP: restarted {} workers one at a time in {:.0?}",
                         server.borrow().cpus().len(),
                         started.elapsed()
@@ -188,11 +189,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (mode, protocol, listen) = (server.mode(), server.protocol(), server.local_addr());
     let last = server.stop()?;
     let summary = Summary::new(mode, protocol, listen, &last);
-    print!("{}", summary.table());
+    {
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), "{}", summary.table());
+    }
     if let Some(path) = args.stats_json {
         let json = serde_json::to_string_pretty(&summary).context("encoding the summary")?;
         fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
-    println!("reuseport: stopped; all listeners closed, steering detached");
+    say!("reuseport: stopped; all listeners closed, steering detached");
     Ok(())
 }

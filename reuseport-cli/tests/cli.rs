@@ -401,3 +401,20 @@ fn an_unwritable_summary_path_fails_before_serving() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(output.stdout.is_empty(), "nothing was served");
 }
+
+#[test]
+fn serve_keeps_serving_when_its_output_reader_goes_away() {
+    // `| head -1` closes the pipe after the first line; serve must run to its --duration and
+    // exit 0 (it used to die of SIGPIPE at its first live line).
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{BINARY} serve --mode hash --listen 127.0.0.1:0 --duration 3s | head -1; \
+             echo \"serve exit ${{PIPESTATUS[0]}}\""
+        ))
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("reuseport: serving"), "{stdout}");
+    assert!(stdout.contains("serve exit 0"), "{stdout}");
+}
