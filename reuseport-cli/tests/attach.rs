@@ -638,3 +638,27 @@ fn attach_without_cap_bpf_refuses_before_taking_any_socket() {
     // The capability check comes first: without it pidfd_getfd (CAP_SYS_PTRACE) would fail first.
     assert_one_line_error(&output, 1, "needs CAP_BPF");
 }
+
+#[test]
+fn the_pid_of_one_worker_of_a_group_is_refused() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    assert!(workers.len() >= 2, "{workers:?}");
+    let (_, worker) = workers[0];
+    assert_one_line_error(
+        &run(&[
+            "attach",
+            "--port",
+            &addr.port().to_string(),
+            "--pid",
+            &worker.to_string(),
+            "--duration",
+            "1s",
+        ]),
+        1,
+        &format!(
+            "pid {worker} serves 1 of the {} listeners on {addr}",
+            workers.len()
+        ),
+    );
+}

@@ -165,6 +165,22 @@ pub enum AttachError {
         /// The other.
         second: u32,
     },
+    /// The given processes serve only some of the group's listeners.
+    #[error(
+        "pid {pids} serves {found} of the {members} listeners on {addr}: steering part of a \
+         group would send every other CPU's connections to these workers; give the server's \
+         main process (or every worker)"
+    )]
+    PartOfGroup {
+        /// The PIDs given.
+        pids: String,
+        /// The group's address.
+        addr: SocketAddr,
+        /// Listeners the given processes serve.
+        found: usize,
+        /// Listeners in the group.
+        members: usize,
+    },
     /// The same socket was given twice.
     #[error("fd {fd} is given twice")]
     FdTwice {
@@ -341,6 +357,23 @@ pub fn from_pid(pids: &[u32], port: u16) -> Result<Vec<FoundListener>, AttachErr
         let socket = &sockets[inode];
         (socket.addr, socket.uid)
     }))?;
+    // The whole group, not part of it: steering some of its listeners would send the other
+    // CPUs' connections to the fallback, i.e. to these few workers.
+    if let Some(&(inode, _, _)) = serving.first() {
+        let group = (sockets[&inode].addr, sockets[&inode].uid);
+        let members = sockets
+            .values()
+            .filter(|socket| (socket.addr, socket.uid) == group)
+            .count();
+        if serving.len() < members {
+            return Err(AttachError::PartOfGroup {
+                pids: pid_list,
+                addr: group.0,
+                found: serving.len(),
+                members,
+            });
+        }
+    }
     let mut by_cpu: BTreeMap<u32, u32> = BTreeMap::new();
     let mut found = Vec::with_capacity(serving.len());
     for (inode, pid, fd) in serving {
