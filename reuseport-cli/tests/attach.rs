@@ -662,3 +662,47 @@ fn the_pid_of_one_worker_of_a_group_is_refused() {
         ),
     );
 }
+
+#[test]
+fn attach_mode_hash_on_persisted_steering_removes_it_and_a_new_attach_works() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let (port, master) = (addr.port().to_string(), master.to_string());
+    let ok = |output: std::process::Output| {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    ok(run(&[
+        "attach",
+        "--port",
+        &port,
+        "--pid",
+        &master,
+        "--persist",
+    ]));
+    let hashed = ok(run(&[
+        "attach", "--port", &port, "--pid", &master, "--mode", "hash",
+    ]));
+    assert!(hashed.contains("is on hash selection"), "{hashed}");
+    // Nothing is left pinned or recorded for the port...
+    assert!(!reuseport::pinned::PinnedRoot::system().is_persisted(addr.port()));
+    assert_one_line_error(
+        &run(&["status", "--port", &port]),
+        1,
+        "no persistent steering",
+    );
+    // ... so steering it again works, and so does removing that.
+    ok(run(&[
+        "attach",
+        "--port",
+        &port,
+        "--pid",
+        &master,
+        "--persist",
+    ]));
+    let detached = ok(run(&["detach", "--port", &port]));
+    assert!(detached.contains("hash selection again"), "{detached}");
+}

@@ -741,6 +741,18 @@ fn detach_group(
     Ok(())
 }
 
+/// Returns the group of `member` (on `port`) to hash selection: persisted steering of the port
+/// is detached and its pins removed (or a later attach would find its sockets still in the
+/// pinned map), then any program the group still has is detached.
+fn back_to_hash(member: BorrowedFd<'_>, port: u16) -> Result<(), AttachError> {
+    let root = PinnedRoot::system();
+    if root.is_persisted(port) {
+        root.open(port)?.detach()?;
+    }
+    crate::steering::detach_group(member)?;
+    Ok(())
+}
+
 /// The `attach` verb as one call: finds and checks the listeners of `request.target` (nothing is
 /// attached if that fails), then steers them, or with [`AttachAction::Hash`] detaches whatever
 /// program the group has. With [`AttachRequest::persist`] the steering is pinned; a port that
@@ -792,7 +804,7 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                 })
                 .collect();
             if action == AttachAction::Hash {
-                aya::programs::SkReuseport::detach(member).map_err(SteeringError::from)?;
+                back_to_hash(member, port)?;
                 return Ok(Attached::Hashed { slots });
             }
             let steering = Steering::attach_program(&checked, program)?;
@@ -833,8 +845,7 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                         .collect::<Vec<_>>()
                         .join(","),
                 })?;
-                aya::programs::SkReuseport::detach(first.fd.as_fd())
-                    .map_err(SteeringError::from)?;
+                back_to_hash(first.fd.as_fd(), port)?;
                 return Ok(Attached::Hashed { slots });
             }
             let pinned_slots = found

@@ -421,7 +421,8 @@ impl PinnedSteering {
     pub fn detach(self) -> Result<PersistedState, PinnedError> {
         let port = self.state.port;
         if let Ok(member) = crate::attach::any_member(&self.state.pids, port) {
-            aya::programs::SkReuseport::detach(&member).map_err(SteeringError::from)?;
+            // Already detached (e.g. by `attach --mode hash`): only the pins are left to remove.
+            crate::steering::detach_group(&member)?;
         }
         let dir = self.pin_dir();
         match fs::remove_dir_all(&dir) {

@@ -527,6 +527,18 @@ pub(crate) fn read_stats(map: &aya::maps::Map) -> Result<Vec<SteeringStats>, Ste
     Ok(stats.get(&0, 0)?.iter().copied().collect())
 }
 
+/// Detaches whatever program the reuseport group of `member` has, so the kernel hashes again.
+/// A group without a program (the kernel answers `ENOENT`) is already there: not an error.
+pub fn detach_group(member: impl AsFd) -> Result<(), SteeringError> {
+    match SkReuseport::detach(member) {
+        Err(ProgramError::SkReuseportError(aya::programs::SkReuseportError::SetsockoptError {
+            io_error,
+            ..
+        })) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 /// Whether the kernel keeps BPF run-time statistics (run count and time per program) for us.
 enum RunStats {
     /// Turned on with BPF_ENABLE_STATS while this fd is open; the kernel turns them off again when
