@@ -23,7 +23,7 @@ use crate::{
 #[derive(Debug, Error)]
 pub enum ReportError {
     /// Reading `results.json` failed.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         /// The file.
         path: String,

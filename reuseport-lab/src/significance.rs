@@ -16,7 +16,7 @@ use crate::metrics::median;
 pub const RESAMPLES: usize = 2000;
 
 /// The fixed seed of every bootstrap.
-pub const SEED: u64 = 0x5eed_0f_ab_2026;
+pub const SEED: u64 = 0x5eed_0fab_2026;
 
 /// The confidence level of the interval.
 pub const LEVEL: f64 = 0.95;
