@@ -1,4 +1,8 @@
-//! `reuseport ab`: the lab's A/B experiment, with a progress bar, a table and results.json/svg.
+//! `reuseport ab`: the lab's A/B experiment, with a progress bar, a table and results.json/svg;
+//! `reuseport ab report DIR` redraws the table and results.svg from DIR/results.json.
+//!
+//! Stopped by Ctrl-C (or SIGTERM) after at least one measured run, `ab` still prints the table
+//! and writes results.json/svg for the runs that finished, says so, and exits with 130.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -14,9 +18,13 @@ use crate::{
     live,
 };
 
-/// `reuseport ab`'s arguments.
+/// `reuseport ab`'s arguments: the experiment's flags, or the `report` subcommand.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct AbArgs {
+    /// Instead of running anything.
+    #[command(subcommand)]
+    command: Option<AbCommand>,
     /// Steering modes to compare, in order.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "hash,percpu")]
     modes: Vec<ModeArg>,
@@ -80,9 +88,33 @@ pub struct AbArgs {
     calibrate: bool,
 }
 
+/// `reuseport ab`'s subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum AbCommand {
+    /// Redraw the table and DIR/results.svg from DIR/results.json of an earlier `reuseport ab`,
+    /// running nothing (no root needed).
+    Report {
+        /// The directory `reuseport ab --out` wrote.
+        dir: PathBuf,
+    },
+}
+
+/// `ab` stopped by a signal after some runs finished: their report is written; exit 130.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: {finished} of {planned} measured runs finished")]
+pub struct Interrupted {
+    /// Measured runs that finished (and are in the report).
+    pub finished: usize,
+    /// Measured runs planned.
+    pub planned: usize,
+}
+
 /// Runs the experiment with a progress bar, prints the table and writes results.json and
-/// results.svg.
+/// results.svg; or, with `report DIR`, redraws them from DIR/results.json.
 pub fn ab(args: AbArgs) -> anyhow::Result<()> {
+    if let Some(AbCommand::Report { dir }) = args.command {
+        return report(&dir);
+    }
     let stop = live::stop_on_signals()?;
     let (duration, warmup, reps) = if args.quick {
         (Duration::from_secs(3), Duration::from_secs(1), 2)
@@ -132,12 +164,30 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
     let results = results?;
+    let interrupted = results.interrupted.then_some(Interrupted {
+        finished: results.runs.len(),
+        planned: results.planned_runs,
+    });
     let report = Report::new(&config, results, CpuList::allowed()?.len());
+    if let Some(interrupted) = &interrupted {
+        println!("{interrupted}: the report covers those");
+    }
     print!("{}", report.table());
     let json = config.out.join("results.json");
     let svg = config.out.join("results.svg");
     report.write_json(&json)?;
     report.write_svg(&svg)?;
     println!("wrote {} and {}", json.display(), svg.display());
+    interrupted.map_or(Ok(()), |interrupted| Err(interrupted.into()))
+}
+
+/// `reuseport ab report DIR`.
+fn report(dir: &std::path::Path) -> anyhow::Result<()> {
+    let json = dir.join("results.json");
+    let svg = dir.join("results.svg");
+    let report = Report::read(&json)?;
+    print!("{}", report.table());
+    report.write_svg(&svg)?;
+    println!("wrote {}", svg.display());
     Ok(())
 }

@@ -51,7 +51,11 @@ enum Command {
     /// wakeups, IPIs, CPUs per connection, throughput and latency, interleaved repetitions.
     ///
     /// Writes DIR/results.json (every run and the summary) and DIR/results.svg, and prints a
-    /// table of median [min-max] per mode with the percpu/hash ratio. Needs root.
+    /// table of median [min-max] per mode with the percpu/hash ratio and its 95% bootstrap
+    /// interval (`~`: difference not established). Needs root. Ctrl-C after a measured run
+    /// still reports the finished runs, then exits with 130.
+    ///
+    /// `reuseport ab report DIR` redraws the table and DIR/results.svg from DIR/results.json.
     Ab(ab::AbArgs),
     /// Steer a running server's listeners per CPU, without touching its code.
     ///
@@ -93,6 +97,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<ab::Interrupted>().is_some() => {
+            eprintln!("reuseport: {err}");
+            ExitCode::from(130)
+        }
         Err(err) if err.downcast_ref::<BadArguments>().is_some() => {
             eprintln!("reuseport: {err} (see `reuseport --help`)");
             ExitCode::from(2)

@@ -1,6 +1,7 @@
 //! The A/B harness's pieces, tested for behaviour (never speed): namespaces come and go, each
 //! probe counts a known event it is shown, and `reuseport ab --quick` produces valid results
-//! with percpu locality >= 99 % in both topologies. Needs root.
+//! with percpu locality >= 99 % in both topologies, which `reuseport ab report` redraws; stopped
+//! by SIGINT after a run, `ab` reports that run and exits with 130. Needs root.
 
 mod common;
 
@@ -248,6 +249,11 @@ fn connection_probe_sees_connections_cross_cpus_with_hash_selection() {
 }
 
 fn quick_ab(topology: &str) -> serde_json::Value {
+    quick_ab_then(topology, |_| ())
+}
+
+/// Runs `ab --quick` into a fresh directory, calls `then` with it, and returns its results.json.
+fn quick_ab_then(topology: &str, then: impl FnOnce(&std::path::Path)) -> serde_json::Value {
     let out = std::env::temp_dir().join(format!("reuseport-ab-{topology}-{}", std::process::id()));
     let output = Command::new(BINARY)
         .args(["ab", "--quick", "--topology", topology, "--out"])
@@ -261,6 +267,7 @@ fn quick_ab(topology: &str) -> serde_json::Value {
     );
     let json = std::fs::read_to_string(out.join("results.json")).expect("results.json");
     assert!(out.join("results.svg").is_file());
+    then(&out);
     let _ = std::fs::remove_dir_all(&out);
     serde_json::from_str(&json).expect("valid JSON")
 }
@@ -329,8 +336,100 @@ fn quick_ab_on_veth_writes_valid_results() {
 }
 
 #[test]
-fn quick_ab_on_loopback_writes_valid_results() {
-    assert_results(&quick_ab("loopback"), "loopback");
+fn quick_ab_on_loopback_writes_valid_results_that_ab_report_redraws() {
+    let results = quick_ab_then("loopback", |dir| {
+        std::fs::remove_file(dir.join("results.svg")).expect("remove results.svg");
+        let output = Command::new(BINARY)
+            .args(["ab", "report"])
+            .arg(dir)
+            .output()
+            .expect("run reuseport ab report");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("percpu/hash"), "{stdout}");
+        assert!(stdout.contains("percpu 2 reps, hash 2 reps"), "{stdout}");
+        let conn = stdout
+            .lines()
+            .find(|line| line.starts_with("conn_per_s"))
+            .unwrap_or_default();
+        // The ratio and its interval: `1.01 [0.99-1.03]`, with `~` unless established.
+        assert!(
+            conn.contains(" [") && conn.matches('[').count() == 3,
+            "{stdout}"
+        );
+        assert!(dir.join("results.svg").is_file());
+    });
+    assert_results(&results, "loopback");
+    let ratio = &results["ratios"]["conn_per_s"];
+    assert!(
+        ratio["ci_low"].as_f64() <= ratio["ratio"].as_f64()
+            && ratio["ratio"].as_f64() <= ratio["ci_high"].as_f64(),
+        "{ratio}"
+    );
+    assert!(ratio["established"].is_boolean() && ratio["ranges_overlap"].is_boolean());
+    assert_eq!(ratio["reps"]["percpu"], 2);
+    assert_eq!(ratio["reps"]["hash"], 2);
+}
+
+#[test]
+fn ab_report_refuses_a_missing_or_malformed_results_json_in_one_line() {
+    let dir = std::env::temp_dir().join(format!("reuseport-ab-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for contents in [None, Some("{\"machine\": "), Some("{\"rows\": []}")] {
+        let _ = std::fs::remove_file(dir.join("results.json"));
+        if let Some(contents) = contents {
+            std::fs::write(dir.join("results.json"), contents).expect("write");
+        }
+        let output = Command::new(BINARY)
+            .args(["ab", "report"])
+            .arg(&dir)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{contents:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("results.json"), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ab_stopped_by_sigint_reports_the_finished_runs_and_exits_130() {
+    let out = std::env::temp_dir().join(format!("reuseport-ab-sigint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let child = Command::new(BINARY)
+        .args(["ab", "--quick", "--topology", "loopback", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run reuseport ab");
+    // The second measured run starting means the first (hash, rep 1) finished.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out.join("runs").join("percpu-1").is_dir() {
+        assert!(Instant::now() < deadline, "the second run never started");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let output = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("interrupted: 1 of 4 measured runs finished"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("conn_per_s"), "{stdout}");
+    let json = std::fs::read_to_string(out.join("results.json")).expect("results.json");
+    let results: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    assert_eq!(results["runs"].as_array().map(Vec::len), Some(1), "{json}");
+    assert!(out.join("results.svg").is_file());
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]

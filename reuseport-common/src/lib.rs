@@ -101,7 +101,7 @@ pub struct ConnCpus {
 /// What the experiment probes counted on one CPU. Stored per CPU in [`names::PROBE_COUNTS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(serde::Serialize))]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct ProbeCounts {
     /// `lock:contention_end` events that followed a `contention_begin` on this CPU.
     pub lock_contended: u64,

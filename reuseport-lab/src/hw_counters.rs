@@ -9,7 +9,7 @@ use perf_event::{
     events::{Cache, CacheId, CacheOp, CacheResult, Event, Hardware},
 };
 use reuseport::cpus::CpuList;
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// One hardware event's count over a measured window, or why there is none.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -19,6 +19,22 @@ pub enum HwCount {
     Count(u64),
     /// The machine cannot count this event (`perf_event_open` failed).
     Unsupported(&'static str),
+}
+
+impl<'de> Deserialize<'de> for HwCount {
+    /// A number is a count, `"unsupported"` [`HwCount::Unsupported`].
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        Ok(match Raw::deserialize(deserializer)? {
+            Raw::Count(count) => Self::Count(count),
+            Raw::Text(text) => Self::Unsupported(crate::metrics::unsupported::<D::Error>(&text)?),
+        })
+    }
 }
 
 /// Counters open on every CPU, counting from creation until [`HwCounters::stop`].
@@ -45,7 +61,7 @@ impl HwCounters {
     }
 
     /// Reads every event: its total over CPUs, or `unsupported`.
-    pub fn stop(mut self) -> BTreeMap<&'static str, HwCount> {
+    pub fn stop(mut self) -> BTreeMap<String, HwCount> {
         self.events
             .iter_mut()
             .map(|(name, counters)| {
@@ -56,8 +72,11 @@ impl HwCounters {
                         .sum::<Option<u64>>()
                 });
                 (
-                    *name,
-                    count.map_or(HwCount::Unsupported("unsupported"), HwCount::Count),
+                    (*name).to_owned(),
+                    count.map_or(
+                        HwCount::Unsupported(crate::metrics::UNSUPPORTED),
+                        HwCount::Count,
+                    ),
                 )
             })
             .collect()

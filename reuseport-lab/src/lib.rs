@@ -12,6 +12,7 @@
 //! - [`peers`]: nginx as a row, wrk as a cross-check.
 //! - [`metrics`]: every compared metric, defined once (name, unit, better direction, label).
 //! - [`report`]: medians and ranges, ratios, table, JSON, SVG.
+//! - [`significance`]: bootstrap intervals of the ratios: which differences are established.
 //!
 //! It builds on the `reuseport` library (CPU lists, steering modes, the BPF object whose probes
 //! it attaches); a server embedding that library does not pull in any of this.
@@ -25,4 +26,5 @@ pub mod peers;
 pub mod probes;
 pub mod report;
 pub mod runner;
+pub mod significance;
 pub mod topology;

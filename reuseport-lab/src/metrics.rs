@@ -3,10 +3,13 @@
 //! fills them ([`crate::runner::derive_metrics`]), the report summarizes, prints and
 //! draws them in [`MetricId::ALL`] order.
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
+
+/// The text of a metric (or hardware count) the machine cannot measure.
+pub const UNSUPPORTED: &str = "unsupported";
 
 /// Whether more or less of a metric is better (for reading ratios).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Better {
     /// More is better.
@@ -252,6 +255,14 @@ impl Serialize for MetricId {
     }
 }
 
+impl<'de> Deserialize<'de> for MetricId {
+    /// From its [`MetricId::name`].
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Self::from_name(&name).ok_or_else(|| D::Error::custom(format!("unknown metric `{name}`")))
+    }
+}
+
 /// One metric of one run.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -262,6 +273,36 @@ pub enum Metric {
     Unsupported(&'static str),
     /// Not applicable to this row (e.g. locality of a peer without probes).
     None(()),
+}
+
+impl<'de> Deserialize<'de> for Metric {
+    /// A number is a value, [`UNSUPPORTED`] [`Metric::Unsupported`], null [`Metric::None`].
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match Option::<Raw<f64>>::deserialize(deserializer)? {
+            Some(Raw::Value(value)) => Self::Value(value),
+            Some(Raw::Text(text)) => Self::Unsupported(unsupported::<D::Error>(&text)?),
+            None => Self::None(()),
+        })
+    }
+}
+
+/// [`UNSUPPORTED`] for that text (the only one the lab writes), else an error.
+pub(crate) fn unsupported<E: serde::de::Error>(text: &str) -> Result<&'static str, E> {
+    if text == UNSUPPORTED {
+        Ok(UNSUPPORTED)
+    } else {
+        Err(E::custom(format!("unknown value `{text}`")))
+    }
+}
+
+/// A number or a text, as untagged metric values are written.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Raw<T> {
+    /// Measured.
+    Value(T),
+    /// Why not.
+    Text(String),
 }
 
 impl Metric {

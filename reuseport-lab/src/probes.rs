@@ -62,7 +62,7 @@ pub struct Probes {
 }
 
 /// What the probes counted, summed over CPUs, plus the SYN CPUs.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct ProbeTotals {
     /// Every counter summed over CPUs (lock contention and wakeups are machine-wide; the
     /// connection counters cover the followed server's connections).

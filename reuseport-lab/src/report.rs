@@ -1,6 +1,8 @@
 //! The experiment's report: per row and metric the median and min–max over repetitions, the
-//! percpu/hash ratio (flagged where the ranges overlap), as a terminal table, `results.json`
-//! (every raw run plus the summary) and `results.svg` (a chart of the key metrics).
+//! percpu/hash ratio with its 95 % bootstrap interval (flagged where the difference is not
+//! established, see [`crate::significance`]), as a terminal table, `results.json` (every raw run
+//! plus the summary) and `results.svg` (a chart of the key metrics). [`Report::read`] loads a
+//! `results.json` back to redraw both.
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, io, path::Path};
 
@@ -8,17 +10,35 @@ use plotters::{
     prelude::*,
     style::text_anchor::{HPos, Pos, VPos},
 };
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 use crate::{
-    metrics::{Metric, MetricId, median},
+    metrics::{Metric, MetricId, Raw, median, unsupported},
     runner::{AbConfig, AbResults, CrossCheck, RunRecord},
+    significance::ratio_interval,
 };
 
-/// Errors from writing the report.
+/// Errors from writing or reading the report.
 #[derive(Debug, Error)]
 pub enum ReportError {
+    /// Reading `results.json` failed.
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// `results.json` is not a report.
+    #[error("{path} is not an experiment's results.json: {detail}")]
+    Malformed {
+        /// The file.
+        path: String,
+        /// What serde said.
+        detail: String,
+    },
     /// Writing a file failed.
     #[error("writing {path}")]
     Write {
@@ -39,7 +59,7 @@ pub enum ReportError {
 }
 
 /// Median and range of one metric over repetitions.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Range {
     /// Median (the mean of the middle two for an even count).
     pub median: f64,
@@ -75,17 +95,51 @@ pub enum Summary {
     None(()),
 }
 
+impl<'de> Deserialize<'de> for Summary {
+    /// A range, [`crate::metrics::UNSUPPORTED`] ([`Summary::Unsupported`]), or null.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match Option::<Raw<Range>>::deserialize(deserializer)? {
+            Some(Raw::Value(range)) => Self::Range(range),
+            Some(Raw::Text(text)) => Self::Unsupported(unsupported::<D::Error>(&text)?),
+            None => Self::None(()),
+        })
+    }
+}
+
 /// `percpu` over `hash` for one metric.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Ratio {
     /// percpu median / hash median.
     pub ratio: f64,
-    /// Whether the two min–max ranges overlap (then the difference may be noise).
+    /// Whether the two min–max ranges overlap (kept for readers of older files; the table goes
+    /// by `established`).
     pub ranges_overlap: bool,
+    /// Lower bound of the ratio's 95 % bootstrap interval over repetitions.
+    #[serde(default)]
+    pub ci_low: f64,
+    /// Upper bound of that interval.
+    #[serde(default)]
+    pub ci_high: f64,
+    /// Whether the difference is established: the interval excludes 1 and each side had at
+    /// least two repetitions.
+    #[serde(default)]
+    pub established: bool,
+    /// Repetitions each side had for this metric.
+    #[serde(default)]
+    pub reps: RatioReps,
+}
+
+/// Repetitions behind a [`Ratio`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RatioReps {
+    /// Measured `percpu` runs.
+    pub percpu: usize,
+    /// Measured `hash` runs.
+    pub hash: usize,
 }
 
 /// Facts about the machine and the run, so results can be compared across machines.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     /// CPUs the experiment used.
     pub cpus: usize,
@@ -106,7 +160,7 @@ pub struct Machine {
 }
 
 /// Everything `results.json` holds.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     /// The machine and settings.
     pub machine: Machine,
@@ -142,28 +196,7 @@ impl Report {
                 (row.clone(), metrics)
             })
             .collect();
-        let ratios = match (summary.get("percpu"), summary.get("hash")) {
-            (Some(percpu), Some(hash)) => MetricId::ALL
-                .into_iter()
-                .filter_map(|metric| {
-                    let (Some(Summary::Range(p)), Some(Summary::Range(h))) =
-                        (percpu.get(&metric), hash.get(&metric))
-                    else {
-                        return None;
-                    };
-                    (h.median != 0.0).then(|| {
-                        (
-                            metric,
-                            Ratio {
-                                ratio: p.median / h.median,
-                                ranges_overlap: p.overlaps(h),
-                            },
-                        )
-                    })
-                })
-                .collect(),
-            _ => BTreeMap::new(),
-        };
+        let ratios = ratios(&summary, &results.runs);
         let kernel = reuseport::kernel::release();
         Self {
             machine: Machine {
@@ -184,7 +217,26 @@ impl Report {
         }
     }
 
-    /// The terminal table: one line per metric, one column per row, then percpu/hash.
+    /// Reads a `results.json` written by [`Report::write_json`]. A file written before ratios
+    /// had intervals gets them computed from its runs.
+    pub fn read(path: &Path) -> Result<Self, ReportError> {
+        let text = fs::read_to_string(path).map_err(|source| ReportError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut report: Self =
+            serde_json::from_str(&text).map_err(|err| ReportError::Malformed {
+                path: path.display().to_string(),
+                detail: err.to_string(),
+            })?;
+        if report.ratios.values().any(|ratio| ratio.reps.percpu == 0) {
+            report.ratios = ratios(&report.summary, &report.runs);
+        }
+        Ok(report)
+    }
+
+    /// The terminal table: one line per metric, one column per row, then percpu/hash with its
+    /// 95 % interval, `~` where the difference is not established.
     pub fn table(&self) -> String {
         let mut out = format!(
             "{} CPUs, kernel {}, topology {}, load {} x{} for {}s, {} reps (median [min-max])\n",
@@ -218,14 +270,27 @@ impl Report {
                 let _ = write!(out, " {cell:>26}");
             }
             if let Some(ratio) = self.ratios.get(&metric) {
-                let flag = if ratio.ranges_overlap { " ~" } else { "" };
-                let _ = write!(out, "  {:.2}{flag}", ratio.ratio);
+                let flag = if ratio.established { "" } else { " ~" };
+                let _ = write!(
+                    out,
+                    "  {:.2} [{:.2}-{:.2}]{flag}",
+                    ratio.ratio, ratio.ci_low, ratio.ci_high
+                );
             }
             out.push('\n');
         }
         if with_ratio {
+            let reps = |row: &str| self.runs.iter().filter(|run| run.row == row).count();
+            let _ = writeln!(
+                out,
+                "percpu/hash: ratio of medians [95% bootstrap interval, {} resamples over \
+                 repetitions: percpu {} reps, hash {} reps]",
+                crate::significance::RESAMPLES,
+                reps("percpu"),
+                reps("hash")
+            );
             out.push_str(
-                "(~: the two rows' min-max ranges overlap; the difference may be noise)\n",
+                "(~: not established: the interval includes 1, or a side had one repetition)\n",
             );
         }
         if let Some(check) = &self.cross_check {
@@ -357,6 +422,56 @@ impl Report {
     }
 }
 
+/// percpu / hash per metric with its bootstrap interval, when both rows ran.
+fn ratios(
+    summary: &BTreeMap<String, BTreeMap<MetricId, Summary>>,
+    runs: &[RunRecord],
+) -> BTreeMap<MetricId, Ratio> {
+    let (Some(percpu), Some(hash)) = (summary.get("percpu"), summary.get("hash")) else {
+        return BTreeMap::new();
+    };
+    let values = |row: &str, metric: MetricId| -> Vec<f64> {
+        runs.iter()
+            .filter(|run| run.row == row)
+            .filter_map(|run| run.metrics.get(&metric).and_then(Metric::value))
+            .collect()
+    };
+    MetricId::ALL
+        .into_iter()
+        .filter_map(|metric| {
+            let (Some(Summary::Range(p)), Some(Summary::Range(h))) =
+                (percpu.get(&metric), hash.get(&metric))
+            else {
+                return None;
+            };
+            if h.median == 0.0 {
+                return None;
+            }
+            let ratio = p.median / h.median;
+            let (p_values, h_values) = (values("percpu", metric), values("hash", metric));
+            // No interval (every resampled hash median 0): the observed ratio, not established.
+            let (ci_low, ci_high, established) = ratio_interval(&p_values, &h_values)
+                .map_or((ratio, ratio, false), |ci| {
+                    (ci.low, ci.high, ci.established)
+                });
+            Some((
+                metric,
+                Ratio {
+                    ratio,
+                    ranges_overlap: p.overlaps(h),
+                    ci_low,
+                    ci_high,
+                    established,
+                    reps: RatioReps {
+                        percpu: p_values.len(),
+                        hash: h_values.len(),
+                    },
+                },
+            ))
+        })
+        .collect()
+}
+
 fn summarize(runs: &[&RunRecord], metric: MetricId) -> Summary {
     let metrics: Vec<Metric> = runs
         .iter()
@@ -395,5 +510,145 @@ mod tests {
         let other = Range::of(&mut [11.0, 12.0]).unwrap();
         assert!(!r.overlaps(&other));
         assert!(r.overlaps(&Range::of(&mut [9.0, 12.0]).unwrap()));
+    }
+
+    /// Two reps per row: conn/s clearly apart (established), p99 overlapping (not), cache misses
+    /// unsupported, locality absent for hash.
+    fn fixed_report() -> Report {
+        let record = |row: &str, rep: usize, conn: f64, p99: f64| {
+            let mut metrics = BTreeMap::new();
+            metrics.insert(MetricId::ConnPerS, Metric::Value(conn));
+            metrics.insert(MetricId::P99Us, Metric::Value(p99));
+            metrics.insert(
+                MetricId::CacheMissesPerConn,
+                Metric::Unsupported(crate::metrics::UNSUPPORTED),
+            );
+            metrics.insert(
+                MetricId::Locality,
+                if row == "percpu" {
+                    Metric::Value(1.0)
+                } else {
+                    Metric::None(())
+                },
+            );
+            let mut hw = BTreeMap::new();
+            hw.insert("cycles".to_owned(), crate::hw_counters::HwCount::Count(7));
+            hw.insert(
+                "cache_misses".to_owned(),
+                crate::hw_counters::HwCount::Unsupported(crate::metrics::UNSUPPORTED),
+            );
+            RunRecord {
+                row: row.to_owned(),
+                rep,
+                metrics,
+                load: crate::load::LoadReport::default(),
+                server: None,
+                probes: crate::probes::ProbeTotals::default(),
+                ipis: 3,
+                hw,
+            }
+        };
+        let runs = vec![
+            record("hash", 1, 1000.0, 200.0),
+            record("percpu", 1, 1300.0, 190.0),
+            record("percpu", 2, 1320.0, 215.0),
+            record("hash", 2, 1010.0, 205.0),
+        ];
+        let config = AbConfig {
+            binary: "reuseport".into(),
+            modes: vec![],
+            peer_nginx: false,
+            peer_nginx_attach: false,
+            cross_check_wrk: false,
+            calibrate: false,
+            topology: crate::topology::TopologyKind::Loopback,
+            skew: false,
+            spill: reuseport::spill::SpillConfig::default(),
+            restart_every: None,
+            load: crate::load::LoadKind::Crr,
+            connections: 8,
+            duration: std::time::Duration::from_secs(3),
+            warmup: std::time::Duration::ZERO,
+            reps: 2,
+            out: "unused".into(),
+        };
+        let results = AbResults {
+            runs,
+            cross_check: None,
+            interrupted: false,
+            planned_runs: 4,
+        };
+        Report::new(&config, results, 2)
+    }
+
+    #[test]
+    fn ratios_carry_intervals_and_the_table_marks_what_is_not_established() {
+        let report = fixed_report();
+        let conn = report.ratios[&MetricId::ConnPerS];
+        assert!(conn.established && conn.ci_low > 1.0, "{conn:?}");
+        assert_eq!(conn.reps, RatioReps { percpu: 2, hash: 2 });
+        let p99 = report.ratios[&MetricId::P99Us];
+        assert!(
+            !p99.established && p99.ci_low < 1.0 && p99.ci_high > 1.0,
+            "{p99:?}"
+        );
+        assert!(!report.ratios.contains_key(&MetricId::CacheMissesPerConn));
+        let table = report.table();
+        let line = |name: &str| {
+            table
+                .lines()
+                .find(|line| line.starts_with(name))
+                .unwrap()
+                .to_owned()
+        };
+        assert!(line("conn_per_s").ends_with(&format!(
+            "{:.2} [{:.2}-{:.2}]",
+            conn.ratio, conn.ci_low, conn.ci_high
+        )));
+        assert!(line("p99_us").ends_with(" ~"));
+        assert!(line("cache_misses_per_conn").contains("unsupported"));
+        assert!(table.contains("percpu 2 reps, hash 2 reps"), "{table}");
+    }
+
+    #[test]
+    fn a_report_survives_json_and_redraws_the_same_table() {
+        let report = fixed_report();
+        let json = serde_json::to_string_pretty(&report).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.table(), report.table());
+        assert_eq!(back.rows, report.rows);
+        assert_eq!(back.summary, report.summary);
+        assert_eq!(back.runs.len(), report.runs.len());
+        assert_eq!(back.runs[0].metrics, report.runs[0].metrics);
+        assert_eq!(back.runs[0].hw, report.runs[0].hw);
+
+        let dir = std::env::temp_dir().join(format!("reuseport-report-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("results.json");
+        report.write_json(&path).unwrap();
+        assert_eq!(Report::read(&path).unwrap().table(), report.table());
+        report.write_svg(&dir.join("results.svg")).unwrap();
+
+        // A file from before the intervals gets them from its runs.
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        for ratio in old["ratios"].as_object_mut().unwrap().values_mut() {
+            let ratio = ratio.as_object_mut().unwrap();
+            for field in ["ci_low", "ci_high", "established", "reps"] {
+                ratio.remove(field);
+            }
+        }
+        fs::write(&path, old.to_string()).unwrap();
+        assert_eq!(Report::read(&path).unwrap().table(), report.table());
+
+        fs::write(&path, "{\"machine\": 1}").unwrap();
+        assert!(matches!(
+            Report::read(&path),
+            Err(ReportError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Report::read(&dir.join("missing.json")),
+            Err(ReportError::Read { .. })
+        ));
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -23,7 +23,7 @@ use reuseport::{
     stats::Summary,
     steering::{SteeringMode, SteeringProgram},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     child::ChildGuard,
@@ -103,7 +103,7 @@ pub struct AbConfig {
 }
 
 /// One measured run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunRecord {
     /// The row.
     pub row: String,
@@ -120,7 +120,7 @@ pub struct RunRecord {
     /// IPIs (RES + CAL) during the run.
     pub ipis: u64,
     /// Hardware counters during the run.
-    pub hw: BTreeMap<&'static str, HwCount>,
+    pub hw: BTreeMap<String, HwCount>,
 }
 
 /// Progress events for a progress bar.
@@ -144,12 +144,16 @@ pub enum Progress {
 pub struct AbResults {
     /// The measured runs in the order they ran.
     pub runs: Vec<RunRecord>,
-    /// `wrk` vs built-in generator, when asked for.
+    /// `wrk` vs built-in generator, when asked for (and not interrupted before it).
     pub cross_check: Option<CrossCheck>,
+    /// Whether `stop` ended the experiment early: `runs` are those that finished.
+    pub interrupted: bool,
+    /// Measured runs planned (rows x repetitions).
+    pub planned_runs: usize,
 }
 
 /// wrk's req/s beside the built-in generator's for the same server and mode.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CrossCheck {
     /// The mode both measured.
     pub mode: String,
@@ -161,7 +165,11 @@ pub struct CrossCheck {
     pub ratio: f64,
 }
 
-/// Runs the experiment. `stop` ends it early (Ctrl-C); `progress` sees each run start.
+/// Runs the experiment. `progress` sees each run start.
+///
+/// `stop` ends it early (Ctrl-C): during the warm-up, or before any measured run finished, with
+/// [`RunnerError::Interrupted`]; later, with the finished runs and [`AbResults::interrupted`] set
+/// (the run in progress and the wrk cross-check are dropped).
 pub fn run(
     config: &AbConfig,
     stop: &AtomicBool,
@@ -225,7 +233,8 @@ pub fn run(
         measure(config, &topology, &cpus, row, 0, config.warmup, stop, false)?;
     }
     let mut runs = Vec::new();
-    for rep in 1..=config.reps {
+    let mut interrupted = false;
+    'reps: for rep in 1..=config.reps {
         // A B A B …, with the order flipped every other repetition so no row always goes first.
         let order: Vec<Row> = if rep % 2 == 0 {
             rows.iter().rev().copied().collect()
@@ -234,7 +243,7 @@ pub fn run(
         };
         for row in order {
             step(format!("rep {rep}/{} {row}", config.reps), &mut progress);
-            let record = measure(
+            let record = match measure(
                 config,
                 &topology,
                 &cpus,
@@ -243,21 +252,42 @@ pub fn run(
                 config.duration,
                 stop,
                 true,
-            )?
-            .ok_or(RunnerError::Interrupted)?;
+            ) {
+                Ok(Some(record)) => record,
+                Ok(None) | Err(RunnerError::Interrupted) => {
+                    interrupted = true;
+                    break 'reps;
+                }
+                Err(err) => return Err(err),
+            };
             if topology.kind() == TopologyKind::Veth {
                 note_syn_spread(&record, &mut progress);
             }
             runs.push(record);
         }
     }
-    let cross_check = if config.cross_check_wrk {
+    if interrupted && runs.is_empty() {
+        return Err(RunnerError::Interrupted);
+    }
+    let cross_check = if config.cross_check_wrk && !interrupted {
         step("wrk cross-check".into(), &mut progress);
-        Some(cross_check_wrk(config, &topology, &cpus, &runs, stop)?)
+        match cross_check_wrk(config, &topology, &cpus, &runs, stop) {
+            Ok(check) => Some(check),
+            Err(RunnerError::Interrupted) => {
+                interrupted = true;
+                None
+            }
+            Err(err) => return Err(err),
+        }
     } else {
         None
     };
-    Ok(AbResults { runs, cross_check })
+    Ok(AbResults {
+        runs,
+        cross_check,
+        interrupted,
+        planned_runs: rows.len() * config.reps,
+    })
 }
 
 fn note_syn_spread(record: &RunRecord, progress: &mut impl FnMut(Progress)) {
@@ -589,7 +619,7 @@ pub fn derive_metrics(
     server: Option<&Summary>,
     probes: &ProbeTotals,
     ipis: u64,
-    hw: &BTreeMap<&'static str, HwCount>,
+    hw: &BTreeMap<String, HwCount>,
 ) -> BTreeMap<MetricId, Metric> {
     let units = match kind {
         LoadKind::Crr => load.connections,
@@ -610,7 +640,7 @@ pub fn derive_metrics(
         });
     let cache_misses = match hw.get("cache_misses") {
         Some(HwCount::Count(count)) => per(*count),
-        _ => Metric::Unsupported("unsupported"),
+        _ => Metric::Unsupported(crate::metrics::UNSUPPORTED),
     };
     let syns: u64 = probes.syn_cpus.iter().sum();
     let count = |n: Option<u64>| Metric::from_option(n.map(|n| n as f64));
