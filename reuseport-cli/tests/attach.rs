@@ -483,21 +483,7 @@ fn requests_queued_on_a_killed_worker(
     rustix::process::kill_process(worker, rustix::process::Signal::STOP).unwrap();
     // SIGSTOP takes effect asynchronously: until the worker is really stopped it may still accept
     // a connection, which then dies with it under any scheme. Wait for state `T`.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("worker stat");
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next());
-        if state == Some('T') {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "worker {pid} never stopped"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_state(&format!("/proc/{pid}/stat"), 'T');
     let clients: Vec<std::net::TcpStream> = on_cpu(cpu, move || {
         (0..count)
             .map(|_| {

@@ -159,7 +159,7 @@ fn wakeups_of_watched_thread(waker_cpu: u32, sleeper_cpu: u32, n: u64) -> (u64, 
         for _ in 0..n {
             // Each send must find the sleeper blocked, or it wakes nobody: wait until it sleeps
             // again (a loaded machine can keep it running for longer than any fixed pause).
-            wait_until_sleeping(tid);
+            wait_for_state(&format!("/proc/self/task/{tid}/stat"), 'S');
             wake_tx.send(()).expect("wake");
         }
     });
@@ -170,26 +170,6 @@ fn wakeups_of_watched_thread(waker_cpu: u32, sleeper_cpu: u32, n: u64) -> (u64, 
         totals.sum.server_wakeups,
         totals.sum.server_cross_cpu_wakeups,
     )
-}
-
-/// Waits (up to 5 s) until thread `tid` of this process is asleep (`S` in its `/proc` stat).
-fn wait_until_sleeping(tid: u32) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("stat");
-        // The state follows the command name, which is in parentheses.
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next());
-        if state == Some('S') {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "thread {tid} never slept"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
 }
 
 #[test]

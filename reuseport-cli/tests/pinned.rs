@@ -12,7 +12,7 @@ use std::{
 
 use common::*;
 use reuseport::{
-    PerCpuListeners, Protocol, Steering,
+    Steering,
     attach::{self, AttachAction, AttachError, AttachRequest, AttachTarget, Attached, SlotHolder},
     pinned::{PinnedError, PinnedRoot, PinnedSlot, SlotState},
 };
@@ -52,24 +52,6 @@ impl Drop for TempBpffs {
     }
 }
 
-/// A TCP group with one listener per CPU in `cpus`, not steered yet.
-fn group(cpus: &[u32]) -> (SocketAddr, Vec<(u32, TcpListener)>) {
-    let group = PerCpuListeners::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Protocol::Tcp,
-        &cpus.iter().copied().collect(),
-        256,
-    )
-    .expect("bind");
-    let addr = group.local_addr();
-    let listeners = group
-        .into_inner()
-        .into_iter()
-        .map(|l| (l.cpu, TcpListener::from(l.socket)))
-        .collect();
-    (addr, listeners)
-}
-
 fn fds(listeners: &[(u32, TcpListener)]) -> Vec<(u32, BorrowedFd<'_>)> {
     listeners.iter().map(|(cpu, l)| (*cpu, l.as_fd())).collect()
 }
@@ -103,7 +85,7 @@ fn connect_from(cpu: u32, addr: SocketAddr) -> TcpStream {
 fn persisted_steering_reports_its_slots_and_holes_and_detaches() {
     let bpffs = TempBpffs::new();
     let cpus = cpus();
-    let (addr, mut listeners) = group(&cpus);
+    let (addr, mut listeners) = unsteered_group(&cpus);
     let port = addr.port();
     let mut steering = Steering::attach(&fds(&listeners)).expect("attach");
     let program_id = steering.program_id().expect("program id");
@@ -169,7 +151,7 @@ fn persisted_steering_reports_its_slots_and_holes_and_detaches() {
 fn a_second_persist_for_a_port_is_refused_and_leaves_the_first_alone() {
     let bpffs = TempBpffs::new();
     let cpus = cpus();
-    let (addr, listeners) = group(&cpus);
+    let (addr, listeners) = unsteered_group(&cpus);
     let port = addr.port();
     let mut steering = Steering::attach(&fds(&listeners)).expect("attach");
     let first = bpffs
@@ -177,7 +159,7 @@ fn a_second_persist_for_a_port_is_refused_and_leaves_the_first_alone() {
         .persist(&mut steering, port, &[], slots(&listeners))
         .expect("persist");
 
-    let (_other_addr, other) = group(&cpus);
+    let (_other_addr, other) = unsteered_group(&cpus);
     let mut second = Steering::attach(&fds(&other)).expect("attach");
     let refused = bpffs.root.persist(&mut second, port, &[], slots(&other));
     assert!(
@@ -194,7 +176,7 @@ fn a_second_persist_for_a_port_is_refused_and_leaves_the_first_alone() {
 fn pins_off_bpffs_are_refused_and_nothing_is_left() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let root = PinnedRoot::new(dir.path().join("pins"), dir.path().join("run"));
-    let (addr, listeners) = group(&cpus());
+    let (addr, listeners) = unsteered_group(&cpus());
     let mut steering = Steering::attach(&fds(&listeners)).expect("attach");
     let refused = root.persist(&mut steering, addr.port(), &[], Vec::new());
     assert!(
@@ -208,7 +190,7 @@ fn pins_off_bpffs_are_refused_and_nothing_is_left() {
 #[test]
 fn run_steers_held_sockets_live_and_detaches() {
     let cpus = cpus();
-    let (addr, listeners) = group(&cpus);
+    let (addr, listeners) = unsteered_group(&cpus);
     let pairs: Vec<(BorrowedFd<'_>, u32)> =
         listeners.iter().map(|(cpu, l)| (l.as_fd(), *cpu)).collect();
     let request = AttachRequest::new(addr.port(), AttachTarget::Fds(pairs));
@@ -239,7 +221,7 @@ fn run_steers_held_sockets_live_and_detaches() {
 fn run_persists_under_a_root_and_refuses_a_second_persist_before_attaching() {
     let bpffs = TempBpffs::new();
     let cpus = cpus();
-    let (addr, listeners) = group(&cpus);
+    let (addr, listeners) = unsteered_group(&cpus);
     let pairs = || -> Vec<(BorrowedFd<'_>, u32)> {
         listeners.iter().map(|(cpu, l)| (l.as_fd(), *cpu)).collect()
     };
@@ -275,7 +257,7 @@ fn run_persists_under_a_root_and_refuses_a_second_persist_before_attaching() {
 #[test]
 fn run_with_hash_detaches_the_program() {
     let cpus = cpus();
-    let (addr, listeners) = group(&cpus);
+    let (addr, listeners) = unsteered_group(&cpus);
     let pairs = || -> Vec<(BorrowedFd<'_>, u32)> {
         listeners.iter().map(|(cpu, l)| (l.as_fd(), *cpu)).collect()
     };
@@ -307,7 +289,7 @@ fn run_refuses_an_empty_target_and_a_threaded_server() {
     let Some((a, b)) = two_cpus() else {
         return;
     };
-    let (addr, _listeners) = group(&[a, b]);
+    let (addr, _listeners) = unsteered_group(&[a, b]);
     let threaded = attach::run(AttachRequest::new(
         addr.port(),
         AttachTarget::Pids(vec![std::process::id()]),

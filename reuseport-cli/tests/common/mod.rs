@@ -8,6 +8,7 @@
 use std::{
     io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsFd,
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
     thread,
@@ -301,6 +302,19 @@ pub fn steered_group_with(
     program: SteeringProgram,
     spill: bool,
 ) -> (SocketAddr, Steering, Vec<(u32, TcpListener)>) {
+    let (addr, listeners) = unsteered_group(cpus);
+    let fds: Vec<_> = listeners
+        .iter()
+        .map(|(cpu, listener)| (*cpu, listener.as_fd()))
+        .collect();
+    let steering = Steering::load(program, spill)
+        .and_then(|loaded| loaded.attach_listening(&fds))
+        .expect("attach");
+    (addr, steering, listeners)
+}
+
+/// A TCP group on 127.0.0.1 with one listener per CPU in `cpus`, not steered, no workers.
+pub fn unsteered_group(cpus: &[u32]) -> (SocketAddr, Vec<(u32, TcpListener)>) {
     let group = PerCpuListeners::bind(
         "127.0.0.1:0".parse().unwrap(),
         Protocol::Tcp,
@@ -309,15 +323,33 @@ pub fn steered_group_with(
     )
     .expect("bind");
     let addr = group.local_addr();
-    let steering = Steering::load(program, spill)
-        .and_then(|loaded| loaded.attach_listening(&group.fds()))
-        .expect("attach");
     let listeners = group
         .into_inner()
         .into_iter()
         .map(|l| (l.cpu, TcpListener::from(l.socket)))
         .collect();
-    (addr, steering, listeners)
+    (addr, listeners)
+}
+
+/// Waits (up to 5 s) until the task whose `/proc/.../stat` is `stat_path` is in `state` (e.g.
+/// `S` asleep, `T` stopped): signals and wakeups take effect asynchronously.
+pub fn wait_for_state(stat_path: &str, state: char) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(stat_path).expect("stat");
+        // The state follows the command name, which is in parentheses.
+        let now = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if now == Some(state) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stat_path} never reached state {state}"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Whether `net.ipv4.tcp_migrate_req` is on, so the kernel migrates a closing listener's queue
