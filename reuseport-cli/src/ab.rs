@@ -7,14 +7,14 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use reuseport::{CpuList, SteeringMode, spill::SpillConfig};
+use reuseport::{CpuList, SteeringMode};
 use reuseport_lab::{
     report::Report,
     runner::{AbConfig, Progress},
 };
 
 use crate::{
-    args::{self, LoadKindArg, ModeArg, TopologyArg},
+    args::{LoadKindArg, ModeArg, SpillArgs, TopologyArg},
     live,
 };
 
@@ -42,17 +42,8 @@ pub struct AbArgs {
     /// show any connection lost.
     #[arg(long, value_parser = crate::args::parse_duration)]
     restart_every: Option<Duration>,
-    /// percpu-spill rows: queue depth that counts as overloaded.
-    #[arg(long, default_value_t = SpillConfig::default().threshold,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    spill_threshold: u32,
-    /// percpu-spill rows: how often the queues are sampled (more than 0, at most 1s).
-    #[arg(long, value_parser = args::parse_spill_period, default_value = "1ms")]
-    spill_period: Duration,
-    /// percpu-spill rows: most CPUs one overloaded CPU spreads its excess over (default: as many
-    /// as the load needs; at most the CPU count less one).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    spill_targets: Option<u32>,
+    #[command(flatten)]
+    spill: SpillArgs,
     /// crr: a new connection per request; rr: keep-alive; udp: datagram request/reply.
     #[arg(long, value_enum, default_value_t = LoadKindArg::Crr)]
     load: LoadKindArg,
@@ -130,11 +121,7 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
         calibrate: args.calibrate,
         topology: args.topology.into(),
         skew: args.skew,
-        spill: SpillConfig {
-            threshold: args.spill_threshold,
-            period: args.spill_period,
-            max_targets: args.spill_targets,
-        },
+        spill: args.spill.into(),
         restart_every: args.restart_every,
         load: args.load.into(),
         connections: args.connections,

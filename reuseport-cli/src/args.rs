@@ -1,5 +1,6 @@
 //! What the verbs share on the command line: the value enums behind `--mode`, `--bpf-program`,
-//! `--proto`, `--kind`/`--load` and `--topology`, and `--spill-period`'s parser.
+//! `--proto`, `--kind`/`--load` and `--topology`, the spill flags of `serve` and `ab`, and the
+//! duration parsers.
 //!
 //! The value enums mirror the library's and the lab's types variant for variant, with the same
 //! doc comments, word for word (clap shows them as the possible values' help, links and all),
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use reuseport::{
     Protocol,
+    spill::SpillConfig,
     steering::{SteeringMode, SteeringProgram},
 };
 use reuseport_lab::{load::LoadKind, topology::TopologyKind};
@@ -146,6 +148,34 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err("must be at most 365 days".to_owned());
     }
     Ok(duration)
+}
+
+/// The `percpu-spill` flags, shared by `serve` and `ab` (which passes them to its `percpu-spill`
+/// rows).
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct SpillArgs {
+    /// percpu-spill: queue depth (TCP: accept queue; UDP: receive queue, in datagrams) that
+    /// counts as overloaded (see README "Restarts and overload").
+    #[arg(long, default_value_t = SpillConfig::default().threshold,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    spill_threshold: u32,
+    /// percpu-spill: how often the queues and arrivals are sampled (more than 0, at most 1s).
+    #[arg(long, value_parser = parse_spill_period, default_value = "1ms")]
+    spill_period: Duration,
+    /// percpu-spill: most CPUs one overloaded CPU spreads its excess over (default: as many as
+    /// the load needs; at most the number of worker CPUs less one).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    spill_targets: Option<u32>,
+}
+
+impl From<SpillArgs> for SpillConfig {
+    fn from(args: SpillArgs) -> Self {
+        Self {
+            threshold: args.spill_threshold,
+            period: args.spill_period,
+            max_targets: args.spill_targets,
+        }
+    }
 }
 
 /// `--spill-period`: a duration more than 0 and at most [`reuseport::spill::MAX_PERIOD`].

@@ -15,15 +15,12 @@ use std::{
 
 use anyhow::Context as _;
 use reuseport::{
-    CpuList, Protocol, Server, ServerConfig, SteeringMode,
-    server::ServerError,
-    spill::{SpillConfig, SpillError},
-    stats::Summary,
-    steering::SteeringProgram,
+    CpuList, Protocol, Server, ServerConfig, SteeringMode, server::ServerError, spill::SpillError,
+    stats::Summary, steering::SteeringProgram,
 };
 
 use crate::{
-    args::{self, ModeArg, ProgramArg, ProtoArg},
+    args::{ModeArg, ProgramArg, ProtoArg, SpillArgs},
     error::BadArguments,
     live::{self, say},
 };
@@ -42,18 +39,8 @@ pub struct ServeArgs {
     /// cbpf.
     #[arg(long, value_enum, default_value_t = ModeArg::PercpuSpill)]
     mode: ModeArg,
-    /// percpu-spill: queue depth (TCP: accept queue; UDP: receive queue, in datagrams) that
-    /// counts as overloaded (see README "Restarts and overload").
-    #[arg(long, default_value_t = SpillConfig::default().threshold,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    spill_threshold: u32,
-    /// percpu-spill: how often the queues and arrivals are sampled (more than 0, at most 1s).
-    #[arg(long, value_parser = args::parse_spill_period, default_value = "1ms")]
-    spill_period: Duration,
-    /// percpu-spill: most CPUs one overloaded CPU spreads its excess over (default: as many as
-    /// the load needs; at most the number of worker CPUs less one).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    spill_targets: Option<u32>,
+    #[command(flatten)]
+    spill: SpillArgs,
     /// Address to serve (IPv4 or [IPv6]); port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -116,11 +103,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         program: args
             .bpf_program
             .map_or_else(SteeringProgram::recommended, SteeringProgram::from),
-        spill: SpillConfig {
-            threshold: args.spill_threshold,
-            period: args.spill_period,
-            max_targets: args.spill_targets,
-        },
+        spill: args.spill.into(),
     })
     .map_err(|err| match err {
         ServerError::Spill(spill @ SpillError::TooManyTargets { .. }) => {
