@@ -29,8 +29,8 @@ pub enum ModeArg {
     /// No program: each listener's `SO_INCOMING_CPU` is its worker's CPU, which the kernel's
     /// selection prefers since Linux 6.2 (see [`crate::incoming_cpu`]).
     IncomingCpu,
-    /// `percpu`, except that a CPU whose listener's accept queue reaches a threshold sends its
-    /// new connections to the least-loaded listener until it drains (see [`crate::spill`]).
+    /// `percpu`, except that an overloaded CPU spreads its excess new connections over several
+    /// listeners, nearest first, until the skew ends (see [`crate::spill`]).
     PercpuSpill,
     /// `percpu-spill` when this process may load BPF programs, else `incoming-cpu` when the kernel
     /// honours it, else `cbpf` (see [`crate::strategy::choose`]).
