@@ -24,16 +24,16 @@ pub enum ModeArg {
     /// No program: the kernel's default selection by a hash of the 4-tuple.
     Hash,
     /// A classic BPF filter returning the CPU as the listener's index in the group (no
-    /// privileges needed; drifts when a listener closes, see [`crate::cbpf`]).
+    /// privileges needed; drifts when a listener closes and the group's order changes).
     Cbpf,
     /// No program: each listener's `SO_INCOMING_CPU` is its worker's CPU, which the kernel's
-    /// selection prefers since Linux 6.2 (see [`crate::incoming_cpu`]).
+    /// selection prefers since Linux 6.2.
     IncomingCpu,
     /// `percpu`, except that an overloaded CPU spreads its excess new connections over several
-    /// listeners, nearest first, until the skew ends (see [`crate::spill`]).
+    /// listeners, nearest first, until the skew ends.
     PercpuSpill,
     /// `percpu-spill` when this process may load BPF programs, else `incoming-cpu` when the kernel
-    /// honours it, else `cbpf` (see [`crate::strategy::choose`]).
+    /// honours it, else `cbpf`.
     Auto,
 }
 

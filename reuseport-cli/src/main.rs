@@ -112,15 +112,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// Help and version go out as clap prints them; a usage error becomes one line and exit code 2.
+/// Help and version go out as clap prints them (exit 0); no subcommand prints the usage on stderr
+/// with exit code 2, as other usage errors; a usage error becomes one line and exit code 2.
 fn usage_error(err: clap::Error) -> ExitCode {
-    if matches!(
-        err.kind(),
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
-    ) || err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-    {
-        let _ = err.print();
-        return ExitCode::SUCCESS;
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // clap prints this help on stderr; the exit code says nothing was done.
+            let _ = err.print();
+            return ExitCode::from(2);
+        }
+        _ => {}
     }
     let rendered = err.render().to_string();
     let line = rendered

@@ -144,6 +144,40 @@ fn hash_mode_loads_no_program() {
 }
 
 #[test]
+fn no_subcommand_prints_the_usage_and_exits_2() {
+    let output = run(&[]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Usage: reuseport <COMMAND>"), "{stderr}");
+    assert!(output.stdout.is_empty(), "{output:?}");
+}
+
+#[test]
+fn help_is_plain_text_without_rustdoc_links() {
+    for verb in [
+        &[][..],
+        &["serve"],
+        &["load"],
+        &["ab"],
+        &["attach"],
+        &["detach"],
+        &["status"],
+    ] {
+        let mut args = verb.to_vec();
+        args.push("--help");
+        let output = run(&args);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {output:?}");
+        let help = String::from_utf8_lossy(&output.stdout);
+        for link in ["[`", "`]", "crate::"] {
+            assert!(
+                !help.contains(link),
+                "{args:?} --help shows {link:?}:\n{help}"
+            );
+        }
+    }
+}
+
+#[test]
 fn unknown_mode_is_a_one_line_usage_error() {
     let output = run(&["serve", "--mode", "fastest"]);
     assert_one_line_error(&output, 2, "invalid value 'fastest' for '--mode <MODE>'");
