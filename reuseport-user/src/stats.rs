@@ -437,13 +437,13 @@ impl Summary {
                     s.total.unsteered,
                     s.total.errors,
                     s.total.held,
-                    s.ns_per_select.map_or_else(
-                        || "ns/select unavailable (BPF run-time statistics need CAP_SYS_ADMIN or sysctl kernel.bpf_stats_enabled=1)".to_owned(),
-                        |ns| format!(
-                            "{ns:.1} ns/select over {} runs",
-                            s.program.map_or(0, |p| p.run_count)
-                        )
-                    )
+                    match (s.program, s.ns_per_select) {
+                        (Some(program), Some(ns)) => {
+                            format!("{ns:.1} ns/select over {} runs", program.run_count)
+                        }
+                        (Some(_), None) => "no selections yet".to_owned(),
+                        (None, _) => "ns/select unavailable (BPF run-time statistics need CAP_SYS_ADMIN or sysctl kernel.bpf_stats_enabled=1)".to_owned(),
+                    }
                 );
             }
             None => {
@@ -547,5 +547,25 @@ mod tests {
         assert_eq!(json["steering"]["ns_per_select"], 40.0);
         assert_eq!(json["steering"]["per_cpu"][0]["cpu"], 1);
         assert_eq!(json["mode"], "percpu");
+    }
+
+    #[test]
+    fn summary_says_whether_nothing_ran_or_statistics_are_off() {
+        let summary = |program| {
+            let mut idle = snapshot(0, 0, 0);
+            idle.program = program;
+            Summary::new(
+                SteeringMode::Percpu,
+                Protocol::Tcp,
+                "127.0.0.1:1".parse().unwrap(),
+                &idle,
+            )
+            .table()
+        };
+        let no_runs = summary(Some(ProgramRunStats::default()));
+        assert!(no_runs.contains("; no selections yet"), "{no_runs}");
+        assert!(!no_runs.contains("CAP_SYS_ADMIN"), "{no_runs}");
+        let off = summary(None);
+        assert!(off.contains("ns/select unavailable"), "{off}");
     }
 }
