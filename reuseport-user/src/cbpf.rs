@@ -15,10 +15,6 @@ use thiserror::Error;
 
 use crate::{cpus::CpuList, listeners::PerCpuListeners};
 
-/// `SO_ATTACH_REUSEPORT_CBPF` from asm-generic/socket.h (the libc crate defines it for Android
-/// only).
-const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
-
 /// Errors from attaching the classic BPF filter.
 #[derive(Debug, Error)]
 pub enum CbpfError {
@@ -80,7 +76,7 @@ pub fn attach_to_group(member: &impl AsRawFd) -> Result<(), CbpfError> {
         libc::setsockopt(
             member.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
             std::ptr::from_ref(&program).cast(),
             size_of::<libc::sock_fprog>() as libc::socklen_t,
         )
