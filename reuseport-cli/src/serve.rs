@@ -15,8 +15,12 @@ use std::{
 
 use anyhow::Context as _;
 use reuseport::{
-    CpuList, Protocol, Server, ServerConfig, SteeringMode, server::ServerError, spill::SpillError,
-    stats::Summary, steering::SteeringProgram,
+    CpuList, Protocol, Server, ServerConfig, SteeringMode,
+    metrics::{LatestSnapshot, MetricsEndpoint, MetricsInfo},
+    server::ServerError,
+    spill::SpillError,
+    stats::Summary,
+    steering::SteeringProgram,
 };
 
 use crate::{
@@ -77,6 +81,12 @@ pub struct ServeArgs {
     /// avoids.
     #[arg(long, value_enum)]
     bpf_program: Option<ProgramArg>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. `127.0.0.1:9464`; port 0 picks a
+    /// free port, printed after the first line): per-CPU steering decisions, per-worker
+    /// connections, requests and locality, restarts, kernel migrations, the program's run time.
+    /// Updated once a second.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Serves until Ctrl-C, SIGTERM or `--duration`, restarting the workers on SIGHUP, then prints
@@ -94,6 +104,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let hangup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
         .context("installing the SIGHUP handler")?;
+    // The metrics address is bound first: one in use fails before anything is served.
+    let latest = LatestSnapshot::default();
+    let metrics = args
+        .metrics
+        .map(|addr| MetricsEndpoint::start(addr, latest.clone()))
+        .transpose()?;
     let server = Server::start(ServerConfig {
         listen: args.listen,
         protocol,
@@ -141,12 +157,38 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
+    if args.metrics.is_some() {
+        latest.describe(MetricsInfo {
+            mode: server.mode().to_string(),
+            protocol: match protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+            }
+            .to_owned(),
+            listen: server.local_addr(),
+            program_id: ready.program_id,
+        });
+        latest.publish(server.snapshot()?);
+    }
+    if let Some(endpoint) = &metrics {
+        say!(
+            "reuseport: metrics on http://{}/metrics",
+            endpoint.local_addr()
+        );
+    }
+
     let server = RefCell::new(server);
     live::show_live_until_stopped(
         &stop,
         args.duration,
         args.quiet,
-        || Ok(server.borrow().snapshot()?),
+        || {
+            let snapshot = server.borrow().snapshot()?;
+            if args.metrics.is_some() {
+                latest.publish(snapshot.clone());
+            }
+            Ok(snapshot)
+        },
         || {
             if hangup.swap(false, Ordering::Relaxed) {
                 let started = Instant::now();

@@ -22,7 +22,8 @@
 //! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener.
 //! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
 //! - [`spill`]: `percpu-spill`, per-CPU steering that spills an overloaded CPU's connections.
-//! - [`stats`]: counters, live line and JSON summary.
+//! - [`stats`]: counters, live line and JSON summary; [`metrics`]: the same counters for
+//!   Prometheus.
 //! - [`server`]: all of the above started and stopped together ([`Server`]).
 //!
 //! This crate is what a server embeds: it has no command-line or measurement dependencies. The
@@ -48,6 +49,7 @@ pub mod http;
 pub mod incoming_cpu;
 pub mod kernel;
 pub mod listeners;
+pub mod metrics;
 pub mod pinned;
 pub mod procfs;
 pub mod server;

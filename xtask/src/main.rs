@@ -117,8 +117,9 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             toolchain::ensure_apt_packages(
-                &["iproute2", "nginx"],
-                "the tests create network namespaces and veth pairs, and attach to a real nginx",
+                &["iproute2", "nginx", "prometheus"],
+                "the tests create network namespaces and veth pairs, attach to a real nginx and \
+                 check the metrics with promtool",
             )?;
             if !no_lint {
                 run_checked(cargo().args(["fmt", "--all", "--check"]))?;
