@@ -2,6 +2,7 @@
 //! the live line once a second.
 
 use std::{
+    io::{IsTerminal as _, Write as _},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,14 +16,46 @@ use reuseport::stats::Snapshot;
 
 /// `println!` for the long-running verbs: a reader that went away (`serve | head -1`) must not end
 /// a server, so write errors are ignored (with SIGPIPE ignored, see [`keep_running_without_reader`])
-/// and the verb goes on serving until it is stopped.
+/// and the verb goes on serving until it is stopped. On a terminal it first ends the live line
+/// being redrawn, so the message gets a line of its own.
 macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
+    ($($arg:tt)*) => {
+        $crate::live::write_line(&format!($($arg)*))
+    };
 }
 pub(crate) use say;
+
+/// Whether a live line is on the terminal without its newline (being redrawn in place).
+static LIVE_LINE_OPEN: AtomicBool = AtomicBool::new(false);
+
+/// Writes `text` and a newline to stdout, ignoring write errors (see [`say!`]).
+pub fn write_line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if LIVE_LINE_OPEN.swap(false, Ordering::Relaxed) {
+        let _ = out.write_all(b"\n");
+    }
+    let _ = writeln!(out, "{text}");
+}
+
+/// The live line: on a terminal redrawn in place (carriage return, erase line), else one line
+/// per second for whoever reads the pipe or file.
+fn write_live_line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if out.is_terminal() {
+        let _ = write!(out, "\r\x1b[2K{text}");
+        let _ = out.flush();
+        LIVE_LINE_OPEN.store(true, Ordering::Relaxed);
+    } else {
+        let _ = writeln!(out, "{text}");
+    }
+}
+
+/// Ends a live line left open on the terminal.
+fn end_live_line() {
+    if LIVE_LINE_OPEN.swap(false, Ordering::Relaxed) {
+        let _ = std::io::stdout().lock().write_all(b"\n");
+    }
+}
 
 /// Ignores SIGPIPE for this process: `serve` and `attach` keep running when whoever reads their
 /// output goes away; their output is written with [`say!`], which ignores the failed writes.
@@ -42,7 +75,7 @@ pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-/// Waits until `stop` is set or `duration` has passed, printing once a second (unless `quiet`)
+/// Waits until `stop` is set or `duration` has passed, showing once a second (unless `quiet`)
 /// the live line of what happened in that second, from `snapshot`'s counters. Calls `tick`
 /// every 50 ms in between (e.g. to act on SIGHUP).
 pub fn show_live_until_stopped(
@@ -62,10 +95,11 @@ pub fn show_live_until_stopped(
             next_line += Duration::from_secs(1);
             let now = snapshot()?;
             if !quiet {
-                say!("{}", now.since(&previous).live_line(now.elapsed));
+                write_live_line(&now.since(&previous).live_line(now.elapsed));
             }
             previous = now;
         }
     }
+    end_live_line();
     Ok(())
 }

@@ -178,6 +178,45 @@ fn help_is_plain_text_without_rustdoc_links() {
 }
 
 #[test]
+fn the_live_line_is_redrawn_in_place_on_a_terminal_and_one_per_line_in_a_pipe() {
+    // `script` runs serve with a pseudo-terminal as its stdout.
+    let command = format!("{BINARY} serve --mode hash --listen 127.0.0.1:0 --duration 3500ms");
+    let output = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("run script (util-linux)");
+    assert!(output.status.success(), "{output:?}");
+    let tty = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        tty.lines()
+            .any(|line| line.matches("\r\x1b[2K").count() >= 2 && line.contains("s | cpu")),
+        "no live line redrawn in place on the terminal:\n{tty:?}"
+    );
+    assert!(tty.contains("summary: mode hash"), "{tty:?}");
+
+    let output = run(&[
+        "serve",
+        "--mode",
+        "hash",
+        "--listen",
+        "127.0.0.1:0",
+        "--duration",
+        "2500ms",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let piped = String::from_utf8_lossy(&output.stdout);
+    assert!(!piped.contains('\x1b'), "{piped:?}");
+    assert!(
+        piped
+            .lines()
+            .filter(|line| line.contains("s | cpu"))
+            .count()
+            >= 2,
+        "{piped:?}"
+    );
+}
+
+#[test]
 fn unknown_mode_is_a_one_line_usage_error() {
     let output = run(&["serve", "--mode", "fastest"]);
     assert_one_line_error(&output, 2, "invalid value 'fastest' for '--mode <MODE>'");
