@@ -1,31 +1,9 @@
-//! Builds the BPF object from `reuseport-ebpf` (target `bpfel-unknown-none`, nightly `rust-src`,
-//! linked by `bpf-linker`) with aya-build and leaves it in `OUT_DIR/reuseport`, where
-//! `src/steering.rs` embeds it with `include_bytes_aligned!`.
+//! Builds the BPF objects of `reuseport-ebpf` with the pinned nightly (see `reuseport-build`) and
+//! leaves them in `OUT_DIR`, where `src/steering.rs` embeds the steering object
+//! (`reuseport-steering`) with `include_bytes_aligned!`.
 //!
-//! `cargo xtask setup` installs what this needs (nightly `rust-src`, `llvm-22-dev`, `bpf-linker`).
-
-use anyhow::{Context as _, anyhow};
-use aya_build::Toolchain;
+//! `cargo xtask setup` installs what this needs (the pinned nightly's `rust-src`, `bpf-linker`).
 
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
-    let ebpf = packages
-        .into_iter()
-        .find(|package| package.name.as_str() == "reuseport-ebpf")
-        .ok_or_else(|| anyhow!("reuseport-ebpf package not found in the workspace"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("no parent directory for {}", ebpf.manifest_path))?;
-    let package = aya_build::Package {
-        name: ebpf.name.as_str(),
-        root_dir: root_dir.as_str(),
-        ..Default::default()
-    };
-    aya_build::build_ebpf([package], Toolchain::default()).context(
-        "building the BPF programs failed; `cargo xtask setup` installs nightly rust-src and bpf-linker",
-    )
+    reuseport_build::build_bpf_objects()
 }
