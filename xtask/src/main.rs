@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks. Every task first makes sure the toolchain is installed.
 //!
-//! - `cargo xtask setup`: install nightly rust-src, LLVM 22 and bpf-linker where missing.
+//! - `cargo xtask setup`: install the pinned nightly's rust-src, LLVM 22 and bpf-linker where
+//!   missing.
 //! - `cargo xtask run --mode percpu|hash [-- serve args]`: build and run `reuseport serve`.
 //! - `cargo xtask ab [reuseport ab args]`: build and run the A/B experiment.
 //! - `cargo xtask test`: formatting, clippy, and every test (unit and integration, which load
@@ -23,7 +24,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what building the BPF programs needs (nightly rust-src, llvm-22-dev, bpf-linker).
+    /// Install what building the BPF programs needs (the nightly pinned in
+    /// reuseport-ebpf/rust-toolchain.toml with rust-src, LLVM 22, bpf-linker).
     Setup,
     /// Build (release) and run `reuseport serve`.
     Run {
@@ -73,7 +75,10 @@ fn run(cli: Cli) -> Result<()> {
     toolchain::ensure()?;
     match cli.task {
         Task::Setup => {
-            toolchain::say("toolchain ready: nightly rust-src and bpf-linker are installed");
+            toolchain::say(&format!(
+                "toolchain ready: the pinned nightly with rust-src, and bpf-linker {}",
+                toolchain::BPF_LINKER_VERSION
+            ));
             Ok(())
         }
         Task::Run { mode, serve_args } => {
@@ -85,14 +90,14 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Task::Ab { ab_args } => {
-            let mut packages = vec!["iproute2"];
+            let mut tools = vec![toolchain::IP];
             if ab_args.iter().any(|arg| arg.contains("nginx")) {
-                packages.push("nginx");
+                tools.push(toolchain::NGINX);
             }
             if ab_args.iter().any(|arg| arg.contains("wrk")) {
-                packages.push("wrk");
+                tools.push(toolchain::WRK);
             }
-            toolchain::ensure_apt_packages(&packages, "the A/B experiment runs them")?;
+            toolchain::ensure_tools(&tools, "the A/B experiment runs them")?;
             run_checked(cargo().args(["build", "--release", "--package", "reuseport-cli"]))?;
             run_checked(Command::new(release_binary()).arg("ab").args(&ab_args))
         }
@@ -110,14 +115,14 @@ fn run(cli: Cli) -> Result<()> {
                 .env("REUSEPORT_SOAK_CONNECTIONS", connections.to_string()),
         ),
         Task::Test { no_lint, test_args } => {
-            if !toolchain::rustix_free_is_root() {
+            if !toolchain::is_root() {
                 toolchain::say(
                     "not root: the integration tests load BPF programs and will fail without \
                      CAP_BPF and CAP_NET_ADMIN",
                 );
             }
-            toolchain::ensure_apt_packages(
-                &["iproute2", "nginx", "prometheus"],
+            toolchain::ensure_tools(
+                &[toolchain::IP, toolchain::NGINX, toolchain::PROMTOOL],
                 "the tests create network namespaces and veth pairs, attach to a real nginx and \
                  check the metrics with promtool",
             )?;
@@ -130,9 +135,12 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `target/release/reuseport` of this workspace.
+/// `release/reuseport` in this workspace's target directory (`CARGO_TARGET_DIR` if set).
 fn release_binary() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/reuseport")
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), |dir| workspace.join(dir));
+    target.join("release/reuseport")
 }
 
 fn cargo() -> Command {

@@ -1,21 +1,27 @@
-//! Installs what building the BPF programs needs, when it is missing, and says what it installs:
+//! Installs what building the BPF programs needs, when it is missing, and says what it installs,
+//! one line per step (a failing step's output is printed in full):
 //!
-//! - the nightly toolchain with `rust-src` (aya-build compiles `core` for `bpfel-unknown-none`);
-//! - `bpf-linker`, built against Debian's LLVM 22 (`llvm-22-dev` and friends from apt), since
-//!   nightly's LLVM is 22.x and the linker must match it.
+//! - the nightly pinned in `reuseport-ebpf/rust-toolchain.toml`, with `rust-src` (aya-build
+//!   compiles `core` for `bpfel-unknown-none`); an installed `nightly` of the same date will do;
+//! - `bpf-linker` [`BPF_LINKER_VERSION`], built against LLVM 22 (the pinned nightly's LLVM) found
+//!   under `LLVM_PREFIX` (default `/usr/lib/llvm-22`, Debian's `llvm-22-dev`).
+//!
+//! Programs are looked up on `PATH`, not in a package database; where one is missing and the
+//! machine has no `apt-get`, the error names the Debian packages that provide it.
 
 use std::{
     env,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::run_checked;
-
 /// The bpf-linker release this project is built and tested with.
-const BPF_LINKER_VERSION: &str = "0.13.0";
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The LLVM major version bpf-linker is built against (its cargo feature `llvm-22`); the pinned
+/// nightly's LLVM has the same major version.
+const LLVM_MAJOR: &str = "22";
 /// Debian packages bpf-linker's `llvm-22` feature links against.
 const LLVM_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -23,76 +29,161 @@ const LLVM_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
 ];
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Where LLVM 22 is looked for unless `LLVM_PREFIX` says otherwise.
+const DEFAULT_LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
-/// Makes sure nightly `rust-src` and `bpf-linker` are installed.
+/// A program a task runs, and the Debian package that provides it.
+#[derive(Clone, Copy, Debug)]
+pub struct Tool {
+    /// The program's name on `PATH`.
+    pub program: &'static str,
+    /// The Debian package to install for it.
+    pub package: &'static str,
+}
+
+/// `ip` (network namespaces and veth for the tests and the harness).
+pub const IP: Tool = Tool {
+    program: "ip",
+    package: "iproute2",
+};
+/// nginx (the real server `attach` steers in the tests, and the A/B peer).
+pub const NGINX: Tool = Tool {
+    program: "nginx",
+    package: "nginx",
+};
+/// promtool (checks the metrics in the tests).
+pub const PROMTOOL: Tool = Tool {
+    program: "promtool",
+    package: "prometheus",
+};
+/// wrk (the A/B cross-check).
+pub const WRK: Tool = Tool {
+    program: "wrk",
+    package: "wrk",
+};
+
+/// Makes sure the pinned nightly with `rust-src` and `bpf-linker` are installed.
 pub fn ensure() -> Result<()> {
-    ensure_nightly_rust_src()?;
+    ensure_pinned_nightly()?;
     ensure_bpf_linker()?;
     Ok(())
 }
 
-fn ensure_nightly_rust_src() -> Result<()> {
+fn ensure_pinned_nightly() -> Result<()> {
+    let ebpf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../reuseport-ebpf");
+    let pinned = reuseport_build::pinned_channel(&ebpf_dir)?;
+    let toolchain = match reuseport_build::resolve_toolchain(&pinned) {
+        Ok(toolchain) => toolchain,
+        Err(_) => {
+            say(&format!(
+                "installing {pinned} with rust-src (the BPF programs' toolchain, pinned in \
+                 reuseport-ebpf/rust-toolchain.toml)"
+            ));
+            run_quiet(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                &pinned,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))?;
+            pinned.clone()
+        }
+    };
     let installed = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .args([
+            "component",
+            "list",
+            "--toolchain",
+            &toolchain,
+            "--installed",
+        ])
         .stderr(Stdio::null())
         .output()
         .context("running rustup (is rustup installed?)")?;
-    if !installed.status.success() {
-        say("installing the nightly Rust toolchain with rust-src (needed to build BPF programs)");
-        return run_checked(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]));
-    }
     let components = String::from_utf8_lossy(&installed.stdout);
     if !components.lines().any(|line| line.starts_with("rust-src")) {
-        say(
-            "adding rust-src to the nightly toolchain (needed to build core for bpfel-unknown-none)",
-        );
-        run_checked(Command::new("rustup").args([
+        say(&format!(
+            "adding rust-src to {toolchain} (needed to build core for bpfel-unknown-none)"
+        ));
+        run_quiet(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            "nightly",
+            &toolchain,
         ]))?;
     }
     Ok(())
 }
 
 fn ensure_bpf_linker() -> Result<()> {
-    if bpf_linker_path().is_some() {
-        return Ok(());
+    if let Some(path) = bpf_linker_path() {
+        let version = Command::new(&path)
+            .arg("--version")
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_default();
+        if version.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+        say(&format!(
+            "{} is {version:?}; this project is built with bpf-linker {BPF_LINKER_VERSION}: \
+             installing it",
+            path.display()
+        ));
     }
-    ensure_apt_packages(LLVM_PACKAGES, "to build bpf-linker against LLVM 22")?;
+    let llvm_prefix =
+        PathBuf::from(env::var_os("LLVM_PREFIX").unwrap_or_else(|| DEFAULT_LLVM_PREFIX.into()));
+    if !llvm_found(&llvm_prefix) {
+        if env::var_os("LLVM_PREFIX").is_some() {
+            bail!(
+                "LLVM_PREFIX={} has no LLVM {LLVM_MAJOR} (bin/llvm-config); bpf-linker \
+                 {BPF_LINKER_VERSION} is built against LLVM {LLVM_MAJOR}",
+                llvm_prefix.display()
+            );
+        }
+        install_packages(LLVM_PACKAGES, "to build bpf-linker against LLVM 22")?;
+    }
     say(&format!(
-        "installing bpf-linker {BPF_LINKER_VERSION} with cargo (features llvm-22, \
-         LLVM_PREFIX={LLVM_PREFIX}); this takes about two minutes"
+        "installing bpf-linker {BPF_LINKER_VERSION} with cargo (feature llvm-{LLVM_MAJOR}, \
+         LLVM_PREFIX={}); this takes a few minutes",
+        llvm_prefix.display()
     ));
-    run_checked(
+    run_quiet(
         Command::new("cargo")
             .args([
                 "install",
                 "bpf-linker",
                 "--locked",
+                "--force",
                 "--version",
                 BPF_LINKER_VERSION,
                 "--no-default-features",
                 "--features",
-                "llvm-22",
+                &format!("llvm-{LLVM_MAJOR}"),
             ])
-            .env("LLVM_PREFIX", LLVM_PREFIX),
+            .env("LLVM_PREFIX", &llvm_prefix),
     )?;
     if bpf_linker_path().is_none() {
         bail!("bpf-linker was installed but is not on PATH; add ~/.cargo/bin to PATH");
     }
     Ok(())
+}
+
+/// Whether `prefix/bin/llvm-config` is LLVM [`LLVM_MAJOR`].
+fn llvm_found(prefix: &Path) -> bool {
+    Command::new(prefix.join("bin/llvm-config"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .split('.')
+                .next()
+                == Some(LLVM_MAJOR)
+        })
 }
 
 /// bpf-linker on PATH, or in cargo's bin directory (which this process then adds to PATH, since
@@ -116,50 +207,73 @@ fn bpf_linker_path() -> Option<PathBuf> {
     Some(candidate)
 }
 
-/// Installs the Debian `packages` that are missing (`apt-get update` first), saying why.
-pub fn ensure_apt_packages(packages: &[&str], why: &str) -> Result<()> {
-    let missing: Vec<&str> = packages
+/// Makes sure every program of `tools` is on PATH (or in /usr/sbin, /sbin), installing the
+/// packages of those missing with apt-get, saying why.
+pub fn ensure_tools(tools: &[Tool], why: &str) -> Result<()> {
+    let missing: Vec<&str> = tools
         .iter()
-        .copied()
-        .filter(|package| !apt_installed(package))
+        .filter(|tool| !on_path(tool.program))
+        .map(|tool| tool.package)
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    if !rustix_free_is_root() {
+    install_packages(&missing, why)
+}
+
+fn on_path(program: &str) -> bool {
+    which::which(program).is_ok()
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|dir| Path::new(dir).join(program).is_file())
+}
+
+/// Installs the Debian `packages` with apt-get (`apt-get update` first), or says exactly what to
+/// install where that cannot be done here.
+fn install_packages(packages: &[&str], why: &str) -> Result<()> {
+    let list = packages.join(" ");
+    if which::which("apt-get").is_err() {
         bail!(
-            "missing Debian packages {} ({why}); install them as root: apt-get install {}",
-            missing.join(" "),
-            missing.join(" ")
+            "missing {list} ({why}); this machine has no apt-get: install the equivalents of \
+             the Debian packages {list} with its package manager"
         );
     }
-    say(&format!(
-        "installing {} with apt-get ({why})",
-        missing.join(" ")
-    ));
-    run_checked(
+    if !is_root() {
+        bail!("missing {list} ({why}); install them as root: apt-get install -y {list}");
+    }
+    say(&format!("installing {list} with apt-get ({why})"));
+    run_quiet(
         Command::new("apt-get")
             .args(["update", "-qq"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    run_checked(
+    run_quiet(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
 
-fn apt_installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", package])
-        .stderr(Stdio::null())
+/// Runs `command` with its output captured: nothing is printed unless it fails, then all of it.
+fn run_quiet(command: &mut Command) -> Result<()> {
+    let output = command
+        .stdin(Stdio::null())
         .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// Whether this process runs as root (uid 0), read from `id -u` to keep xtask dependency-light.
-pub fn rustix_free_is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
