@@ -13,6 +13,7 @@ mod live;
 mod load;
 mod serve;
 mod status;
+mod systemd;
 
 use std::process::ExitCode;
 

@@ -27,6 +27,7 @@ use crate::{
     args::{ModeArg, ProgramArg, ProtoArg, SpillArgs},
     error::BadArguments,
     live::{self, say},
+    systemd,
 };
 
 /// `reuseport serve`'s arguments.
@@ -177,6 +178,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
+    let status = format!(
+        "serving on {} with {} workers, mode {}",
+        server.local_addr(),
+        server.cpus().len(),
+        server.mode()
+    );
+    systemd::ready(&status);
+
     let server = RefCell::new(server);
     live::show_live_until_stopped(
         &stop,
@@ -192,7 +201,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         || {
             if hangup.swap(false, Ordering::Relaxed) {
                 let started = Instant::now();
+                systemd::reloading();
                 let restarted = server.borrow_mut().restart_workers();
+                systemd::ready(&status);
                 match restarted {
                     Ok(()) => say!(
                         "reuseport: SIGHUP: restarted {} workers one at a time in {:.0?}",
@@ -210,6 +221,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )?;
 
+    systemd::stopping();
     let server = server.into_inner();
     let (mode, protocol, listen) = (server.mode(), server.protocol(), server.local_addr());
     let last = server.stop()?;
