@@ -51,6 +51,7 @@ pub mod listeners;
 pub mod pinned;
 pub mod procfs;
 pub mod server;
+pub mod sockarray;
 pub mod spill;
 pub mod stats;
 pub mod steering;

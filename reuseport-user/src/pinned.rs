@@ -20,7 +20,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, MapData, MapError, ReusePortSockArray};
+use aya::maps::{Array, MapData};
 use reuseport_common::{SteeringStats, names};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -94,15 +94,6 @@ pub enum PinnedError {
         /// Why.
         #[source]
         source: serde_json::Error,
-    },
-    /// The socket used to ask the kernel whether a slot is filled could not be created.
-    #[error("creating a socket to ask the kernel about slot {cpu} failed")]
-    Probe {
-        /// The slot.
-        cpu: u32,
-        /// Why.
-        #[source]
-        source: io::Error,
     },
     /// Pinning, reading the pinned maps or detaching failed.
     #[error(transparent)]
@@ -586,29 +577,15 @@ pub(crate) fn read_fallbacks(dir: &Path) -> Result<Vec<u32>, SteeringError> {
     Ok(fallback.iter().collect::<Result<_, _>>()?)
 }
 
-/// Whether slot `cpu` of the steering pinned into `dir` holds a socket, asked of the kernel.
-///
-/// A `REUSEPORT_SOCKARRAY` with 4-byte values cannot be read from userspace, so this asks by
-/// trying an update that cannot succeed: with `BPF_EXIST` and a fresh, unbound socket, the kernel
-/// answers `ENOENT` for an empty slot and `EINVAL` (the socket is in no group) for a filled one,
-/// and changes nothing either way.
+/// Whether slot `cpu` of the steering pinned into `dir` holds a socket, asked of the kernel
+/// (a lookup answers the socket's cookie, or that the slot is empty).
 pub fn slot_filled(dir: &Path, cpu: u32) -> Result<bool, PinnedError> {
-    const BPF_EXIST: u64 = 2;
     let data = MapData::from_pin(dir.join(names::CPU_LISTENERS)).map_err(SteeringError::from)?;
-    let mut map = aya::maps::Map::from_map_data(data).map_err(SteeringError::from)?;
-    let mut sockets = ReusePortSockArray::try_from(&mut map).map_err(SteeringError::from)?;
-    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .map_err(|source| PinnedError::Probe { cpu, source })?;
-    match sockets.set(cpu, &probe, BPF_EXIST) {
-        Err(MapError::SyscallError(err)) => match err.io_error.raw_os_error() {
-            Some(libc::ENOENT) => Ok(false),
-            Some(libc::EINVAL) => Ok(true),
-            _ => Err(SteeringError::from(MapError::SyscallError(err)).into()),
-        },
-        Err(other) => Err(SteeringError::from(other).into()),
-        // Cannot happen (an unbound socket is never accepted); treat as filled.
-        Ok(()) => Ok(true),
-    }
+    Ok(
+        crate::sockarray::cookie(std::os::fd::AsFd::as_fd(data.fd()), cpu)
+            .map_err(SteeringError::from)?
+            .is_some(),
+    )
 }
 
 /// Whether `dir` is on bpffs.
