@@ -230,6 +230,9 @@ pub enum AttachError {
     /// Persisting, reading or removing pinned steering failed otherwise.
     #[error(transparent)]
     Pinned(PinnedError),
+    /// Finding or removing what steers the port (as the kernel says) failed.
+    #[error(transparent)]
+    Port(Box<crate::port_steering::PortSteeringError>),
     /// [`run`] was given an empty list of processes or sockets.
     #[error("no process or socket to steer was given")]
     NoTarget,
@@ -741,13 +744,18 @@ fn detach_group(
     Ok(())
 }
 
-/// Returns the group of `member` (on `port`) to hash selection: persisted steering of the port
-/// is detached and its pins removed (or a later attach would find its sockets still in the
-/// pinned map), then any program the group still has is detached.
+/// Returns the group of `member` (on `port`) to hash selection: everything of ours that steers
+/// the port or was persisted for it is detached and its pins removed (or a later attach would
+/// find its sockets still in the old map), then any program the group still has is detached.
+/// Without the right to list the kernel's programs, only the group's program is detached, and
+/// persisted steering is refused (its pins would stay).
 fn back_to_hash(member: BorrowedFd<'_>, port: u16) -> Result<(), AttachError> {
+    use crate::port_steering::{self, PortSteeringError};
     let root = PinnedRoot::system();
-    if root.is_persisted(port) {
-        root.open(port)?.detach()?;
+    match port_steering::detach(port, &root) {
+        Ok(_) | Err(PortSteeringError::NotSteered { .. }) => {}
+        Err(PortSteeringError::NotAllowed) if !root.is_persisted(port) => {}
+        Err(err) => return Err(AttachError::Port(Box::new(err))),
     }
     crate::steering::detach_group(member)?;
     Ok(())
@@ -774,6 +782,12 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
             port,
             dir: root.pin_dir(port).display().to_string(),
         }));
+    }
+    // Pin directories another user placed are refused before anything is attached.
+    if action == AttachAction::Steer
+        && let Some(root) = &persist
+    {
+        root.check_dirs(port)?;
     }
     // Before any socket is taken from the server: this process must be able to steer at all.
     if action == AttachAction::Steer {

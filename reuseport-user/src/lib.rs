@@ -49,6 +49,7 @@ pub mod incoming_cpu;
 pub mod kernel;
 pub mod listeners;
 pub mod pinned;
+pub mod port_steering;
 pub mod procfs;
 pub mod server;
 pub mod sockarray;
