@@ -780,6 +780,22 @@ fn an_attach_killed_by_sigkill_is_shown_by_status_and_removed_by_detach() {
 }
 
 #[test]
+fn an_attach_ended_by_sighup_detaches() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    assert!(workers.len() >= 2, "{workers:?}");
+    let (port, master) = (addr.port().to_string(), master.to_string());
+    let (attach, mut stdout) = start_attach(&["--port", &port, "--pid", &master]);
+    assert!(!hashed(addr, &workers));
+    let pid = rustix::process::Pid::from_child(&attach.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let mut last = String::new();
+    stdout.read_line(&mut last).unwrap();
+    assert!(last.contains("detached"), "{last:?}");
+    assert!(hashed(addr, &workers));
+}
+
+#[test]
 fn a_persisted_attach_by_fd_is_detached_by_detach() {
     let cpus = allowed_cpus();
     let group = PerCpuListeners::bind("127.0.0.1:0".parse().unwrap(), Protocol::Tcp, &cpus, 256)

@@ -278,8 +278,34 @@ fn run_with_hash_detaches_the_program() {
     };
     assert_eq!(slots.len(), cpus.len());
     assert!(on_hash_selection(cpus[0], addr, &listeners));
-    // Nothing is attached any more: detaching again finds no program.
-    assert!(live.detach().is_err());
+    // Nothing is attached any more: detaching again changes nothing and is no error.
+    live.detach().expect("detach again");
+}
+
+#[test]
+fn live_steering_dropped_without_detach_detaches() {
+    let Some((a, b)) = two_cpus() else {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    };
+    let (addr, listeners) = unsteered_group(&[a, b]);
+    let pairs: Vec<(BorrowedFd<'_>, u32)> =
+        listeners.iter().map(|(cpu, l)| (l.as_fd(), *cpu)).collect();
+    let Attached::Live(live) =
+        attach::run(AttachRequest::new(addr.port(), AttachTarget::Fds(pairs))).expect("steer")
+    else {
+        panic!("live steering expected");
+    };
+    assert!(
+        !on_hash_selection(a, addr, &listeners),
+        "steered while held"
+    );
+    // As a panic or an early return in the attaching process would.
+    drop(live);
+    assert!(
+        on_hash_selection(a, addr, &listeners),
+        "hash again once dropped"
+    );
 }
 
 #[test]

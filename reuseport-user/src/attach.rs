@@ -669,7 +669,8 @@ enum GroupMember<'a> {
 
 /// Steering attached by [`run`] to a running server's group, for as long as this process wants:
 /// read its counters with [`LiveSteering::snapshot`], end it with [`LiveSteering::detach`].
-/// Dropping it leaves the program attached (as [`Steering`] does).
+/// Dropping it detaches too (quietly), so an early return or a panic does not leave the group
+/// steered by a program nobody holds.
 pub struct LiveSteering<'a> {
     steering: Steering,
     slots: Vec<AttachedSlot>,
@@ -677,6 +678,15 @@ pub struct LiveSteering<'a> {
     member: GroupMember<'a>,
     started: Instant,
     migrations_at_start: Migrations,
+    detached: bool,
+}
+
+impl Drop for LiveSteering<'_> {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = self.detach_group();
+        }
+    }
 }
 
 impl fmt::Debug for LiveSteering<'_> {
@@ -726,8 +736,19 @@ impl LiveSteering<'_> {
     }
 
     /// Detaches the program: the group selects by hash again.
-    pub fn detach(self) -> Result<(), AttachError> {
-        detach_group(self.steering, &self.member, self.port)
+    pub fn detach(mut self) -> Result<(), AttachError> {
+        self.detached = true;
+        self.detach_group()
+    }
+
+    fn detach_group(&self) -> Result<(), AttachError> {
+        match &self.member {
+            GroupMember::Fd(member) => crate::steering::detach_group(member)?,
+            GroupMember::Tree(pids) => {
+                crate::steering::detach_group(any_member(pids, self.port)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -916,6 +937,7 @@ fn finish<'a>(
             member,
             started: Instant::now(),
             migrations_at_start: Migrations::read(),
+            detached: false,
         }));
     };
     match root.persist(&mut steering, port, &pids, pinned_slots) {
