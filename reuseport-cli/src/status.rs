@@ -157,6 +157,10 @@ fn show(view: &PortSteering, root: &PinnedRoot) -> anyhow::Result<()> {
             "  whether it still steers the {} listeners on port {port} cannot be told",
             view.listeners.len()
         ),
+        Verdict::Stale | Verdict::NotSteered if view.listeners.is_empty() => println!(
+            "  nothing listens on port {port} now; `reuseport detach --port {port}` removes what \
+             is left"
+        ),
         Verdict::Stale | Verdict::NotSteered => println!(
             "  {} listeners on port {port} are on hash selection; `reuseport detach --port \
              {port}` removes what is left",

@@ -908,3 +908,25 @@ fn after_the_server_restarts_status_says_stale_and_detach_cleans_up() {
     run_ok(&["detach", "--port", &port]);
     assert!(hashed(addr, &workers));
 }
+
+#[test]
+fn a_server_in_a_network_namespace_of_its_own_is_seen_by_status_and_detach() {
+    let mut in_netns = Command::new("unshare");
+    in_netns
+        .args(["--net", "--"])
+        .arg(env!("CARGO_BIN_EXE_prefork-demo"));
+    let (_server, addr, master) = start_prefork_by(in_netns, &["--listen", "0.0.0.0:0"]);
+    let workers = workers_by_cpu(master);
+    let (port, master) = (addr.port().to_string(), master.to_string());
+    run_ok(&["attach", "--port", &port, "--pid", &master, "--persist"]);
+    // Its listeners are not in this namespace's /proc/net/tcp, yet they are the ones steered.
+    let status = run_ok(&["status", "--port", &port]);
+    assert!(
+        status.contains(&format!("steering: all {} listeners", workers.len())),
+        "{status}"
+    );
+    assert!(!status.contains("stale"), "{status}");
+    let detached = run_ok(&["detach", "--port", &port]);
+    assert!(detached.contains("detached program"), "{detached}");
+    assert!(!PathBuf::from(format!("/sys/fs/bpf/reuseport/{port}")).exists());
+}

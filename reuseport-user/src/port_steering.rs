@@ -249,10 +249,18 @@ fn all_pids() -> Vec<u32> {
         .collect()
 }
 
-/// The listening TCP sockets on `port` (in this process's network namespace), each with its
-/// holders and, where this process may take it, its cookie.
+/// The listening TCP sockets on `port` (in every network namespace), each with its holders and,
+/// where this process may take it, its cookie.
 pub fn listeners(port: u16) -> Result<Vec<Listener>, PortSteeringError> {
-    let sockets = procfs::listening_tcp(std::process::id(), port)?;
+    let mut sockets = procfs::listening_tcp(std::process::id(), port)?;
+    // Other network namespaces' too: a steered server may run in one of its own.
+    for pid in procfs::one_process_per_netns().into_iter().skip(1) {
+        for socket in procfs::listening_tcp(pid, port).unwrap_or_default() {
+            if !sockets.iter().any(|s| s.inode == socket.inode) {
+                sockets.push(socket);
+            }
+        }
+    }
     let inodes: BTreeSet<u64> = sockets.iter().map(|s| s.inode).collect();
     let mut holders: BTreeMap<u64, Vec<(u32, i32)>> = BTreeMap::new();
     for pid in all_pids() {
@@ -591,27 +599,19 @@ pub fn ports(root: &PinnedRoot) -> Result<Vec<u16>, PortSteeringError> {
     Ok(ports.into_iter().collect())
 }
 
-/// The ports with a listening TCP socket in this network namespace.
+/// The ports with a listening TCP socket, in any network namespace.
 fn listening_ports() -> Result<BTreeSet<u16>, PortSteeringError> {
-    let mut ports = BTreeSet::new();
-    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-        let text = fs::read_to_string(table).map_err(|source| ProcError::Read {
-            path: table.to_owned(),
-            source,
-        })?;
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.get(3) != Some(&"0A") {
-                continue;
-            }
-            if let Some(port) = fields
-                .get(1)
-                .and_then(|local| local.rsplit_once(':'))
-                .and_then(|(_, port)| u16::from_str_radix(port, 16).ok())
-            {
-                ports.insert(port);
-            }
-        }
+    let mut ports: BTreeSet<u16> = procfs::listening_tcp_all(std::process::id())?
+        .iter()
+        .map(|s| s.addr.port())
+        .collect();
+    for pid in procfs::one_process_per_netns().into_iter().skip(1) {
+        ports.extend(
+            procfs::listening_tcp_all(pid)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.addr.port()),
+        );
     }
     Ok(ports)
 }
