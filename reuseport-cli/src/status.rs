@@ -11,25 +11,27 @@ use reuseport::{
 /// Prints the steering of `port`, or of every port something of ours steers or was left for.
 pub fn status(port: Option<u16>) -> anyhow::Result<()> {
     let root = PinnedRoot::system();
-    let ports = match port {
-        Some(port) => vec![port],
-        None => port_steering::ports(&root)?,
+    let views = match port {
+        Some(port) => {
+            let view = PortSteering::inspect(port, &root)?;
+            if view.verdict() == Verdict::NotSteered {
+                anyhow::bail!(port_steering::PortSteeringError::NotSteered {
+                    port,
+                    dir: root.pin_dir(port).display().to_string(),
+                });
+            }
+            vec![view]
+        }
+        None => port_steering::inspect_all(&root)?,
     };
-    if ports.is_empty() {
+    if views.is_empty() {
         println!(
             "reuseport: no steering: no steering program holds a listener, and nothing is pinned \
              (attach creates some)"
         );
     }
-    for port in ports {
-        let view = PortSteering::inspect(port, &root)?;
-        if view.verdict() == Verdict::NotSteered {
-            anyhow::bail!(port_steering::PortSteeringError::NotSteered {
-                port,
-                dir: root.pin_dir(port).display().to_string(),
-            });
-        }
-        show(&view, &root)?;
+    for view in &views {
+        show(view, &root)?;
     }
     Ok(())
 }

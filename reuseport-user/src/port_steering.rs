@@ -599,6 +599,19 @@ pub fn ports(root: &PinnedRoot) -> Result<Vec<u16>, PortSteeringError> {
     Ok(ports.into_iter().collect())
 }
 
+/// [`PortSteering::inspect`] of every port of [`ports`], leaving out any whose steering ended
+/// in between (while another process detached it).
+pub fn inspect_all(root: &PinnedRoot) -> Result<Vec<PortSteering>, PortSteeringError> {
+    let mut views = Vec::new();
+    for port in ports(root)? {
+        let view = PortSteering::inspect(port, root)?;
+        if view.verdict() != Verdict::NotSteered {
+            views.push(view);
+        }
+    }
+    Ok(views)
+}
+
 /// The ports with a listening TCP socket, in any network namespace.
 fn listening_ports() -> Result<BTreeSet<u16>, PortSteeringError> {
     let mut ports: BTreeSet<u16> = procfs::listening_tcp_all(std::process::id())?
