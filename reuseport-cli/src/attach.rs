@@ -65,6 +65,11 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
         );
     }
     let stop = live::stop_on_signals()?;
+    // A closed terminal or Ctrl-\ ends the attach too, detaching on the way out (SIGPIPE is
+    // ignored above; SIGKILL cannot be caught: `reuseport detach` cleans up after it).
+    for signal in [signal_hook::consts::SIGHUP, signal_hook::consts::SIGQUIT] {
+        signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))?;
+    }
     let target = if args.pids.is_empty() {
         AttachTarget::Fds(
             args.fds

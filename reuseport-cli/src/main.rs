@@ -65,13 +65,16 @@ enum Command {
     /// registrations) and that worker's single CPU, and attaches the steering program. Prints a
     /// live line until Ctrl-C, then detaches (or, with --persist, leaves it pinned).
     Attach(attach::AttachArgs),
-    /// Remove steering left in place by `attach --persist`.
+    /// Return a port to hash selection: detach every steering program of ours from its
+    /// listeners (persisted by `attach --persist`, or left by an attach that was killed) and
+    /// remove its pins. Needs root.
     Detach {
         /// The port given to `attach`.
         #[arg(long)]
         port: u16,
     },
-    /// Show persistent steering: program, slots (and holes), fallbacks, counters.
+    /// Show what steers each port, as the kernel says: program, slots (and holes), listeners in
+    /// no slot, stale pins, fallbacks, counters. Needs root.
     Status {
         /// Only this port.
         #[arg(long)]

@@ -97,8 +97,18 @@ fn workers_by_cpu(master: u32) -> Vec<(u32, u32)> {
 
 /// Our prefork server with `flags`; returns the guard, its address, master and workers.
 fn start_prefork(flags: &[&str]) -> (Guard, SocketAddr, u32) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prefork-demo"))
-        .args(["--listen", "127.0.0.1:0", "--duration", "60s"])
+    start_prefork_by(Command::new(env!("CARGO_BIN_EXE_prefork-demo")), flags)
+}
+
+/// Our prefork server started by `command` (prefork-demo, or a wrapper running it) with `flags`.
+fn start_prefork_by(mut command: Command, flags: &[&str]) -> (Guard, SocketAddr, u32) {
+    let mut child = command
+        .args(["--duration", "60s"])
+        .args(if flags.contains(&"--listen") {
+            &[][..]
+        } else {
+            &["--listen", "127.0.0.1:0"][..]
+        })
         .args(flags)
         .stdout(Stdio::piped())
         .spawn()
@@ -439,18 +449,28 @@ fn an_fd_that_is_not_a_socket_or_not_listening() {
     );
 }
 
+/// A copy of `binary` that user nobody may execute (the build directory may not be), in a
+/// directory removed on drop.
+fn copy_for_nobody(binary: &str) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir
+        .path()
+        .join(std::path::Path::new(binary).file_name().unwrap());
+    std::fs::copy(binary, &copy).unwrap();
+    for path in [dir.path(), &copy] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (dir, copy)
+}
+
+/// `setpriv` arguments that run a command as user nobody, without capabilities.
+const AS_NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+
 #[test]
 fn another_users_attach_is_not_allowed_to_take_the_sockets() {
     let (_server, addr, master) = start_prefork(&["--cpus", "0"]);
-    // A copy of the binary that user nobody may execute (the build directory may not be).
-    let dir = std::env::temp_dir().join(format!("reuseport-nobody-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let copy = dir.join("reuseport");
-    std::fs::copy(BINARY, &copy).unwrap();
-    for path in [&dir, &copy] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    let (dir, copy) = copy_for_nobody(BINARY);
     // With CAP_BPF (so the capability check passes) but no right to take another user's fds.
     let output = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -465,7 +485,7 @@ fn another_users_attach_is_not_allowed_to_take_the_sockets() {
         ])
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     assert_one_line_error(&output, 1, "not allowed to take pid");
 }
 
@@ -691,4 +711,222 @@ fn attach_mode_hash_on_persisted_steering_removes_it_and_a_new_attach_works() {
     ]));
     let detached = ok(run(&["detach", "--port", &port]));
     assert!(detached.contains("hash selection again"), "{detached}");
+}
+
+/// Runs `reuseport ARGS` and returns its stdout, failing the test unless it succeeded.
+fn run_ok(args: &[&str]) -> String {
+    let output = run(args);
+    assert!(
+        output.status.success(),
+        "reuseport {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Whether clients on the first worker's CPU reach every worker (hash selection), or only that
+/// worker (steered).
+fn hashed(addr: SocketAddr, workers: &[(u32, u32)]) -> bool {
+    let all: BTreeSet<u32> = workers.iter().map(|&(_, pid)| pid).collect();
+    let seen: BTreeSet<u32> = worker_pids_from(workers[0].0, addr, 60)
+        .into_iter()
+        .collect();
+    match seen.len() {
+        1 => false,
+        _ => {
+            assert_eq!(seen, all);
+            true
+        }
+    }
+}
+
+#[test]
+fn an_attach_killed_by_sigkill_is_shown_by_status_and_removed_by_detach() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    assert!(workers.len() >= 2, "{workers:?}");
+    let (port, master) = (addr.port().to_string(), master.to_string());
+    let (mut attach, _stdout) = start_attach(&["--port", &port, "--pid", &master]);
+    attach.0.kill().unwrap();
+    attach.0.wait().unwrap();
+    // Its program stays attached: nothing could detach it.
+    assert!(!hashed(addr, &workers));
+    let status = run_ok(&["status", "--port", &port]);
+    assert!(
+        status.contains("not pinned and held by no process: left attached by an attach"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("steering: all {} listeners", workers.len())),
+        "{status}"
+    );
+    let all = run_ok(&["status"]);
+    assert!(all.contains(&format!("port {port}: program id")), "{all}");
+    let detached = run_ok(&["detach", "--port", &port]);
+    assert!(detached.contains("hash selection again"), "{detached}");
+    assert!(hashed(addr, &workers));
+    // Its sockets are free again: a new attach steers them.
+    run_ok(&[
+        "attach",
+        "--port",
+        &port,
+        "--pid",
+        &master,
+        "--duration",
+        "1s",
+        "--quiet",
+    ]);
+    assert_one_line_error(&run(&["status", "--port", &port]), 1, "nothing steers port");
+}
+
+#[test]
+fn an_attach_ended_by_sighup_detaches() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    assert!(workers.len() >= 2, "{workers:?}");
+    let (port, master) = (addr.port().to_string(), master.to_string());
+    let (attach, mut stdout) = start_attach(&["--port", &port, "--pid", &master]);
+    assert!(!hashed(addr, &workers));
+    let pid = rustix::process::Pid::from_child(&attach.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let mut last = String::new();
+    stdout.read_line(&mut last).unwrap();
+    assert!(last.contains("detached"), "{last:?}");
+    assert!(hashed(addr, &workers));
+}
+
+#[test]
+fn a_persisted_attach_by_fd_is_detached_by_detach() {
+    let cpus = allowed_cpus();
+    let group = PerCpuListeners::bind("127.0.0.1:0".parse().unwrap(), Protocol::Tcp, &cpus, 256)
+        .expect("bind");
+    let addr = group.local_addr();
+    let listeners: Vec<(u32, TcpListener)> = group
+        .into_inner()
+        .into_iter()
+        .map(|l| {
+            l.socket.set_cloexec(false).unwrap();
+            (l.cpu, TcpListener::from(l.socket))
+        })
+        .collect();
+    let port = addr.port().to_string();
+    let mut args = vec![
+        "attach".to_owned(),
+        "--port".into(),
+        port.clone(),
+        "--persist".into(),
+    ];
+    for (cpu, listener) in &listeners {
+        args.extend([
+            "--fd".into(),
+            listener.as_raw_fd().to_string(),
+            "--cpu".into(),
+            cpu.to_string(),
+        ]);
+    }
+    run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let first = cpus.iter().next().unwrap();
+    if cpus.len() >= 2 {
+        assert!(!on_hash_selection(first, addr, &listeners), "steered");
+    }
+    let detached = run_ok(&["detach", "--port", &port]);
+    assert!(detached.contains("detached program"), "{detached}");
+    if cpus.len() >= 2 {
+        assert!(on_hash_selection(first, addr, &listeners), "hash again");
+    }
+    assert!(!PathBuf::from(format!("/sys/fs/bpf/reuseport/{port}")).exists());
+}
+
+#[test]
+fn detach_by_the_workers_unprivileged_user_changes_nothing() {
+    let (_prefork_dir, prefork) = copy_for_nobody(env!("CARGO_BIN_EXE_prefork-demo"));
+    let mut as_nobody = Command::new("setpriv");
+    as_nobody.args(AS_NOBODY).arg("--").arg(&prefork);
+    let (_server, addr, master) = start_prefork_by(as_nobody, &[]);
+    let workers = workers_by_cpu(master);
+    assert!(workers.len() >= 2, "{workers:?}");
+    let (port, master) = (addr.port().to_string(), master.to_string());
+    run_ok(&["attach", "--port", &port, "--pid", &master, "--persist"]);
+
+    // The workers' own user may take their sockets, but not remove root's pins: refused first.
+    let (_dir, copy) = copy_for_nobody(BINARY);
+    let output = Command::new("setpriv")
+        .args(AS_NOBODY)
+        .arg("--")
+        .arg(&copy)
+        .args(["detach", "--port", &port])
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, 1, "run as root; nothing was changed");
+    assert!(!hashed(addr, &workers), "still steered");
+    let status = run_ok(&["status", "--port", &port]);
+    assert!(status.contains("steering: all"), "{status}");
+
+    run_ok(&["detach", "--port", &port]);
+    assert!(hashed(addr, &workers));
+}
+
+#[test]
+fn after_the_server_restarts_status_says_stale_and_detach_cleans_up() {
+    let (server, addr, master) = start_prefork(&[]);
+    let (port, old_master) = (addr.port().to_string(), master.to_string());
+    run_ok(&["attach", "--port", &port, "--pid", &old_master, "--persist"]);
+    drop(server);
+    let listen = addr.to_string();
+    let (_server, _, master) = start_prefork(&["--listen", &listen]);
+    let workers = workers_by_cpu(master);
+    assert!(workers.len() >= 2, "{workers:?}");
+    let status = run_ok(&["status", "--port", &port]);
+    assert!(
+        status.contains("stale: none of its slots holds a listener"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!(
+            "{} listeners on port {port} are on hash selection",
+            workers.len()
+        )),
+        "{status}"
+    );
+    assert!(status.contains("unsteered: socket"), "{status}");
+    assert!(!status.contains("hole"), "{status}");
+    // Without the state file the pins still show.
+    std::fs::remove_file(format!("/run/reuseport/{port}.json")).unwrap();
+    let status = run_ok(&["status", "--port", &port]);
+    assert!(
+        status.contains(&format!("pinned in /sys/fs/bpf/reuseport/{port}")),
+        "{status}"
+    );
+    assert!(status.contains("stale"), "{status}");
+
+    let detached = run_ok(&["detach", "--port", &port]);
+    assert!(detached.contains("was stale"), "{detached}");
+    assert!(!PathBuf::from(format!("/sys/fs/bpf/reuseport/{port}")).exists());
+    let master = master.to_string();
+    run_ok(&["attach", "--port", &port, "--pid", &master, "--persist"]);
+    assert!(!hashed(addr, &workers));
+    run_ok(&["detach", "--port", &port]);
+    assert!(hashed(addr, &workers));
+}
+
+#[test]
+fn a_server_in_a_network_namespace_of_its_own_is_seen_by_status_and_detach() {
+    let mut in_netns = Command::new("unshare");
+    in_netns
+        .args(["--net", "--"])
+        .arg(env!("CARGO_BIN_EXE_prefork-demo"));
+    let (_server, addr, master) = start_prefork_by(in_netns, &["--listen", "0.0.0.0:0"]);
+    let workers = workers_by_cpu(master);
+    let (port, master) = (addr.port().to_string(), master.to_string());
+    run_ok(&["attach", "--port", &port, "--pid", &master, "--persist"]);
+    // Its listeners are not in this namespace's /proc/net/tcp, yet they are the ones steered.
+    let status = run_ok(&["status", "--port", &port]);
+    assert!(
+        status.contains(&format!("steering: all {} listeners", workers.len())),
+        "{status}"
+    );
+    assert!(!status.contains("stale"), "{status}");
+    let detached = run_ok(&["detach", "--port", &port]);
+    assert!(detached.contains("detached program"), "{detached}");
+    assert!(!PathBuf::from(format!("/sys/fs/bpf/reuseport/{port}")).exists());
 }

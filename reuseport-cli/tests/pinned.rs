@@ -15,6 +15,7 @@ use reuseport::{
     Steering,
     attach::{self, AttachAction, AttachError, AttachRequest, AttachTarget, Attached, SlotHolder},
     pinned::{PinnedError, PinnedRoot, PinnedSlot, SlotState},
+    port_steering::{self, PortSteering, PortSteeringError},
 };
 
 /// A bpffs mounted on a temporary directory, with a [`PinnedRoot`] on it; unmounted on drop.
@@ -252,6 +253,8 @@ fn run_persists_under_a_root_and_refuses_a_second_persist_before_attaching() {
     );
     pinned.detach().expect("detach");
     assert!(bpffs.root.ports().is_empty());
+    // Detached although no process was recorded to detach through.
+    assert!(on_hash_selection(cpus[0], addr, &listeners));
 }
 
 #[test]
@@ -274,8 +277,35 @@ fn run_with_hash_detaches_the_program() {
         panic!("hash expected");
     };
     assert_eq!(slots.len(), cpus.len());
-    // Nothing is attached any more: detaching again finds no program.
-    assert!(live.detach().is_err());
+    assert!(on_hash_selection(cpus[0], addr, &listeners));
+    // Nothing is attached any more: detaching again changes nothing and is no error.
+    live.detach().expect("detach again");
+}
+
+#[test]
+fn live_steering_dropped_without_detach_detaches() {
+    let Some((a, b)) = two_cpus() else {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    };
+    let (addr, listeners) = unsteered_group(&[a, b]);
+    let pairs: Vec<(BorrowedFd<'_>, u32)> =
+        listeners.iter().map(|(cpu, l)| (l.as_fd(), *cpu)).collect();
+    let Attached::Live(live) =
+        attach::run(AttachRequest::new(addr.port(), AttachTarget::Fds(pairs))).expect("steer")
+    else {
+        panic!("live steering expected");
+    };
+    assert!(
+        !on_hash_selection(a, addr, &listeners),
+        "steered while held"
+    );
+    // As a panic or an early return in the attaching process would.
+    drop(live);
+    assert!(
+        on_hash_selection(a, addr, &listeners),
+        "hash again once dropped"
+    );
 }
 
 #[test]
@@ -298,4 +328,75 @@ fn run_refuses_an_empty_target_and_a_threaded_server() {
         matches!(threaded, Err(AttachError::Threaded { count: 2, .. })),
         "{threaded:?}"
     );
+}
+
+#[test]
+fn pin_and_state_directories_another_user_could_have_placed_are_refused() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let bpffs = TempBpffs::new();
+    let cpus = cpus();
+    let (addr, listeners) = unsteered_group(&cpus);
+    let port = addr.port();
+    let pins = bpffs
+        .root
+        .pin_dir(port)
+        .parent()
+        .expect("parent")
+        .to_owned();
+    let mode = |mode| std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(mode));
+    let refused = |needle: &str| {
+        let mut steering = Steering::attach(&fds(&listeners)).expect("attach");
+        let refused = bpffs.root.persist(&mut steering, port, &[], Vec::new());
+        steering.detach(listeners[0].1.as_fd()).expect("detach");
+        match refused {
+            Err(err @ PinnedError::Unsafe { .. }) => {
+                assert!(err.to_string().contains(needle), "{err}");
+            }
+            other => panic!("refusal expected, got {other:?}"),
+        }
+        assert!(!bpffs.root.pin_dir(port).exists());
+        assert!(!bpffs.root.state_path(port).exists());
+    };
+    // Made by another user before root persists.
+    std::fs::create_dir(&pins).expect("mkdir");
+    chown(&pins, Some(65534), Some(65534)).expect("chown");
+    refused("owned by uid 65534");
+    let inspected = PortSteering::inspect(port, &bpffs.root);
+    assert!(
+        matches!(
+            inspected,
+            Err(PortSteeringError::Pinned(PinnedError::Unsafe { .. }))
+        ),
+        "{inspected:?}"
+    );
+    // Root's, but anyone may add or rename entries in it.
+    chown(&pins, Some(0), Some(0)).expect("chown");
+    mode(0o1777).expect("chmod");
+    refused("writable by its group or by everyone");
+
+    // A safe directory: persisted; then someone loosens the port's pin directory.
+    mode(0o755).expect("chmod");
+    let mut steering = Steering::attach(&fds(&listeners)).expect("attach");
+    let pinned = bpffs
+        .root
+        .persist(&mut steering, port, &[], Vec::new())
+        .expect("persist");
+    drop(steering);
+    let pin_dir = pinned.pin_dir();
+    std::fs::set_permissions(&pin_dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let detached = port_steering::detach(port, &bpffs.root);
+    assert!(
+        matches!(
+            detached,
+            Err(PortSteeringError::Pinned(PinnedError::Unsafe { .. }))
+        ),
+        "{detached:?}"
+    );
+    // Refused before anything changed: still steered, still pinned.
+    assert!(!on_hash_selection(cpus[0], addr, &listeners));
+    assert!(pin_dir.is_dir());
+    std::fs::set_permissions(&pin_dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let done = port_steering::detach(port, &bpffs.root).expect("detach");
+    assert_eq!(done.pins_removed, Some(pin_dir));
+    assert_eq!(done.programs.len(), 1, "{done:?}");
 }

@@ -53,19 +53,64 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
+use core::{cell::UnsafeCell, ffi::c_void, ptr};
+
 use aya_ebpf::{
-    Global,
-    bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_smp_processor_id,
+    EbpfContext as _, Global,
+    bindings::{
+        bpf_map_def,
+        bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+        sk_action::{SK_DROP, SK_PASS},
+    },
+    helpers::{bpf_get_smp_processor_id, bpf_sk_select_reuseport},
     macros::{map, sk_reuseport},
-    maps::{Array, PerCpuArray, ReusePortSockArray},
+    maps::{Array, PerCpuArray},
     programs::SkReuseportContext,
 };
 use reuseport_common::{HOLD, MAX_CPUS, SpillRoute, SteeringStats, spill_slot};
 
 /// Slot `c`: the listener of the worker pinned to CPU `c`.
 #[map(name = "cpu_listeners")]
-static CPU_LISTENERS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_CPUS, 0);
+static CPU_LISTENERS: ListenerSlots = ListenerSlots::with_max_entries(MAX_CPUS);
+
+/// A `REUSEPORT_SOCKARRAY` with 8-byte values (aya's `ReusePortSockArray` has 4-byte ones): the
+/// kernel answers a lookup from userspace with the socket's cookie only for 8-byte values, so
+/// `reuseport status` can tell which sockets the slots hold. Updates take the fd as a `u64`.
+#[repr(transparent)]
+struct ListenerSlots(UnsafeCell<bpf_map_def>);
+
+// SAFETY: the definition is only read (by the loader, and by the kernel through the helper).
+unsafe impl Sync for ListenerSlots {}
+
+impl ListenerSlots {
+    const fn with_max_entries(max_entries: u32) -> Self {
+        Self(UnsafeCell::new(bpf_map_def {
+            type_: BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+            key_size: size_of::<u32>() as u32,
+            value_size: size_of::<u64>() as u32,
+            max_entries,
+            map_flags: 0,
+            id: 0,
+            pinning: 0,
+        }))
+    }
+
+    /// `bpf_sk_select_reuseport` on slot `key`: `Err(-ENOENT)` for an empty slot.
+    #[inline(always)]
+    fn select_reuseport(&self, ctx: &SkReuseportContext, mut key: u32) -> Result<(), i64> {
+        // SAFETY: the context and the map are the ones the helper expects; the key lives on the
+        // stack for the call.
+        let ret = unsafe {
+            bpf_sk_select_reuseport(
+                ctx.as_ptr().cast(),
+                self.0.get().cast::<c_void>(),
+                ptr::from_mut(&mut key).cast(),
+                0,
+            )
+        };
+        if ret == 0 { Ok(()) } else { Err(ret) }
+    }
+}
 
 /// Slot `c`: where CPU `c`'s connections go while it spills (`SpillRoute::active` is 1): entry
 /// `spill_slot(hash)` names a CPU, CPU `c` itself meaning "stay". Userspace samples the accept

@@ -230,6 +230,9 @@ pub enum AttachError {
     /// Persisting, reading or removing pinned steering failed otherwise.
     #[error(transparent)]
     Pinned(PinnedError),
+    /// Finding or removing what steers the port (as the kernel says) failed.
+    #[error(transparent)]
+    Port(Box<crate::port_steering::PortSteeringError>),
     /// [`run`] was given an empty list of processes or sockets.
     #[error("no process or socket to steer was given")]
     NoTarget,
@@ -666,7 +669,8 @@ enum GroupMember<'a> {
 
 /// Steering attached by [`run`] to a running server's group, for as long as this process wants:
 /// read its counters with [`LiveSteering::snapshot`], end it with [`LiveSteering::detach`].
-/// Dropping it leaves the program attached (as [`Steering`] does).
+/// Dropping it detaches too (quietly), so an early return or a panic does not leave the group
+/// steered by a program nobody holds.
 pub struct LiveSteering<'a> {
     steering: Steering,
     slots: Vec<AttachedSlot>,
@@ -674,6 +678,15 @@ pub struct LiveSteering<'a> {
     member: GroupMember<'a>,
     started: Instant,
     migrations_at_start: Migrations,
+    detached: bool,
+}
+
+impl Drop for LiveSteering<'_> {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = self.detach_group();
+        }
+    }
 }
 
 impl fmt::Debug for LiveSteering<'_> {
@@ -723,8 +736,19 @@ impl LiveSteering<'_> {
     }
 
     /// Detaches the program: the group selects by hash again.
-    pub fn detach(self) -> Result<(), AttachError> {
-        detach_group(self.steering, &self.member, self.port)
+    pub fn detach(mut self) -> Result<(), AttachError> {
+        self.detached = true;
+        self.detach_group()
+    }
+
+    fn detach_group(&self) -> Result<(), AttachError> {
+        match &self.member {
+            GroupMember::Fd(member) => crate::steering::detach_group(member)?,
+            GroupMember::Tree(pids) => {
+                crate::steering::detach_group(any_member(pids, self.port)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -741,13 +765,18 @@ fn detach_group(
     Ok(())
 }
 
-/// Returns the group of `member` (on `port`) to hash selection: persisted steering of the port
-/// is detached and its pins removed (or a later attach would find its sockets still in the
-/// pinned map), then any program the group still has is detached.
+/// Returns the group of `member` (on `port`) to hash selection: everything of ours that steers
+/// the port or was persisted for it is detached and its pins removed (or a later attach would
+/// find its sockets still in the old map), then any program the group still has is detached.
+/// Without the right to list the kernel's programs, only the group's program is detached, and
+/// persisted steering is refused (its pins would stay).
 fn back_to_hash(member: BorrowedFd<'_>, port: u16) -> Result<(), AttachError> {
+    use crate::port_steering::{self, PortSteeringError};
     let root = PinnedRoot::system();
-    if root.is_persisted(port) {
-        root.open(port)?.detach()?;
+    match port_steering::detach(port, &root) {
+        Ok(_) | Err(PortSteeringError::NotSteered { .. }) => {}
+        Err(PortSteeringError::NotAllowed) if !root.is_persisted(port) => {}
+        Err(err) => return Err(AttachError::Port(Box::new(err))),
     }
     crate::steering::detach_group(member)?;
     Ok(())
@@ -774,6 +803,12 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
             port,
             dir: root.pin_dir(port).display().to_string(),
         }));
+    }
+    // Pin directories another user placed are refused before anything is attached.
+    if action == AttachAction::Steer
+        && let Some(root) = &persist
+    {
+        root.check_dirs(port)?;
     }
     // Before any socket is taken from the server: this process must be able to steer at all.
     if action == AttachAction::Steer {
@@ -902,6 +937,7 @@ fn finish<'a>(
             member,
             started: Instant::now(),
             migrations_at_start: Migrations::read(),
+            detached: false,
         }));
     };
     match root.persist(&mut steering, port, &pids, pinned_slots) {

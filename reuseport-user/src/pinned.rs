@@ -17,10 +17,11 @@
 
 use std::{
     fs, io,
+    os::unix::fs::{DirBuilderExt, MetadataExt},
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, MapData, MapError, ReusePortSockArray};
+use aya::maps::{Array, MapData};
 use reuseport_common::{SteeringStats, names};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -95,18 +96,45 @@ pub enum PinnedError {
         #[source]
         source: serde_json::Error,
     },
-    /// The socket used to ask the kernel whether a slot is filled could not be created.
-    #[error("creating a socket to ask the kernel about slot {cpu} failed")]
-    Probe {
-        /// The slot.
-        cpu: u32,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
     /// Pinning, reading the pinned maps or detaching failed.
     #[error(transparent)]
     Steering(#[from] SteeringError),
+    /// A directory or file of the pins or state is not one only this user (root) controls.
+    #[error(
+        "refusing {path}: {why}; another user may have created or changed it: remove it as root \
+         and run again"
+    )]
+    Unsafe {
+        /// The directory or file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// This process may not remove the pins or state file.
+    #[error(
+        "removing {path} needs write access to {dir} (owned by uid {owner}): run as root; \
+         nothing was changed"
+    )]
+    NotRemovable {
+        /// What would be removed.
+        path: String,
+        /// The directory it is in.
+        dir: String,
+        /// The directory's owner.
+        owner: u32,
+    },
+    /// Detaching through the kernel's view failed.
+    #[error(transparent)]
+    Port(Box<crate::port_steering::PortSteeringError>),
+}
+
+impl From<crate::port_steering::PortSteeringError> for PinnedError {
+    fn from(err: crate::port_steering::PortSteeringError) -> Self {
+        match err {
+            crate::port_steering::PortSteeringError::Pinned(err) => err,
+            other => Self::Port(Box::new(other)),
+        }
+    }
 }
 
 impl PinnedError {
@@ -242,7 +270,10 @@ impl PinnedRoot {
         if self.mount_bpffs {
             mount_bpffs()?;
         }
-        fs::create_dir_all(&self.pins).map_err(PinnedError::io("creating", &self.pins))?;
+        // Before creating anything: a directory another user placed is refused, not used.
+        self.check_dirs(port)?;
+        create_private_dir(&self.pins)?;
+        self.check_dirs(port)?;
         if !is_bpffs(&self.pins) {
             return Err(PinnedError::NotBpffs {
                 dir: self.pins.display().to_string(),
@@ -257,7 +288,7 @@ impl PinnedRoot {
             return Err(already());
         }
         // Creating the directory claims the port: a second persist finds it there.
-        match fs::create_dir(&dir) {
+        match fs::DirBuilder::new().mode(0o755).create(&dir) {
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => return Err(already()),
             other => other.map_err(PinnedError::io("creating", &dir))?,
         }
@@ -312,8 +343,138 @@ impl PinnedRoot {
         })
     }
 
+    /// What the state file of `port` records, or `None` if there is none.
+    pub fn read_state(&self, port: u16) -> Result<Option<PersistedState>, PinnedError> {
+        match self.open(port) {
+            Ok(pinned) => Ok(Some(pinned.into_state())),
+            Err(PinnedError::NotPersisted { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Every port with a state file under this root, in ascending order.
+    pub fn state_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = fs::read_dir(&self.state)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                entry
+                    .ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".json")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// Fails with [`PinnedError::Unsafe`] unless each directory (and the state file) used for
+    /// `port` that exists is a real directory (file) owned by root or this user and writable by
+    /// no one else: under a world-writable `/sys/fs/bpf` another user could otherwise have created it
+    /// first, and could rename or fill it.
+    pub fn check_dirs(&self, port: u16) -> Result<(), PinnedError> {
+        let me = rustix::process::geteuid().as_raw();
+        let paths = [
+            (self.pins.clone(), true),
+            (self.pin_dir(port), true),
+            (self.state.clone(), true),
+            (self.state_path(port), false),
+        ];
+        for (path, is_dir) in paths {
+            let meta = match fs::symlink_metadata(&path) {
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                other => other.map_err(PinnedError::io("reading", &path))?,
+            };
+            let unsafe_because = |why: String| PinnedError::Unsafe {
+                path: path.display().to_string(),
+                why,
+            };
+            if meta.file_type().is_symlink() {
+                return Err(unsafe_because("it is a symbolic link".to_owned()));
+            }
+            if is_dir != meta.is_dir() {
+                let what = if is_dir { "a directory" } else { "a file" };
+                return Err(unsafe_because(format!("it is not {what}")));
+            }
+            if meta.uid() != 0 && meta.uid() != me {
+                return Err(unsafe_because(format!(
+                    "it is owned by uid {}, not by root or by this user (uid {me})",
+                    meta.uid()
+                )));
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(unsafe_because(format!(
+                    "it is writable by its group or by everyone (mode {:o})",
+                    meta.mode() & 0o7777
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with [`PinnedError::NotRemovable`] unless this process may remove the pins and the
+    /// state file of `port` (whichever exist), before anything is changed.
+    pub fn check_removable(&self, port: u16) -> Result<(), PinnedError> {
+        use rustix::fs::{Access, AtFlags, CWD, accessat};
+        let mut needed = Vec::new();
+        let dir = self.pin_dir(port);
+        if dir.exists() {
+            needed.push((dir.clone(), self.pins.clone()));
+            needed.push((dir.clone(), dir));
+        }
+        let state = self.state_path(port);
+        if state.exists() {
+            needed.push((state, self.state.clone()));
+        }
+        for (path, parent) in needed {
+            let allowed = accessat(
+                CWD,
+                &parent,
+                Access::WRITE_OK | Access::EXEC_OK,
+                AtFlags::EACCESS,
+            )
+            .is_ok();
+            if !allowed {
+                return Err(PinnedError::NotRemovable {
+                    path: path.display().to_string(),
+                    owner: fs::metadata(&parent).map_or(0, |m| m.uid()),
+                    dir: parent.display().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the pins and the state file of `port` (and the parent directories once empty).
+    /// Returns the pin directory if there was one, and whether there was a state file.
+    pub fn remove(&self, port: u16) -> Result<(Option<PathBuf>, bool), PinnedError> {
+        let dir = self.pin_dir(port);
+        let pins = match fs::remove_dir_all(&dir) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+            other => other
+                .map(|()| dir.clone())
+                .map(Some)
+                .map_err(PinnedError::io("removing", &dir))?,
+        };
+        let path = self.state_path(port);
+        let state = match fs::remove_file(&path) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => false,
+            other => other
+                .map(|()| true)
+                .map_err(PinnedError::io("removing", &path))?,
+        };
+        // remove_dir refuses a directory that is not empty: others' pins and states stay.
+        let _ = fs::remove_dir(&self.pins);
+        let _ = fs::remove_dir(&self.state);
+        Ok((pins, state))
+    }
+
     fn write_state(&self, state: &PersistedState) -> Result<(), PinnedError> {
-        fs::create_dir_all(&self.state).map_err(PinnedError::io("creating", &self.state))?;
+        create_private_dir(&self.state)?;
+        self.check_dirs(state.port)?;
         let path = self.state_path(state.port);
         let json =
             serde_json::to_string_pretty(state).map_err(|source| PinnedError::StateFormat {
@@ -414,26 +575,11 @@ impl PinnedSteering {
         })
     }
 
-    /// Removes the steering: detaches the program from the group (through a socket taken from
-    /// the recorded processes' tree; if they are gone, so is the group, and nothing is attached
-    /// any more), then deletes the pins and the state file. Returns what the state file
-    /// recorded.
+    /// Removes the steering as [`crate::port_steering::detach`] does (detaches every program
+    /// of ours that holds a listener of the port, then deletes the pins and the state file;
+    /// everything it needs is checked first). Returns what the state file recorded.
     pub fn detach(self) -> Result<PersistedState, PinnedError> {
-        let port = self.state.port;
-        if let Ok(member) = crate::attach::any_member(&self.state.pids, port) {
-            // Already detached (e.g. by `attach --mode hash`): only the pins are left to remove.
-            crate::steering::detach_group(&member)?;
-        }
-        let dir = self.pin_dir();
-        match fs::remove_dir_all(&dir) {
-            // Pins lost already (bpffs remounted): only the state file is left to remove.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            other => other.map_err(PinnedError::io("removing", &dir))?,
-        }
-        let _ = fs::remove_file(self.state_path());
-        // Remove the parent directories once they are empty (remove_dir refuses otherwise).
-        let _ = fs::remove_dir(&self.root.pins);
-        let _ = fs::remove_dir(&self.root.state);
+        crate::port_steering::detach(self.state.port, &self.root)?;
         Ok(self.state)
     }
 
@@ -586,29 +732,24 @@ pub(crate) fn read_fallbacks(dir: &Path) -> Result<Vec<u32>, SteeringError> {
     Ok(fallback.iter().collect::<Result<_, _>>()?)
 }
 
-/// Whether slot `cpu` of the steering pinned into `dir` holds a socket, asked of the kernel.
-///
-/// A `REUSEPORT_SOCKARRAY` with 4-byte values cannot be read from userspace, so this asks by
-/// trying an update that cannot succeed: with `BPF_EXIST` and a fresh, unbound socket, the kernel
-/// answers `ENOENT` for an empty slot and `EINVAL` (the socket is in no group) for a filled one,
-/// and changes nothing either way.
+/// Whether slot `cpu` of the steering pinned into `dir` holds a socket, asked of the kernel
+/// (a lookup answers the socket's cookie, or that the slot is empty).
 pub fn slot_filled(dir: &Path, cpu: u32) -> Result<bool, PinnedError> {
-    const BPF_EXIST: u64 = 2;
     let data = MapData::from_pin(dir.join(names::CPU_LISTENERS)).map_err(SteeringError::from)?;
-    let mut map = aya::maps::Map::from_map_data(data).map_err(SteeringError::from)?;
-    let mut sockets = ReusePortSockArray::try_from(&mut map).map_err(SteeringError::from)?;
-    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .map_err(|source| PinnedError::Probe { cpu, source })?;
-    match sockets.set(cpu, &probe, BPF_EXIST) {
-        Err(MapError::SyscallError(err)) => match err.io_error.raw_os_error() {
-            Some(libc::ENOENT) => Ok(false),
-            Some(libc::EINVAL) => Ok(true),
-            _ => Err(SteeringError::from(MapError::SyscallError(err)).into()),
-        },
-        Err(other) => Err(SteeringError::from(other).into()),
-        // Cannot happen (an unbound socket is never accepted); treat as filled.
-        Ok(()) => Ok(true),
-    }
+    Ok(
+        crate::sockarray::cookie(std::os::fd::AsFd::as_fd(data.fd()), cpu)
+            .map_err(SteeringError::from)?
+            .is_some(),
+    )
+}
+
+/// Creates `dir` (and its parents) as `rwxr-xr-x` whatever the umask, if it does not exist.
+fn create_private_dir(dir: &Path) -> Result<(), PinnedError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(PinnedError::io("creating", dir))
 }
 
 /// Whether `dir` is on bpffs.

@@ -66,6 +66,21 @@ pub fn process_tree(pid: u32) -> Result<Vec<u32>, ProcError> {
     Ok(tree)
 }
 
+/// One process in each network namespace, this process's first: whose `/proc/PID/net/*`
+/// together list every socket of the machine (`/proc/PID/ns/net` names the namespace).
+pub fn one_process_per_netns() -> Vec<u32> {
+    let me = std::process::id();
+    let mut seen = BTreeSet::new();
+    let pids = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok());
+    std::iter::once(me)
+        .chain(pids)
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|ns| seen.insert(ns)))
+        .collect()
+}
+
 /// The thread ids of `pid` (`/proc/PID/task/*`).
 pub fn threads(pid: u32) -> Vec<u32> {
     fs::read_dir(format!("/proc/{pid}/task"))
@@ -162,6 +177,14 @@ pub struct ProcSocket {
 
 /// Listening TCP sockets on `port` in `pid`'s network namespace.
 pub fn listening_tcp(pid: u32, port: u16) -> Result<Vec<ProcSocket>, ProcError> {
+    Ok(listening_tcp_all(pid)?
+        .into_iter()
+        .filter(|socket| socket.addr.port() == port)
+        .collect())
+}
+
+/// Every listening TCP socket in `pid`'s network namespace.
+pub fn listening_tcp_all(pid: u32) -> Result<Vec<ProcSocket>, ProcError> {
     let mut sockets = Vec::new();
     for table in ["tcp", "tcp6"] {
         let text = read(format!("/proc/{pid}/net/{table}"))?;
@@ -178,9 +201,8 @@ pub fn listening_tcp(pid: u32, port: u16) -> Result<Vec<ProcSocket>, ProcError> 
             if *state != TCP_LISTEN {
                 return None;
             }
-            let addr = parse_proc_addr(local)?;
-            (addr.port() == port).then_some(ProcSocket {
-                addr,
+            Some(ProcSocket {
+                addr: parse_proc_addr(local)?,
                 uid: uid.parse().ok()?,
                 inode: inode.parse().ok()?,
             })

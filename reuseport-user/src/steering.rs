@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, MapError, MapType, PerCpuArray, ReusePortSockArray},
+    maps::{Array, MapError, MapType, PerCpuArray},
     programs::{ProgramError, ProgramType, SkReuseport},
     sys::{Stats, enable_stats, is_map_supported, is_program_supported},
 };
@@ -21,6 +21,7 @@ use thiserror::Error;
 use crate::{
     cpu_topology::CpuTopology,
     cpus::{CpuError, possible_cpus},
+    sockarray,
 };
 
 /// The steering BPF object (`reuseport-ebpf/src/select.rs`: the steering programs and their maps,
@@ -147,7 +148,8 @@ pub enum SteeringError {
     /// by another process (a running `attach`, or persisted steering).
     #[error(
         "the listener for CPU {cpu} is already in another steering map: this group is steered \
-         already (by a running attach or persisted steering)"
+         already (by a running attach, persisted steering, or an attach that was killed); \
+         `reuseport status` shows which, `reuseport detach --port PORT` removes it"
     )]
     AlreadySteered {
         /// The slot whose socket is taken.
@@ -182,6 +184,9 @@ pub enum SteeringError {
     /// Updating or reading a map failed.
     #[error("BPF map operation failed")]
     Map(#[from] MapError),
+    /// The kernel refused filling, emptying or reading a `cpu_listeners` slot.
+    #[error(transparent)]
+    Slot(#[from] crate::sockarray::SlotError),
     /// Pinning the program or a map to bpffs failed.
     #[error("pinning to bpffs failed")]
     Pin(#[from] aya::pin::PinError),
@@ -341,11 +346,9 @@ impl Steering {
     /// Puts `socket` (a member of the same group) into slot `cpu`, replacing what was there.
     pub fn insert(&mut self, cpu: u32, socket: BorrowedFd<'_>) -> Result<(), SteeringError> {
         self.check_slot(cpu)?;
-        match self.sockets()?.set(cpu, &socket, 0) {
+        match sockarray::set(self.sockets()?, cpu, socket, sockarray::ANY) {
             // The kernel keeps a socket in one REUSEPORT_SOCKARRAY at a time.
-            Err(MapError::SyscallError(err))
-                if err.io_error.raw_os_error() == Some(libc::EBUSY) =>
-            {
+            Err(err) if err.errno() == Some(libc::EBUSY) => {
                 return Err(SteeringError::AlreadySteered { cpu });
             }
             other => other?,
@@ -364,13 +367,9 @@ impl Steering {
         // Point everything away from `cpu` before emptying it, so no selection hits the hole.
         self.live.remove(&cpu);
         self.write_fallbacks()?;
-        match self.sockets()?.clear_index(&cpu) {
+        match sockarray::clear(self.sockets()?, cpu) {
             // Already empty (e.g. its socket closed): that is the state we want.
-            Err(MapError::SyscallError(err))
-                if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
+            Err(err) if err.errno() == Some(libc::ENOENT) => Ok(()),
             other => Ok(other?),
         }
     }
@@ -493,12 +492,12 @@ impl Steering {
             .try_into()?)
     }
 
-    fn sockets(&mut self) -> Result<ReusePortSockArray<&mut aya::maps::MapData>, SteeringError> {
-        let map = self
-            .ebpf
-            .map_mut(names::CPU_LISTENERS)
-            .ok_or(SteeringError::MissingFromObject(names::CPU_LISTENERS))?;
-        Ok(ReusePortSockArray::try_from(map)?)
+    /// The `cpu_listeners` map, for [`sockarray`]'s calls.
+    fn sockets(&self) -> Result<BorrowedFd<'_>, SteeringError> {
+        match self.ebpf.map(names::CPU_LISTENERS) {
+            Some(aya::maps::Map::ReusePortSockArray(data)) => Ok(data.fd().as_fd()),
+            _ => Err(SteeringError::MissingFromObject(names::CPU_LISTENERS)),
+        }
     }
 
     /// Rewrites `cpu_fallback` so that every CPU points at its nearest other live CPU, or, before

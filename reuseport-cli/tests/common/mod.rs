@@ -267,6 +267,18 @@ pub fn accept_from(listeners: &[(u32, TcpListener)]) -> u32 {
     }
 }
 
+/// Whether clients on `cpu` reach more than one of `listeners` (40 connections): hash selection
+/// spreads them (all on one listener has odds of 2^-39 with two), steering keeps them on one.
+pub fn on_hash_selection(cpu: u32, addr: SocketAddr, listeners: &[(u32, TcpListener)]) -> bool {
+    let reached: std::collections::BTreeSet<u32> = (0..40)
+        .map(|_| {
+            let _client = on_cpu(cpu, move || TcpStream::connect(addr).expect("connect"));
+            accept_from(listeners)
+        })
+        .collect();
+    reached.len() > 1
+}
+
 /// A failure is exactly one line on stderr, exits with `code`, and mentions `needle`.
 pub fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
