@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 use crate::{
+    lock_report::{LockReport, RunLocks},
     metrics::{Metric, MetricId, Raw, median, unsupported},
     runner::{AbConfig, AbResults, CrossCheck, RunRecord},
     significance::ratio_interval,
@@ -174,6 +175,10 @@ pub struct Report {
     pub runs: Vec<RunRecord>,
     /// Row order as run.
     pub rows: Vec<String>,
+    /// The lock table: top lock sites per row, largest changes percpu vs hash (absent from
+    /// files written before it existed).
+    #[serde(default)]
+    pub locks: LockReport,
 }
 
 impl Report {
@@ -197,6 +202,17 @@ impl Report {
             })
             .collect();
         let ratios = ratios(&summary, &results.runs);
+        let run_locks: Vec<RunLocks<'_>> = results
+            .runs
+            .iter()
+            .map(|run| RunLocks {
+                row: &run.row,
+                units: crate::runner::units(config.load, &run.load),
+                sites: &run.probes.locks,
+                unrecorded: run.probes.sum.lock_unrecorded,
+            })
+            .collect();
+        let locks = LockReport::new(&rows, &run_locks);
         let kernel = reuseport::kernel::release();
         Self {
             machine: Machine {
@@ -214,6 +230,7 @@ impl Report {
             cross_check: results.cross_check,
             runs: results.runs,
             rows,
+            locks,
         }
     }
 
@@ -236,7 +253,8 @@ impl Report {
     }
 
     /// The terminal table: one line per metric, one column per row, then percpu/hash with its
-    /// 95 % interval, `~` where the difference is not established.
+    /// 95 % interval, `~` where the difference is not established; then the lock table
+    /// ([`LockReport::table`]).
     pub fn table(&self) -> String {
         let mut out = format!(
             "{} CPUs, kernel {}, topology {}, load {} x{} for {}s, {} reps (median [min-max])\n",
@@ -300,6 +318,7 @@ impl Report {
                 check.mode, check.wrk_req_per_s, check.builtin_req_per_s, check.ratio
             );
         }
+        out.push_str(&self.locks.table(&self.rows));
         out
     }
 
@@ -537,13 +556,28 @@ mod tests {
                 "cache_misses".to_owned(),
                 crate::hw_counters::HwCount::Unsupported(crate::metrics::UNSUPPORTED),
             );
+            let lock_site = crate::locks::LockSite {
+                site: "inet_csk_reqsk_queue_add".into(),
+                caller: "inet_csk_complete_hashdance".into(),
+                side: crate::locks::Side::Softirq,
+                kind: "spin".into(),
+                listener: true,
+                count: if row == "percpu" { 2 } else { 5 },
+                wait_ns: if row == "percpu" { 400 } else { 1000 } * rep as u64,
+            };
             RunRecord {
                 row: row.to_owned(),
                 rep,
                 metrics,
-                load: crate::load::LoadReport::default(),
+                load: crate::load::LoadReport {
+                    connections: 100,
+                    ..Default::default()
+                },
                 server: None,
-                probes: crate::probes::ProbeTotals::default(),
+                probes: crate::probes::ProbeTotals {
+                    locks: vec![lock_site],
+                    ..Default::default()
+                },
                 ipis: 3,
                 hw,
             }
@@ -608,6 +642,18 @@ mod tests {
         assert!(line("p99_us").ends_with(" ~"));
         assert!(line("cache_misses_per_conn").contains("unsupported"));
         assert!(table.contains("percpu 2 reps, hash 2 reps"), "{table}");
+        // The lock table follows: the site per row, and its change percpu vs hash.
+        let lock_table = table
+            .split_once("lock waits by site")
+            .map(|(_, rest)| rest)
+            .unwrap_or_else(|| panic!("no lock table: {table}"));
+        assert!(
+            lock_table.contains("inet_csk_reqsk_queue_add <- inet_csk_complete_hashdance"),
+            "{table}"
+        );
+        assert_eq!(report.locks.changes.len(), 1);
+        assert_eq!(report.locks.changes[0].hash_waits_per_conn, 0.05);
+        assert_eq!(report.locks.changes[0].percpu_waits_per_conn, 0.02);
     }
 
     #[test]
