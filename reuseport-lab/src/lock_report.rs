@@ -1,5 +1,5 @@
 //! The lock table of `reuseport ab`: per row its most waited-for lock sites ([`crate::locks`]),
-//! and, when both ran, the sites whose wait changed most from `hash` to `percpu`. Figures are per
+//! and, when both ran, the sites whose wait fell most and rose most from `hash` to `percpu`. Figures are per
 //! connection (per request for `rr` and `udp`, as every "per conn" metric), the median over a
 //! row's repetitions, a site absent from a repetition counting 0 there.
 
@@ -65,8 +65,9 @@ pub struct RunLocks<'a> {
 pub struct LockReport {
     /// Per row, its [`TOP_SITES`] sites with the most nanoseconds per connection.
     pub top: BTreeMap<String, Vec<LockLine>>,
-    /// The [`TOP_SITES`] sites whose nanoseconds per connection changed most from `hash` to
-    /// `percpu` (empty unless both rows ran).
+    /// The sites whose nanoseconds per connection changed most from `hash` to `percpu`: the
+    /// [`TOP_SITES`] largest falls (largest first), then the [`TOP_SITES`] largest rises (largest
+    /// first); empty unless both rows ran.
     pub changes: Vec<LockChange>,
     /// Per row, the most waits a run could not attribute to a site (maps full); 0 normally.
     pub unrecorded: BTreeMap<String, u64>,
@@ -117,9 +118,15 @@ impl LockReport {
                     })
                     .filter(|change| change.ns_change() != 0.0)
                     .collect();
-                changes.sort_by(|a, b| b.ns_change().abs().total_cmp(&a.ns_change().abs()));
+                // The largest falls first, then the largest rises, largest first.
+                changes.sort_by(|a, b| a.ns_change().total_cmp(&b.ns_change()));
+                let rises = changes.iter().filter(|c| c.ns_change() > 0.0).count();
+                let mut falls: Vec<LockChange> = changes.drain(..changes.len() - rises).collect();
+                falls.truncate(TOP_SITES);
+                changes.reverse();
                 changes.truncate(TOP_SITES);
-                changes
+                falls.extend(changes);
+                falls
             }
             _ => Vec::new(),
         };
@@ -184,7 +191,8 @@ impl LockReport {
         if !self.changes.is_empty() {
             let _ = writeln!(
                 out,
-                "\nlargest changes, percpu vs hash (ns/conn; waits/conn hash -> percpu)"
+                "\nlargest changes, percpu vs hash (ns/conn; waits/conn hash -> percpu): falls, \
+                 then rises"
             );
             let _ = writeln!(
                 out,
@@ -307,10 +315,12 @@ mod tests {
         assert_eq!((hash[1].waits_per_conn, hash[1].ns_per_conn), (0.02, 10.0));
         let percpu_top = &report.top["percpu"];
         assert_eq!(percpu_top[0].site.site, "backlog");
+        // Falls first, then rises.
         assert_eq!(report.changes.len(), 2);
-        assert_eq!(report.changes[0].site.site, "backlog");
-        assert_eq!(report.changes[0].ns_change(), 490.0);
-        assert_eq!(report.changes[1].ns_change(), 10.0 - 125.0);
+        assert_eq!(report.changes[0].site.site, "accept_queue");
+        assert_eq!(report.changes[0].ns_change(), 10.0 - 125.0);
+        assert_eq!(report.changes[1].site.site, "backlog");
+        assert_eq!(report.changes[1].ns_change(), 490.0);
         assert_eq!(report.unrecorded["hash"], 3);
         let table = report.table(&rows);
         assert!(table.contains("accept_queue <- caller"), "{table}");
@@ -320,6 +330,51 @@ mod tests {
         let back: LockReport =
             serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
         assert_eq!(back, report);
+    }
+
+    #[test]
+    fn changes_keep_the_largest_falls_and_the_largest_rises() {
+        // Sites 1..=10 fall by 10*i ns/conn, sites 11..=20 rise by 10*(i-10).
+        let hash: Vec<LockSite> = (1..=20)
+            .map(|i| {
+                site(
+                    &format!("s{i}"),
+                    Side::Server,
+                    false,
+                    1,
+                    if i <= 10 { 20 * i } else { 0 },
+                )
+            })
+            .collect();
+        let percpu: Vec<LockSite> = (1..=20)
+            .map(|i| {
+                let ns = if i <= 10 { 10 * i } else { 10 * (i - 10) };
+                site(&format!("s{i}"), Side::Server, false, 1, ns)
+            })
+            .collect();
+        let runs = [
+            RunLocks {
+                row: "hash",
+                units: 1,
+                sites: &hash,
+                unrecorded: 0,
+            },
+            RunLocks {
+                row: "percpu",
+                units: 1,
+                sites: &percpu,
+                unrecorded: 0,
+            },
+        ];
+        let report = LockReport::new(&["hash".to_owned(), "percpu".to_owned()], &runs);
+        let changes: Vec<f64> = report.changes.iter().map(LockChange::ns_change).collect();
+        assert_eq!(
+            changes,
+            [
+                -100.0, -90.0, -80.0, -70.0, -60.0, -50.0, -40.0, -30.0, 100.0, 90.0, 80.0, 70.0,
+                60.0, 50.0, 40.0, 30.0
+            ]
+        );
     }
 
     #[test]
