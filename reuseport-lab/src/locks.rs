@@ -10,7 +10,9 @@
 //!   slow paths, `_raw_*_lock*`, `__mutex_lock*`, `mutex_lock*`, the mutex unlock slow path
 //!   (its wait-list spinlock), the rwsem slow paths, the tracing frames), i.e. the kernel function that asked for the lock, e.g. `pipe_write`,
 //!   `inet_csk_reqsk_queue_add`, `lock_sock_nested`; **caller**: the frame below it (for
-//!   `lock_sock_nested`, whose socket: `inet_csk_accept` takes the listener's).
+//!   `lock_sock_nested`, whose socket: `inet_csk_accept` takes the listener's). Helpers named
+//!   after their lock (`lock_sock_nested`, `lock_timer_base`, `__task_rq_lock`) stay the site:
+//!   they name the lock, and the caller says who took it.
 //! - **kind**: from the flags ([`kind`]): spin, rwlock-read/-write, mutex, rwsem-read/-write,
 //!   percpu-rwsem, rt.
 //! - **side** ([`Side`]): `softirq` when the stack passes through the softirq entry
