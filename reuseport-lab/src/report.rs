@@ -266,7 +266,13 @@ impl Report {
             self.machine.duration_s,
             self.machine.reps
         );
-        let _ = write!(out, "{:<28}", "metric");
+        // As wide as the longest metric name, so every row's cells line up.
+        let width = MetricId::ALL
+            .iter()
+            .map(|metric| metric.name().len())
+            .max()
+            .unwrap_or(0);
+        let _ = write!(out, "{:<width$}", "metric");
         for row in &self.rows {
             let _ = write!(out, " {row:>26}");
         }
@@ -276,7 +282,7 @@ impl Report {
         }
         out.push('\n');
         for metric in MetricId::ALL {
-            let _ = write!(out, "{:<28}", metric.name());
+            let _ = write!(out, "{:<width$}", metric.name());
             for row in &self.rows {
                 let cell = match self.summary.get(row).and_then(|m| m.get(&metric)) {
                     Some(Summary::Range(r)) => {
@@ -642,6 +648,15 @@ mod tests {
         assert!(line("p99_us").ends_with(" ~"));
         assert!(line("cache_misses_per_conn").contains("unsupported"));
         assert!(table.contains("percpu 2 reps, hash 2 reps"), "{table}");
+        // Every metric's first cell ends in the same column, after the longest metric name.
+        let width = MetricId::ALL
+            .map(|metric| metric.name().len())
+            .into_iter()
+            .max()
+            .unwrap();
+        for metric in MetricId::ALL {
+            assert_ne!(line(metric.name()).as_bytes()[width + 26], b' ', "{table}");
+        }
         // The lock table follows: the site per row, and its change percpu vs hash.
         let lock_table = table
             .split_once("lock waits by site")
@@ -685,6 +700,26 @@ mod tests {
         }
         fs::write(&path, old.to_string()).unwrap();
         assert_eq!(Report::read(&path).unwrap().table(), report.table());
+
+        // A file from before lock sites: no lock table, everything else as before.
+        old.as_object_mut().unwrap().remove("locks");
+        for run in old["runs"].as_array_mut().unwrap() {
+            let probes = run["probes"].as_object_mut().unwrap();
+            probes.remove("locks");
+            probes.remove("lock_unrecorded");
+        }
+        fs::write(&path, old.to_string()).unwrap();
+        let without_locks = Report::read(&path).unwrap();
+        assert_eq!(without_locks.locks, LockReport::default());
+        assert!(
+            without_locks
+                .runs
+                .iter()
+                .all(|run| run.probes.locks.is_empty())
+        );
+        let full_table = report.table();
+        let (main_table, _) = full_table.split_once("\nlock waits by site").unwrap();
+        assert_eq!(without_locks.table(), main_table);
 
         fs::write(&path, "{\"machine\": 1}").unwrap();
         assert!(matches!(
