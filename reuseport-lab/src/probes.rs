@@ -63,6 +63,9 @@ pub enum ProbeError {
     /// Kernel stacks could not be named.
     #[error(transparent)]
     Kallsyms(#[from] KallsymsError),
+    /// Only the server and the client are processes whose waits can be attributed.
+    #[error("{0} is not a process's side: register the server's or the client's processes")]
+    NotAProcessSide(crate::locks::Side),
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -179,12 +182,15 @@ impl Probes {
 
     /// Attributes the contended lock waits of process `pid` (all its threads) to `side`
     /// ([`Side::Server`](crate::locks::Side::Server) or
-    /// [`Side::Client`](crate::locks::Side::Client); others are refused).
+    /// [`Side::Client`](crate::locks::Side::Client); the others are refused: softirq is told
+    /// from the stack, and `other` is what is not registered).
     pub fn watch_process(&mut self, pid: u32, side: crate::locks::Side) -> Result<(), ProbeError> {
         let value = match side {
             crate::locks::Side::Server => lock_side::SERVER,
             crate::locks::Side::Client => lock_side::CLIENT,
-            crate::locks::Side::Softirq | crate::locks::Side::Other => return Ok(()),
+            side @ (crate::locks::Side::Softirq | crate::locks::Side::Other) => {
+                return Err(ProbeError::NotAProcessSide(side));
+            }
         };
         let map = self
             .ebpf
