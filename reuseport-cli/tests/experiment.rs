@@ -270,6 +270,8 @@ fn assert_results(results: &serde_json::Value, topology: &str) {
             "cross_cpu_wakeups_per_conn",
             "lock_contended_per_conn",
             "lock_wait_ns_per_conn",
+            "listener_lock_contended_per_conn",
+            "listener_lock_wait_ns_per_conn",
             "ipis_per_conn",
             "cpus_per_conn",
             "cross_cpu_conn_fraction",
@@ -332,6 +334,12 @@ fn quick_ab_on_loopback_writes_valid_results_that_ab_report_redraws() {
         );
         assert!(stdout.contains("percpu/hash"), "{stdout}");
         assert!(stdout.contains("percpu 2 reps, hash 2 reps"), "{stdout}");
+        // The lock table, redrawn after the main one.
+        assert!(stdout.contains("lock waits by site"), "{stdout}");
+        assert!(
+            stdout.contains("largest changes, percpu vs hash"),
+            "{stdout}"
+        );
         let conn = stdout
             .lines()
             .find(|line| line.starts_with("conn_per_s"))
@@ -344,6 +352,47 @@ fn quick_ab_on_loopback_writes_valid_results_that_ab_report_redraws() {
         assert!(dir.join("results.svg").is_file());
     });
     assert_results(&results, "loopback");
+    // Every run carries its lock sites, named past the lock primitives and sided.
+    for run in results["runs"].as_array().expect("runs") {
+        let sites = run["probes"]["locks"].as_array().expect("lock sites");
+        assert!(!sites.is_empty(), "no contended lock site in {run}");
+        for site in sites {
+            let name = site["site"].as_str().expect("site");
+            assert!(!reuseport_lab::locks::is_lock_primitive(name), "{site}");
+            assert!(
+                ["server", "client", "softirq", "other"].contains(&site["side"].as_str().unwrap()),
+                "{site}"
+            );
+        }
+    }
+    for row in ["hash", "percpu"] {
+        assert!(
+            !results["locks"]["top"][row]
+                .as_array()
+                .expect("top")
+                .is_empty(),
+            "{row}"
+        );
+    }
+    // On loopback every receive runs in a softirq on the sender's stack: some waits are there.
+    assert!(
+        results["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|run| run["probes"]["locks"].as_array().unwrap())
+            .any(|site| site["side"] == "softirq"),
+        "no softirq lock site"
+    );
+    // Under hash, SYNs and accepts of one listener meet on two CPUs: its locks are contended.
+    assert!(
+        results["summary"]["hash"]["listener_lock_contended_per_conn"]["max"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{}",
+        results["summary"]["hash"]
+    );
     let ratio = &results["ratios"]["conn_per_s"];
     assert!(
         ratio["ci_low"].as_f64() <= ratio["ratio"].as_f64()

@@ -53,7 +53,10 @@ fn serve_creates_the_steering_maps_and_no_probe_maps() {
         names::PROBE_COUNTS,
         names::SERVER_TIDS,
         names::CONN_CPUS,
-        names::LOCK_START,
+        names::LOCK_PENDING,
+        names::LOCK_STACKS,
+        names::LOCK_WAITS,
+        names::LOCK_SIDES,
     ] {
         assert!(
             !created.contains(probe),

@@ -39,8 +39,21 @@ pub mod names {
     pub const SERVER_TIDS: &str = "server_tids";
     /// `LRU_HASH` socket address → [`ConnCpus`](crate::ConnCpus): connections being followed.
     pub const CONN_CPUS: &str = "conn_cpus";
-    /// `PERCPU_ARRAY` of `u64`: when this CPU began waiting for a contended lock.
-    pub const LOCK_START: &str = "lock_start";
+    /// `HASH` [`LockWaiter`](crate::LockWaiter) → [`LockPending`](crate::LockPending): contended
+    /// lock waits in progress, one per waiting task (mutexes sleep and may end on another CPU).
+    pub const LOCK_PENDING: &str = "lock_pending";
+    /// `HASH` stack hash (`u64`) → [`LockStack`](crate::LockStack): the kernel stacks taken at
+    /// `lock:contention_begin`.
+    pub const LOCK_STACKS: &str = "lock_stacks";
+    /// `PERCPU_ARRAY` with one [`LockStack`](crate::LockStack): where a stack is taken before it
+    /// is hashed (too large for the BPF stack).
+    pub const LOCK_STACK_BUF: &str = "lock_stack_buf";
+    /// `PERCPU_HASH` [`LockKey`](crate::LockKey) → [`LockWait`](crate::LockWait): finished
+    /// contended waits by stack, lock kind and side.
+    pub const LOCK_WAITS: &str = "lock_waits";
+    /// `HASH` of process ids (tgid, `u32`) → side ([`lock_side`](crate::lock_side)) whose lock
+    /// waits are attributed to the server or the load generator.
+    pub const LOCK_SIDES: &str = "lock_sides";
 
     /// Tracepoint programs: `(program, category, tracepoint)`.
     pub const PROBES: [(&str, &str, &str); 7] = [
@@ -78,8 +91,14 @@ pub mod probe_config {
     pub const SEND_SK: u32 = 8;
     /// `sk_data_ready`: offset of `skaddr`.
     pub const DATA_READY_SK: u32 = 9;
+    /// `contention_begin`: offset of `lock_addr`.
+    pub const LOCK_BEGIN_ADDR: u32 = 10;
+    /// `contention_begin`: offset of `flags`.
+    pub const LOCK_BEGIN_FLAGS: u32 = 11;
+    /// `contention_end`: offset of `lock_addr`.
+    pub const LOCK_END_ADDR: u32 = 12;
     /// Number of slots.
-    pub const LEN: u32 = 10;
+    pub const LEN: u32 = 13;
 }
 
 /// Most CPUs [`ConnCpus`] records per connection; a connection touched by more counts as this many.
@@ -103,10 +122,17 @@ pub struct ConnCpus {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct ProbeCounts {
-    /// `lock:contention_end` events that followed a `contention_begin` on this CPU.
+    /// `lock:contention_end` events on this CPU that ended a wait whose `contention_begin` was
+    /// seen (paired by waiting task and lock, so a mutex wait that slept and woke on another CPU
+    /// counts where it ended).
     pub lock_contended: u64,
-    /// Nanoseconds between those `contention_begin` and `contention_end` events.
+    /// Nanoseconds from those waits' first `contention_begin` (after the probe's stack walk) to
+    /// their `contention_end`.
     pub lock_wait_ns: u64,
+    /// Contended waits counted in `lock_contended` (or begun and never paired) that are missing
+    /// from the per-stack [`names::LOCK_WAITS`] because a map was full.
+    #[cfg_attr(feature = "user", serde(default))]
+    pub lock_unrecorded: u64,
     /// `sched:sched_waking` events raised on this CPU.
     pub wakeups: u64,
     /// Of those, how many woke a task whose CPU is another one.
@@ -131,6 +157,7 @@ impl ProbeCounts {
     pub fn add(&mut self, other: &Self) {
         self.lock_contended += other.lock_contended;
         self.lock_wait_ns += other.lock_wait_ns;
+        self.lock_unrecorded += other.lock_unrecorded;
         self.wakeups += other.wakeups;
         self.cross_cpu_wakeups += other.cross_cpu_wakeups;
         self.server_wakeups += other.server_wakeups;
@@ -142,6 +169,79 @@ impl ProbeCounts {
         self.conns_read += other.conns_read;
         self.conns_read_local += other.conns_read_local;
     }
+}
+
+/// Kernel frames kept per [`LockStack`] (innermost first). Enough to reach the softirq entry
+/// (`handle_softirqs`) from any networking lock.
+pub const LOCK_STACK_DEPTH: usize = 48;
+
+/// A kernel stack taken at `lock:contention_begin`: return addresses, innermost first, zero after
+/// the last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockStack {
+    /// The addresses.
+    pub frames: [u64; LOCK_STACK_DEPTH],
+}
+
+/// Who waited for a contended lock, as the BPF side knows it from the waiting task's process:
+/// values of [`names::LOCK_SIDES`] and of [`LockKey::side`]. Softirq is told apart later, from
+/// the stack.
+pub mod lock_side {
+    /// Neither the server nor the load generator (kernel threads, other processes, idle).
+    pub const OTHER: u32 = 0;
+    /// The server under test.
+    pub const SERVER: u32 = 1;
+    /// The load generator.
+    pub const CLIENT: u32 = 2;
+}
+
+/// A contended wait in progress: the waiting task and the lock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockWaiter {
+    /// The waiting thread id.
+    pub tid: u32,
+    /// The CPU, for thread id 0 (every CPU's idle task is 0); `u32::MAX` otherwise.
+    pub cpu: u32,
+    /// The lock's address.
+    pub lock: u64,
+}
+
+/// What `contention_begin` recorded for a wait in progress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockPending {
+    /// `bpf_ktime_get_ns` at the first `contention_begin`.
+    pub start_ns: u64,
+    /// Hash of the stack in [`names::LOCK_STACKS`].
+    pub stack: u64,
+    /// The tracepoint's flags, OR-ed over repeated begins (a mutex spins, then sleeps).
+    pub flags: u32,
+    /// [`lock_side`] of the waiting process.
+    pub side: u32,
+}
+
+/// Key of [`names::LOCK_WAITS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockKey {
+    /// Hash of the stack in [`names::LOCK_STACKS`].
+    pub stack: u64,
+    /// `contention_begin` flags (`LCB_F_*`: 1 spin, 2 read, 4 write, 8 RT, 16 percpu, 32 mutex).
+    pub flags: u32,
+    /// [`lock_side`] of the waiting process.
+    pub side: u32,
+}
+
+/// Finished contended waits of one [`LockKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LockWait {
+    /// How many.
+    pub count: u64,
+    /// Their nanoseconds.
+    pub wait_ns: u64,
 }
 
 /// Upper bound on the number of CPU slots the BPF maps are compiled with.
@@ -236,7 +336,8 @@ impl SteeringStats {
 }
 
 // SAFETY: these are `#[repr(C)]` and made only of `u16`/`u32`/`u64` fields laid out without padding
-// (`SpillRoute`: two `u32`s, then `u16`s), so every bit pattern is valid.
+// (`SpillRoute`: two `u32`s, then `u16`s; the lock types: `u64`s, then pairs of `u32`s), so every
+// bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SteeringStats {}
 #[cfg(feature = "user")]
@@ -245,3 +346,13 @@ unsafe impl aya::Pod for ProbeCounts {}
 unsafe impl aya::Pod for ConnCpus {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SpillRoute {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LockStack {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LockWaiter {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LockPending {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LockKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LockWait {}

@@ -6,8 +6,8 @@
 //!
 //! | program           | tracepoint                  | counts                                         |
 //! |-------------------|-----------------------------|------------------------------------------------|
-//! | `lock_cont_begin` | `lock:contention_begin`     | remembers when this CPU started waiting        |
-//! | `lock_cont_end`   | `lock:contention_end`       | contended waits and their nanoseconds          |
+//! | `lock_cont_begin` | `lock:contention_begin`     | remembers when a task began waiting, and where |
+//! | `lock_cont_end`   | `lock:contention_end`       | contended waits and their ns, by stack and side|
 //! | `sched_waking`    | `sched:sched_waking`        | wakeups, cross-CPU ones, and the server's      |
 //! | `sock_set_state`  | `sock:inet_sock_set_state`  | follows server connections from SYN to close   |
 //! | `sock_recv_len`   | `sock:sock_recv_length`     | a server read touched the connection here      |
@@ -18,6 +18,17 @@
 //! distinct CPUs that touched it: the CPU where it entered `SYN_RECV` (its SYN's softirq), then
 //! every read, write and receive softirq, until it enters `TCP_CLOSE`, when the number of CPUs is
 //! added to a histogram. One CPU per connection means its socket's cache lines never moved.
+//!
+//! Lock waits are paired per waiting task and lock (`lock_pending`), not per CPU: a mutex waiter
+//! sleeps and may wake on another CPU, and a softirq can interrupt a task's wait on one lock to
+//! wait on another (never on the same one: that would deadlock). Every CPU's idle task has thread
+//! id 0, so for it the CPU is part of the key (idle never sleeps on a lock). A mutex reports
+//! `contention_begin` again when it stops spinning and sleeps: the first begin's time and stack
+//! are kept and the flags are OR-ed. Each finished wait is added, per CPU, under its stack's hash,
+//! its flags and its process's side (`lock_sides`) in `lock_waits`; userspace symbolizes the
+//! stacks from `lock_stacks`. The wait is timed from after the stack walk: the walk's own time
+//! is not counted, but a spin shorter than the walk may end during it (counts are exact; for the
+//! shortest spins the nanoseconds are a lower bound).
 //!
 //! Field offsets come from userspace (`probe_config`), read from each tracepoint's `format` file.
 #![no_std]
@@ -35,12 +46,19 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 use aya_ebpf::{
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    EbpfContext,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::bpf_get_stack,
+    },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
 };
-use reuseport_common::{CONN_CPUS_MAX, ConnCpus, ProbeCounts, probe_config as cfg};
+use reuseport_common::{
+    CONN_CPUS_MAX, ConnCpus, LockKey, LockPending, LockStack, LockWait, LockWaiter, ProbeCounts,
+    lock_side, probe_config as cfg,
+};
 
 /// Settings and tracepoint field offsets, indexed by `probe_config::*`.
 #[map(name = "probe_config")]
@@ -59,9 +77,28 @@ static SERVER_TIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 #[map(name = "conn_cpus")]
 static CONN_CPUS: LruHashMap<u64, ConnCpus> = LruHashMap::with_max_entries(65536, 0);
 
-/// When this CPU began waiting for a contended lock (0: not waiting).
-#[map(name = "lock_start")]
-static LOCK_START: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Contended lock waits in progress, per waiting task and lock.
+#[map(name = "lock_pending")]
+static LOCK_PENDING: HashMap<LockWaiter, LockPending> = HashMap::with_max_entries(16384, 0);
+
+/// Kernel stacks of contended waits, by hash.
+#[map(name = "lock_stacks")]
+static LOCK_STACKS: HashMap<u64, LockStack> = HashMap::with_max_entries(8192, 0);
+
+/// Where this CPU takes a stack before hashing it.
+#[map(name = "lock_stack_buf")]
+static LOCK_STACK_BUF: PerCpuArray<LockStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Finished contended waits by stack, flags and side.
+#[map(name = "lock_waits")]
+static LOCK_WAITS: PerCpuHashMap<LockKey, LockWait> = PerCpuHashMap::with_max_entries(16384, 0);
+
+/// Processes (tgid) whose waits are the server's or the load generator's (`lock_side`).
+#[map(name = "lock_sides")]
+static LOCK_SIDES: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_SYN_RECV: i32 = 3;
@@ -89,26 +126,106 @@ fn this_cpu() -> u32 {
     unsafe { bpf_get_smp_processor_id() }
 }
 
+/// The waiting task and `lock`, as `lock_pending` keys it.
+fn waiter(lock: u64) -> LockWaiter {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    LockWaiter {
+        tid,
+        cpu: if tid == 0 { this_cpu() } else { u32::MAX },
+        lock,
+    }
+}
+
+/// Takes the kernel stack into `lock_stacks` and returns its hash (FNV-1a over the frames);
+/// 0 if no stack could be taken.
+fn record_stack(ctx: &TracePointContext) -> u64 {
+    let Some(buf) = LOCK_STACK_BUF.get_ptr_mut(0) else {
+        return 0;
+    };
+    let size = core::mem::size_of::<LockStack>() as u32;
+    // SAFETY: `buf` is this CPU's entry, `size` bytes long; the helper zero-fills what it does not
+    // write, so the whole entry is this stack.
+    let taken = unsafe { bpf_get_stack(ctx.as_ptr(), buf.cast(), size, 0) };
+    if taken <= 0 {
+        return 0;
+    }
+    // SAFETY: this CPU's entry, written above.
+    let stack = unsafe { &*buf };
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for frame in stack.frames {
+        hash = (hash ^ frame).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let hash = hash | 1;
+    // Already there (the usual case) or the map is full: either way the hash names it.
+    let _ = LOCK_STACKS.insert(&hash, stack, BPF_NOEXIST);
+    hash
+}
+
 #[tracepoint]
-pub fn lock_cont_begin(_ctx: TracePointContext) -> u32 {
-    if let Some(start) = LOCK_START.get_ptr_mut(0) {
-        // SAFETY: this CPU's entry.
-        unsafe { *start = bpf_ktime_get_ns() };
+pub fn lock_cont_begin(ctx: TracePointContext) -> u32 {
+    let Some(lock) = field::<u64>(&ctx, cfg::LOCK_BEGIN_ADDR) else {
+        return 0;
+    };
+    let flags = field::<u32>(&ctx, cfg::LOCK_BEGIN_FLAGS).unwrap_or(0);
+    let key = waiter(lock);
+    if let Some(pending) = LOCK_PENDING.get_ptr_mut(&key) {
+        // SAFETY: the entry of this task, which is running this program.
+        unsafe { (*pending).flags |= flags };
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is copied out at once.
+    let side = unsafe { LOCK_SIDES.get(&tgid) }
+        .copied()
+        .unwrap_or(lock_side::OTHER);
+    // The stack walk first, so that its own time is not counted as waiting.
+    let stack = record_stack(&ctx);
+    let pending = LockPending {
+        // SAFETY: no arguments, cannot fail.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        stack,
+        flags,
+        side,
+    };
+    if LOCK_PENDING.insert(&key, &pending, 0).is_err()
+        && let Some(counts) = counts()
+    {
+        counts.lock_unrecorded += 1;
     }
     0
 }
 
 #[tracepoint]
-pub fn lock_cont_end(_ctx: TracePointContext) -> u32 {
-    let (Some(start), Some(counts)) = (LOCK_START.get_ptr_mut(0), counts()) else {
+pub fn lock_cont_end(ctx: TracePointContext) -> u32 {
+    let (Some(lock), Some(counts)) = (field::<u64>(&ctx, cfg::LOCK_END_ADDR), counts()) else {
         return 0;
     };
-    // SAFETY: this CPU's entry.
-    let began = unsafe { core::ptr::replace(start, 0) };
-    if began != 0 {
-        counts.lock_contended += 1;
-        // SAFETY: no arguments, cannot fail.
-        counts.lock_wait_ns += unsafe { bpf_ktime_get_ns() }.saturating_sub(began);
+    let key = waiter(lock);
+    // SAFETY: the value is copied out at once.
+    let Some(pending) = (unsafe { LOCK_PENDING.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = LOCK_PENDING.remove(&key);
+    // SAFETY: no arguments, cannot fail.
+    let wait_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(pending.start_ns);
+    counts.lock_contended += 1;
+    counts.lock_wait_ns += wait_ns;
+    let stat_key = LockKey {
+        stack: pending.stack,
+        flags: pending.flags,
+        side: pending.side,
+    };
+    if let Some(stat) = LOCK_WAITS.get_ptr_mut(&stat_key) {
+        // SAFETY: this CPU's value of a per-CPU entry.
+        unsafe {
+            (*stat).count += 1;
+            (*stat).wait_ns += wait_ns;
+        }
+    } else if LOCK_WAITS
+        .insert(&stat_key, &LockWait { count: 1, wait_ns }, 0)
+        .is_err()
+    {
+        counts.lock_unrecorded += 1;
     }
     0
 }

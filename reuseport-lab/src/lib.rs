@@ -6,12 +6,14 @@
 //! - [`load`]: the load generator (crr, rr, udp; closed or open loop, HdrHistogram).
 //! - [`topology`]: namespaces + veth + RPS, or loopback with pinned clients; always torn down.
 //! - [`probes`]: tracepoint BPF programs (lock contention, wakeups, per-connection CPUs) and IPIs.
+//! - [`locks`]: contended lock waits by site (symbolized with [`kallsyms`]), side and kind, and
+//!   which of them are the listener's.
 //! - [`hw_counters`]: hardware counters where the machine has them (`unsupported` otherwise).
 //! - [`runner`]: runs the real `reuseport serve` / `reuseport load` (and peers) per row and
 //!   repetition, interleaved, with probes attached only while measuring.
 //! - [`peers`]: nginx as a row, wrk as a cross-check.
 //! - [`metrics`]: every compared metric, defined once (name, unit, better direction, label).
-//! - [`report`]: medians and ranges, ratios, table, JSON, SVG.
+//! - [`report`]: medians and ranges, ratios, table, JSON, SVG; [`lock_report`]: its lock table.
 //! - [`significance`]: bootstrap intervals of the ratios: which differences are established.
 //!
 //! It builds on the `reuseport` library (CPU lists, steering modes, the BPF object whose probes
@@ -20,7 +22,10 @@
 pub(crate) mod child;
 pub mod error;
 pub mod hw_counters;
+pub mod kallsyms;
 pub mod load;
+pub mod lock_report;
+pub mod locks;
 pub mod metrics;
 pub mod peers;
 pub mod probes;

@@ -41,6 +41,10 @@ pub enum MetricId {
     LockContendedPerConn,
     /// Nanoseconds waiting for contended locks per connection.
     LockWaitNsPerConn,
+    /// Contended waits on the listener's locks per connection ([`crate::locks::is_listener`]).
+    ListenerLockContendedPerConn,
+    /// Nanoseconds waiting for the listener's contended locks per connection.
+    ListenerLockWaitNsPerConn,
     /// IPIs per connection.
     IpisPerConn,
     /// Distinct CPUs touching a connection.
@@ -80,7 +84,7 @@ pub struct MetricDef {
 
 impl MetricId {
     /// Every metric, in table order.
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 21] = [
         Self::ConnPerS,
         Self::ReqPerS,
         Self::P50Us,
@@ -90,6 +94,8 @@ impl MetricId {
         Self::CrossCpuWakeupsPerConn,
         Self::LockContendedPerConn,
         Self::LockWaitNsPerConn,
+        Self::ListenerLockContendedPerConn,
+        Self::ListenerLockWaitNsPerConn,
         Self::IpisPerConn,
         Self::CpusPerConn,
         Self::CrossCpuConnFraction,
@@ -156,6 +162,20 @@ impl MetricId {
                 Lower,
                 "ns waiting for contended locks",
                 Some("lock wait/conn"),
+            ),
+            Self::ListenerLockContendedPerConn => (
+                "listener_lock_contended_per_conn",
+                "1",
+                Lower,
+                "contended waits on the listener's locks (accept, accept queue, SYN)",
+                None,
+            ),
+            Self::ListenerLockWaitNsPerConn => (
+                "listener_lock_wait_ns_per_conn",
+                "ns",
+                Lower,
+                "ns waiting for the listener's contended locks",
+                None,
             ),
             Self::IpisPerConn => (
                 "ipis_per_conn",

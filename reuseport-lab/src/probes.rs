@@ -1,16 +1,24 @@
 //! The experiment's probes: the tracepoint programs of `reuseport-ebpf/src/probes.rs`, attached
-//! only while a run is measured, plus IPI counts from `/proc/interrupts`.
+//! only while a run is measured, plus IPI counts from `/proc/interrupts`. Contended lock waits
+//! come back by site and side ([`crate::locks`]).
 
-use std::{fs, io, path::Path};
+use std::{collections::HashMap as StdHashMap, fs, io, path::Path};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapError, PerCpuArray, PerCpuHashMap},
     programs::{ProgramError, TracePoint},
 };
-use reuseport_common::{ProbeCounts, names, probe_config as cfg};
+use reuseport_common::{
+    LockKey, LockStack, LockWait, ProbeCounts, lock_side, names, probe_config as cfg,
+};
 use serde::Serialize;
 use thiserror::Error;
+
+use crate::{
+    kallsyms::{Kallsyms, KallsymsError},
+    locks::{LockSite, group_sites},
+};
 
 /// The probes BPF object (`reuseport-ebpf/src/probes.rs`: the tracepoint programs and their maps,
 /// nothing else), built by this crate's `build.rs`.
@@ -52,6 +60,12 @@ pub enum ProbeError {
     /// `/proc/interrupts` could not be read.
     #[error("reading /proc/interrupts failed")]
     Interrupts(#[source] io::Error),
+    /// Kernel stacks could not be named.
+    #[error(transparent)]
+    Kallsyms(#[from] KallsymsError),
+    /// Only the server and the client are processes whose waits can be attributed.
+    #[error("{0} is not a process's side: register the server's or the client's processes")]
+    NotAProcessSide(crate::locks::Side),
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -70,6 +84,10 @@ pub struct ProbeTotals {
     pub sum: ProbeCounts,
     /// Server connections seen entering `SYN_RECV`, per CPU (index = the SYN's CPU).
     pub syn_cpus: Vec<u64>,
+    /// Contended lock waits by site, side and kind, most waited first (machine-wide; waits the
+    /// maps had no room for are in `lock_unrecorded` instead).
+    #[serde(default)]
+    pub locks: Vec<LockSite>,
 }
 
 impl ProbeTotals {
@@ -119,6 +137,9 @@ impl Probes {
             (cfg::RECV_SK, "sock/sock_recv_length", "sk"),
             (cfg::SEND_SK, "sock/sock_send_length", "sk"),
             (cfg::DATA_READY_SK, "sock/sk_data_ready", "skaddr"),
+            (cfg::LOCK_BEGIN_ADDR, "lock/contention_begin", "lock_addr"),
+            (cfg::LOCK_BEGIN_FLAGS, "lock/contention_begin", "flags"),
+            (cfg::LOCK_END_ADDR, "lock/contention_end", "lock_addr"),
         ];
         {
             let map = ebpf
@@ -159,6 +180,60 @@ impl Probes {
         Ok(())
     }
 
+    /// Attributes the contended lock waits of process `pid` (all its threads) to `side`
+    /// ([`Side::Server`](crate::locks::Side::Server) or
+    /// [`Side::Client`](crate::locks::Side::Client); the others are refused: softirq is told
+    /// from the stack, and `other` is what is not registered).
+    pub fn watch_process(&mut self, pid: u32, side: crate::locks::Side) -> Result<(), ProbeError> {
+        let value = match side {
+            crate::locks::Side::Server => lock_side::SERVER,
+            crate::locks::Side::Client => lock_side::CLIENT,
+            side @ (crate::locks::Side::Softirq | crate::locks::Side::Other) => {
+                return Err(ProbeError::NotAProcessSide(side));
+            }
+        };
+        let map = self
+            .ebpf
+            .map_mut(names::LOCK_SIDES)
+            .ok_or(ProbeError::Missing(names::LOCK_SIDES))?;
+        HashMap::<_, u32, u32>::try_from(map)?.insert(pid, value, 0)?;
+        Ok(())
+    }
+
+    /// Contended lock waits so far by site, with their stacks named from `/proc/kallsyms`.
+    pub fn lock_sites(&self) -> Result<Vec<LockSite>, ProbeError> {
+        let waits_map = self
+            .ebpf
+            .map(names::LOCK_WAITS)
+            .ok_or(ProbeError::Missing(names::LOCK_WAITS))?;
+        let waits_map = PerCpuHashMap::<_, LockKey, LockWait>::try_from(waits_map)?;
+        let mut waits = Vec::new();
+        for entry in waits_map.iter() {
+            let (key, per_cpu) = entry?;
+            let mut sum = LockWait::default();
+            for wait in per_cpu.iter() {
+                sum.count += wait.count;
+                sum.wait_ns += wait.wait_ns;
+            }
+            waits.push((key, sum));
+        }
+        if waits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let symbols = Kallsyms::load()?;
+        let stacks_map = self
+            .ebpf
+            .map(names::LOCK_STACKS)
+            .ok_or(ProbeError::Missing(names::LOCK_STACKS))?;
+        let stacks_map = HashMap::<_, u64, LockStack>::try_from(stacks_map)?;
+        let mut stacks = StdHashMap::new();
+        for entry in stacks_map.iter() {
+            let (hash, stack) = entry?;
+            stacks.insert(hash, symbols.symbolize(&stack.frames));
+        }
+        Ok(group_sites(waits, &stacks))
+    }
+
     /// What the probes have counted so far.
     pub fn totals(&self) -> Result<ProbeTotals, ProbeError> {
         let map = self
@@ -173,6 +248,7 @@ impl Probes {
         Ok(ProbeTotals {
             sum,
             syn_cpus: per_cpu.iter().map(|c| c.conns_opened).collect(),
+            locks: self.lock_sites()?,
         })
     }
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 use crate::{
+    lock_report::{LockReport, RunLocks},
     metrics::{Metric, MetricId, Raw, median, unsupported},
     runner::{AbConfig, AbResults, CrossCheck, RunRecord},
     significance::ratio_interval,
@@ -174,6 +175,10 @@ pub struct Report {
     pub runs: Vec<RunRecord>,
     /// Row order as run.
     pub rows: Vec<String>,
+    /// The lock table: top lock sites per row, largest changes percpu vs hash (absent from
+    /// files written before it existed).
+    #[serde(default)]
+    pub locks: LockReport,
 }
 
 impl Report {
@@ -197,6 +202,17 @@ impl Report {
             })
             .collect();
         let ratios = ratios(&summary, &results.runs);
+        let run_locks: Vec<RunLocks<'_>> = results
+            .runs
+            .iter()
+            .map(|run| RunLocks {
+                row: &run.row,
+                units: crate::runner::units(config.load, &run.load),
+                sites: &run.probes.locks,
+                unrecorded: run.probes.sum.lock_unrecorded,
+            })
+            .collect();
+        let locks = LockReport::new(&rows, &run_locks);
         let kernel = reuseport::kernel::release();
         Self {
             machine: Machine {
@@ -214,6 +230,7 @@ impl Report {
             cross_check: results.cross_check,
             runs: results.runs,
             rows,
+            locks,
         }
     }
 
@@ -236,7 +253,8 @@ impl Report {
     }
 
     /// The terminal table: one line per metric, one column per row, then percpu/hash with its
-    /// 95 % interval, `~` where the difference is not established.
+    /// 95 % interval, `~` where the difference is not established; then the lock table
+    /// ([`LockReport::table`]).
     pub fn table(&self) -> String {
         let mut out = format!(
             "{} CPUs, kernel {}, topology {}, load {} x{} for {}s, {} reps (median [min-max])\n",
@@ -248,7 +266,13 @@ impl Report {
             self.machine.duration_s,
             self.machine.reps
         );
-        let _ = write!(out, "{:<28}", "metric");
+        // As wide as the longest metric name, so every row's cells line up.
+        let width = MetricId::ALL
+            .iter()
+            .map(|metric| metric.name().len())
+            .max()
+            .unwrap_or(0);
+        let _ = write!(out, "{:<width$}", "metric");
         for row in &self.rows {
             let _ = write!(out, " {row:>26}");
         }
@@ -258,7 +282,7 @@ impl Report {
         }
         out.push('\n');
         for metric in MetricId::ALL {
-            let _ = write!(out, "{:<28}", metric.name());
+            let _ = write!(out, "{:<width$}", metric.name());
             for row in &self.rows {
                 let cell = match self.summary.get(row).and_then(|m| m.get(&metric)) {
                     Some(Summary::Range(r)) => {
@@ -300,6 +324,7 @@ impl Report {
                 check.mode, check.wrk_req_per_s, check.builtin_req_per_s, check.ratio
             );
         }
+        out.push_str(&self.locks.table(&self.rows));
         out
     }
 
@@ -537,13 +562,28 @@ mod tests {
                 "cache_misses".to_owned(),
                 crate::hw_counters::HwCount::Unsupported(crate::metrics::UNSUPPORTED),
             );
+            let lock_site = crate::locks::LockSite {
+                site: "inet_csk_reqsk_queue_add".into(),
+                caller: "inet_csk_complete_hashdance".into(),
+                side: crate::locks::Side::Softirq,
+                kind: "spin".into(),
+                listener: true,
+                count: if row == "percpu" { 2 } else { 5 },
+                wait_ns: if row == "percpu" { 400 } else { 1000 } * rep as u64,
+            };
             RunRecord {
                 row: row.to_owned(),
                 rep,
                 metrics,
-                load: crate::load::LoadReport::default(),
+                load: crate::load::LoadReport {
+                    connections: 100,
+                    ..Default::default()
+                },
                 server: None,
-                probes: crate::probes::ProbeTotals::default(),
+                probes: crate::probes::ProbeTotals {
+                    locks: vec![lock_site],
+                    ..Default::default()
+                },
                 ipis: 3,
                 hw,
             }
@@ -608,6 +648,27 @@ mod tests {
         assert!(line("p99_us").ends_with(" ~"));
         assert!(line("cache_misses_per_conn").contains("unsupported"));
         assert!(table.contains("percpu 2 reps, hash 2 reps"), "{table}");
+        // Every metric's first cell ends in the same column, after the longest metric name.
+        let width = MetricId::ALL
+            .map(|metric| metric.name().len())
+            .into_iter()
+            .max()
+            .unwrap();
+        for metric in MetricId::ALL {
+            assert_ne!(line(metric.name()).as_bytes()[width + 26], b' ', "{table}");
+        }
+        // The lock table follows: the site per row, and its change percpu vs hash.
+        let lock_table = table
+            .split_once("lock waits by site")
+            .map(|(_, rest)| rest)
+            .unwrap_or_else(|| panic!("no lock table: {table}"));
+        assert!(
+            lock_table.contains("inet_csk_reqsk_queue_add <- inet_csk_complete_hashdance"),
+            "{table}"
+        );
+        assert_eq!(report.locks.changes.len(), 1);
+        assert_eq!(report.locks.changes[0].hash_waits_per_conn, 0.05);
+        assert_eq!(report.locks.changes[0].percpu_waits_per_conn, 0.02);
     }
 
     #[test]
@@ -639,6 +700,26 @@ mod tests {
         }
         fs::write(&path, old.to_string()).unwrap();
         assert_eq!(Report::read(&path).unwrap().table(), report.table());
+
+        // A file from before lock sites: no lock table, everything else as before.
+        old.as_object_mut().unwrap().remove("locks");
+        for run in old["runs"].as_array_mut().unwrap() {
+            let probes = run["probes"].as_object_mut().unwrap();
+            probes.remove("locks");
+            probes.remove("lock_unrecorded");
+        }
+        fs::write(&path, old.to_string()).unwrap();
+        let without_locks = Report::read(&path).unwrap();
+        assert_eq!(without_locks.locks, LockReport::default());
+        assert!(
+            without_locks
+                .runs
+                .iter()
+                .all(|run| run.probes.locks.is_empty())
+        );
+        let full_table = report.table();
+        let (main_table, _) = full_table.split_once("\nlock waits by site").unwrap();
+        assert_eq!(without_locks.table(), main_table);
 
         fs::write(&path, "{\"machine\": 1}").unwrap();
         assert!(matches!(

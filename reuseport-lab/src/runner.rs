@@ -537,9 +537,14 @@ fn measure(
     let server_limit = duration * 3 + Duration::from_secs(30);
     let server = start_server(config, topology, cpus, row, &files, server_limit)?;
 
-    let probes = if probed {
+    let mut probes = if probed {
         let mut probes = Probes::attach(server.addr.port())?;
         probes.watch_threads(server_threads(server.guard.pid()))?;
+        for pid in std::iter::once(server.guard.pid())
+            .chain(reuseport::procfs::children_of(server.guard.pid()))
+        {
+            probes.watch_process(pid, crate::locks::Side::Server)?;
+        }
         Some(probes)
     } else {
         None
@@ -565,6 +570,10 @@ fn measure(
     }
     topology.client_side(&mut load)?;
     let mut load = ChildGuard::spawn(load, "reuseport load")?;
+    // Its first connections may wait before this: they count as `other`.
+    if let Some(probes) = probes.as_mut() {
+        probes.watch_process(load.pid(), crate::locks::Side::Client)?;
+    }
     // Rolling restarts while the load runs: SIGHUP to our server (peers are left alone).
     let restarter = match (config.restart_every, row) {
         (Some(every), Row::Mode(_)) => Some(Restarter::start(server.guard.pid(), every)),
@@ -611,6 +620,14 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RunnerErr
     })
 }
 
+/// What "per conn" divides by: new connections for `crr`, requests for `rr` and `udp`.
+pub fn units(kind: LoadKind, load: &LoadReport) -> u64 {
+    match kind {
+        LoadKind::Crr => load.connections,
+        LoadKind::Rr | LoadKind::Udp => load.requests,
+    }
+}
+
 /// Turns one run's raw counts into the compared metrics. "Per conn" means per new connection
 /// for `crr`, and per request for `rr` and `udp` (where requests, not connections, are the unit).
 pub fn derive_metrics(
@@ -621,10 +638,7 @@ pub fn derive_metrics(
     ipis: u64,
     hw: &BTreeMap<String, HwCount>,
 ) -> BTreeMap<MetricId, Metric> {
-    let units = match kind {
-        LoadKind::Crr => load.connections,
-        LoadKind::Rr | LoadKind::Udp => load.requests,
-    };
+    let units = units(kind, load);
     let per = |count: u64| Metric::from_option(reuseport::stats::fraction(count, units));
     let steering = server.and_then(|server| server.steering.as_ref());
     // Our server knows each TCP connection's SO_INCOMING_CPU; for peers use the probes' SYN CPU
@@ -643,6 +657,7 @@ pub fn derive_metrics(
         _ => Metric::Unsupported(crate::metrics::UNSUPPORTED),
     };
     let syns: u64 = probes.syn_cpus.iter().sum();
+    let (listener_waits, listener_ns) = crate::locks::listener_totals(&probes.locks);
     let count = |n: Option<u64>| Metric::from_option(n.map(|n| n as f64));
     MetricId::ALL
         .into_iter()
@@ -663,6 +678,8 @@ pub fn derive_metrics(
                 MetricId::CrossCpuWakeupsPerConn => per(probes.sum.server_cross_cpu_wakeups),
                 MetricId::LockContendedPerConn => per(probes.sum.lock_contended),
                 MetricId::LockWaitNsPerConn => per(probes.sum.lock_wait_ns),
+                MetricId::ListenerLockContendedPerConn => per(listener_waits),
+                MetricId::ListenerLockWaitNsPerConn => per(listener_ns),
                 MetricId::IpisPerConn => per(ipis),
                 MetricId::CpusPerConn => Metric::from_option(probes.cpus_per_conn()),
                 MetricId::CrossCpuConnFraction => {

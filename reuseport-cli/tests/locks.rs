@@ -1,0 +1,174 @@
+//! Lock contention by lock, against the real kernel: contention forced on a known kernel lock from
+//! a known process shows under its function, its side and its kind. Needs root.
+//!
+//! (The symbolizer against `/proc/kallsyms` and the listener rule against stacks of known frames
+//! are tested in `reuseport-lab`: `cargo test -p reuseport-lab kallsyms locks`.)
+
+mod common;
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use reuseport::cpus::pin_current_thread;
+use reuseport_lab::{
+    locks::{LockSite, Side},
+    probes::Probes,
+};
+
+/// Polls the probes' lock sites until `done` holds for them (at most 20 s); returns the last.
+fn wait_for_sites(probes: &Probes, done: impl Fn(&[LockSite]) -> bool) -> Vec<LockSite> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sites = probes.lock_sites().expect("lock sites");
+        if done(&sites) || Instant::now() > end {
+            return sites;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether `sites` has waits at the pipe function `site` (`anon_pipe_write` since Linux 6.16,
+/// `pipe_write` before) by `side` on a lock of `kind`.
+fn has(sites: &[LockSite], site: &str, side: Side, kind: &str) -> bool {
+    sites.iter().any(|s| {
+        (s.site == site || s.site == format!("anon_{site}"))
+            && s.side == side
+            && s.kind == kind
+            && s.count > 0
+            && s.wait_ns > 0
+    })
+}
+
+/// Threads of this process (registered as the server) write 64 KiB buffers into one pipe that a
+/// `cat` (registered as the load generator) drains: the writers wait for the pipe's mutex in
+/// `pipe_write`, and `cat` waits for it in `pipe_read`.
+#[test]
+fn pipe_mutex_waits_show_under_pipe_write_and_pipe_read_by_side() {
+    let Some((a, b)) = two_cpus() else { return };
+    let mut probes = Probes::attach(1).expect("attach probes");
+    let mut cat = Command::new("cat")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn cat");
+    probes
+        .watch_process(std::process::id(), Side::Server)
+        .expect("watch this process");
+    probes
+        .watch_process(cat.id(), Side::Client)
+        .expect("watch cat");
+    // Softirq is told from the stack, never registered.
+    assert!(probes.watch_process(cat.id(), Side::Softirq).is_err());
+    let stdin = cat.stdin.take().expect("cat's stdin");
+    let fd = std::os::fd::OwnedFd::from(stdin);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = [a, b, a, b]
+        .into_iter()
+        .map(|cpu| {
+            let mut file = std::fs::File::from(fd.try_clone().expect("dup pipe"));
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                pin_current_thread(cpu).expect("pin");
+                let buffer = vec![7u8; 64 << 10];
+                let end = Instant::now() + Duration::from_secs(25);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    file.write_all(&buffer).expect("write into the pipe");
+                }
+            })
+        })
+        .collect();
+    drop(fd);
+    let sites = wait_for_sites(&probes, |sites| {
+        has(sites, "pipe_write", Side::Server, "mutex")
+            && has(sites, "pipe_read", Side::Client, "mutex")
+    });
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.join().expect("writer");
+    }
+    let _ = cat.wait();
+    assert!(
+        has(&sites, "pipe_write", Side::Server, "mutex"),
+        "no pipe_write mutex waits by the server: {sites:#?}"
+    );
+    assert!(
+        has(&sites, "pipe_read", Side::Client, "mutex"),
+        "no pipe_read mutex waits by the client: {sites:#?}"
+    );
+    // Neither is the listener's.
+    assert!(
+        sites
+            .iter()
+            .filter(|s| s.site.contains("pipe_"))
+            .all(|s| !s.listener)
+    );
+}
+
+/// Two threads of this process (registered as the load generator) mapping and unmapping memory
+/// on two CPUs wait for its mmap lock, a read-write semaphore, in the mmap and munmap paths.
+#[test]
+fn mmap_lock_waits_show_as_rwsem_waits_of_the_client() {
+    let Some((a, b)) = two_cpus() else { return };
+    let mut probes = Probes::attach(1).expect("attach probes");
+    probes
+        .watch_process(std::process::id(), Side::Client)
+        .expect("watch this process");
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = [a, b]
+        .into_iter()
+        .map(|cpu| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                pin_current_thread(cpu).expect("pin");
+                let end = Instant::now() + Duration::from_secs(25);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    // SAFETY: a fresh anonymous mapping, touched once and unmapped.
+                    unsafe {
+                        let len = 1 << 20;
+                        let p = libc::mmap(
+                            std::ptr::null_mut(),
+                            len,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        );
+                        assert_ne!(p, libc::MAP_FAILED);
+                        *(p as *mut u8) = 1;
+                        libc::munmap(p, len);
+                    }
+                }
+            })
+        })
+        .collect();
+    let rwsem_of_client = |sites: &[LockSite]| {
+        sites.iter().any(|s| {
+            s.side == Side::Client && s.kind.starts_with("rwsem-") && s.count > 0 && !s.listener
+        })
+    };
+    let sites = wait_for_sites(&probes, rwsem_of_client);
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+    assert!(
+        rwsem_of_client(&sites),
+        "no rwsem waits by the client: {sites:#?}"
+    );
+    // No site is a lock primitive: the symbolizer skipped them.
+    assert!(
+        sites
+            .iter()
+            .all(|s| !reuseport_lab::locks::is_lock_primitive(&s.site)),
+        "{sites:#?}"
+    );
+}
