@@ -328,6 +328,8 @@ pub struct SteeringCounters {
     /// Helper errors other than an empty slot.
     pub errors: u64,
     /// Refused while the server was starting: the receiving CPU's listener was not in place yet.
+    /// (Absent from summaries written before it existed: read as 0.)
+    #[serde(default)]
     pub held: u64,
 }
 
