@@ -122,65 +122,96 @@ enum Phase {
 }
 
 /// What one connection is doing, shared between its task (which updates it as bytes and
-/// requests come and go) and the [`Shedder`] (which may ask it to close).
+/// requests come and go, with a few relaxed atomic stores per request), its worker (which may ask
+/// it to drain) and the [`Shedder`] (which may ask it to close).
 #[derive(Debug)]
 pub struct ConnectionClock {
-    phase: Mutex<Phase>,
+    /// When the connection was accepted: the origin of the times below.
+    accepted: Instant,
+    /// Nanoseconds after `accepted` when the connection began waiting for a request; [`BUSY`]
+    /// while it is busy with one.
+    waiting_since: AtomicU64,
+    /// Nanoseconds after `accepted`, plus one, when the first byte of the awaited request arrived;
+    /// 0 while none has.
+    first_byte: AtomicU64,
+    /// Whether a request has begun on this connection (from then on the idle timeout applies
+    /// between requests).
+    served: AtomicBool,
+    /// The worker is stopping: answer with `connection: close`.
+    draining: AtomicBool,
+    /// The [`Shedder`] asked the connection to close.
     shed: AtomicBool,
-    shed_signal: Notify,
+    /// Woken when `draining` or `shed` is set.
+    attention: Notify,
 }
+
+/// [`ConnectionClock::waiting_since`] of a busy connection.
+const BUSY: u64 = u64::MAX;
 
 impl ConnectionClock {
     /// A connection accepted now.
     pub fn accepted() -> Arc<Self> {
         Arc::new(Self {
-            phase: Mutex::new(Phase::Waiting {
-                since: Instant::now(),
-                first: true,
-                first_byte: None,
-            }),
+            accepted: Instant::now(),
+            waiting_since: AtomicU64::new(0),
+            first_byte: AtomicU64::new(0),
+            served: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             shed: AtomicBool::new(false),
-            shed_signal: Notify::new(),
+            attention: Notify::new(),
         })
     }
 
-    fn phase(&self) -> MutexGuard<'_, Phase> {
-        // A panic elsewhere cannot leave a `Phase` half-written: use it as it is.
-        self.phase
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Nanoseconds from accept to now (saturating below [`BUSY`], some 584 years).
+    fn nanos_now(&self) -> u64 {
+        u64::try_from(self.accepted.elapsed().as_nanos()).unwrap_or(BUSY - 1)
+    }
+
+    fn at(&self, nanos: u64) -> Instant {
+        self.accepted + Duration::from_nanos(nanos)
+    }
+
+    fn phase(&self) -> Phase {
+        let since = self.waiting_since.load(Ordering::Relaxed);
+        if since == BUSY {
+            return Phase::Busy;
+        }
+        let first_byte = self.first_byte.load(Ordering::Relaxed);
+        Phase::Waiting {
+            since: self.at(since),
+            first: !self.served.load(Ordering::Relaxed),
+            first_byte: (first_byte != 0).then(|| self.at(first_byte - 1)),
+        }
     }
 
     /// Bytes arrived: if the connection was waiting for a request, its head has begun.
     pub fn bytes_arrived(&self) {
-        if let Phase::Waiting {
-            first_byte: first_byte @ None,
-            ..
-        } = &mut *self.phase()
+        if self.first_byte.load(Ordering::Relaxed) == 0
+            && self.waiting_since.load(Ordering::Relaxed) != BUSY
         {
-            *first_byte = Some(Instant::now());
+            self.first_byte
+                .store(self.nanos_now().saturating_add(1), Ordering::Relaxed);
         }
     }
 
     /// A whole request head arrived: the connection is busy until its response is produced.
     pub fn request_started(&self) {
-        *self.phase() = Phase::Busy;
+        self.served.store(true, Ordering::Relaxed);
+        self.waiting_since.store(BUSY, Ordering::Relaxed);
     }
 
     /// The response was produced: the connection waits for its next request.
     pub fn response_finished(&self) {
-        *self.phase() = Phase::Waiting {
-            since: Instant::now(),
-            first: false,
-            first_byte: None,
-        };
+        self.first_byte.store(0, Ordering::Relaxed);
+        self.waiting_since
+            .store(self.nanos_now(), Ordering::Relaxed);
     }
 
     /// Whether the connection waits for a request and nothing of it has arrived (so closing it
     /// loses nothing the client sent).
     pub fn is_idle(&self) -> bool {
         matches!(
-            *self.phase(),
+            self.phase(),
             Phase::Waiting {
                 first_byte: None,
                 ..
@@ -190,7 +221,7 @@ impl ConnectionClock {
 
     /// The deadline of the current phase and the timeout it enforces; `None` while busy.
     fn deadline(&self, timeouts: &Timeouts) -> Option<(Instant, Timeout)> {
-        match *self.phase() {
+        match self.phase() {
             Phase::Waiting {
                 first_byte: Some(first_byte),
                 ..
@@ -219,23 +250,40 @@ impl ConnectionClock {
             .map_or(latest, |(deadline, _)| deadline.min(latest))
     }
 
-    /// Waits until the [`Shedder`] asks this connection to close.
-    pub async fn shed_requested(&self) {
-        self.shed_signal.notified().await;
+    /// Waits until the connection is asked to drain or to close; see [`ConnectionClock::is_shed`]
+    /// and [`ConnectionClock::is_draining`].
+    pub async fn attention(&self) {
+        self.attention.notified().await;
+    }
+
+    /// Asks the connection to drain: answer every request with `connection: close`.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.attention.notify_one();
+    }
+
+    /// Whether the connection was asked to drain.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the [`Shedder`] asked the connection to close.
+    pub fn is_shed(&self) -> bool {
+        self.shed.load(Ordering::Relaxed)
     }
 
     /// When the connection began waiting, if it waits for a request and was not asked to close
     /// yet: the [`Shedder`] closes the one waiting longest first.
     fn waiting_since(&self) -> Option<Instant> {
-        match *self.phase() {
-            Phase::Waiting { since, .. } if !self.shed.load(Ordering::Relaxed) => Some(since),
+        match self.phase() {
+            Phase::Waiting { since, .. } if !self.is_shed() => Some(since),
             _ => None,
         }
     }
 
     fn shed(&self) {
         self.shed.store(true, Ordering::Relaxed);
-        self.shed_signal.notify_one();
+        self.attention.notify_one();
     }
 }
 
@@ -273,6 +321,13 @@ impl ConnectionTable {
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.open().is_empty()
+    }
+
+    /// Asks every connection in the table to drain ([`ConnectionClock::drain`]).
+    pub fn drain_all(&self) {
+        for clock in self.open().values() {
+            clock.drain();
+        }
     }
 }
 
@@ -475,12 +530,12 @@ mod tests {
         let _newer = a.register(Arc::clone(&newer));
         let oldest_registration = b.register(Arc::clone(&oldest));
         assert_eq!(shedder.shed_oldest(), Shed::One);
-        assert!(oldest.shed.load(Ordering::Relaxed));
+        assert!(oldest.is_shed());
         assert_eq!(shedder.shed_oldest(), Shed::Pending);
         drop(oldest_registration);
         assert_eq!(shedder.shed_oldest(), Shed::One);
-        assert!(newer.shed.load(Ordering::Relaxed));
-        assert!(!busy.shed.load(Ordering::Relaxed));
+        assert!(newer.is_shed());
+        assert!(!busy.is_shed());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Instant,
@@ -28,7 +28,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpStream, sync::watch};
+use tokio::net::TcpStream;
 
 use crate::{
     connections::{ClockedStream, ConnectionClock, Timeout, Timeouts},
@@ -86,23 +86,21 @@ pub enum Ended {
 /// and keeping `clock` up to date, and closes it when a [`Timeouts`] deadline passes or the
 /// [`crate::connections::Shedder`] asks.
 ///
-/// Once `shutdown` becomes `true` (or its sender is dropped) the connection drains: every request
-/// it reads from then on is answered with `connection: close` and the connection closes after
-/// that response, so a client never sends a request that is not answered. One that sends no
-/// request within [`DRAIN_TIMEOUT`] is closed while idle.
+/// Once the worker asks it to drain ([`ConnectionClock::drain`]), every request it reads from
+/// then on is answered with `connection: close` and the connection closes after that response, so
+/// a client never sends a request that is not answered. One that sends no request within
+/// [`DRAIN_TIMEOUT`] is closed while idle.
 pub async fn serve_connection(
     stream: TcpStream,
     served_by: ServedBy,
     requests: Arc<AtomicU64>,
     clock: Arc<ConnectionClock>,
     timeouts: Timeouts,
-    mut shutdown: watch::Receiver<bool>,
 ) -> Ended {
     let body = Bytes::from(format!("{}\n", served_by.line()));
     let incoming = served_by.incoming();
     let worker = served_by.worker_cpu.to_string();
-    let closing = Arc::new(AtomicBool::new(false));
-    let (service_clock, service_closing) = (Arc::clone(&clock), Arc::clone(&closing));
+    let service_clock = Arc::clone(&clock);
     let service = service_fn(move |_request: Request<Incoming>| {
         requests.fetch_add(1, Ordering::Relaxed);
         service_clock.request_started();
@@ -110,7 +108,7 @@ pub async fn serve_connection(
             .header(WORKER_CPU_HEADER, worker.as_str())
             .header(INCOMING_CPU_HEADER, incoming.as_str())
             .header("content-type", "text/plain");
-        if service_closing.load(Ordering::Relaxed) {
+        if service_clock.is_draining() {
             // hyper closes the connection once this response is written.
             response = response.header(CONNECTION, "close");
         }
@@ -138,13 +136,16 @@ pub async fn serve_connection(
             served = connection.as_mut() => {
                 return served.map_or_else(Ended::Failed, |()| Ended::Closed);
             }
-            () = clock.shed_requested() => return Ended::Shed,
-            _ = shutdown.wait_for(|stop| *stop), if drain_by.is_none() => {
-                closing.store(true, Ordering::Relaxed);
-                let by = Instant::now() + DRAIN_TIMEOUT;
-                drain_by = Some(by);
-                if timer.deadline() > by.into() {
-                    timer.as_mut().reset(by.into());
+            () = clock.attention() => {
+                if clock.is_shed() {
+                    return Ended::Shed;
+                }
+                if clock.is_draining() && drain_by.is_none() {
+                    let by = Instant::now() + DRAIN_TIMEOUT;
+                    drain_by = Some(by);
+                    if timer.deadline() > by.into() {
+                        timer.as_mut().reset(by.into());
+                    }
                 }
             }
             () = timer.as_mut() => {

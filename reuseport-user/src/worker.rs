@@ -243,7 +243,6 @@ async fn serve(
                 counters,
                 policy,
                 table: &table,
-                shutdown: shutdown.clone(),
             };
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => {}
@@ -254,6 +253,7 @@ async fn serve(
             drop(listener);
             // Then let the connections already accepted drain (each answers what it reads with
             // `connection: close`; idle ones close after DRAIN_TIMEOUT).
+            table.drain_all();
             let drained = async { while connections.join_next().await.is_some() {} };
             let _ = tokio::time::timeout(DRAIN_TIMEOUT + DRAIN_GRACE, drained).await;
             // Those still open are dropped here.
@@ -270,7 +270,6 @@ struct TcpWorker<'a> {
     counters: &'a Arc<WorkerCounters>,
     policy: &'a ConnectionPolicy,
     table: &'a Arc<ConnectionTable>,
-    shutdown: watch::Receiver<bool>,
 }
 
 impl TcpWorker<'_> {
@@ -308,12 +307,12 @@ impl TcpWorker<'_> {
         let clock = ConnectionClock::accepted();
         let registration = self.table.register(Arc::clone(&clock));
         let counters = Arc::clone(self.counters);
-        let (timeouts, shutdown) = (self.policy.timeouts, self.shutdown.clone());
+        let timeouts = self.policy.timeouts;
         // The runtime is single-threaded: the connection stays on this worker's CPU.
         connections.spawn(async move {
             let _registered = registration;
             let requests = Arc::clone(&counters.requests);
-            match serve_connection(stream, served_by, requests, clock, timeouts, shutdown).await {
+            match serve_connection(stream, served_by, requests, clock, timeouts).await {
                 Ended::TimedOut(_) => counters.timed_out.fetch_add(1, Ordering::Relaxed),
                 Ended::Shed => counters.shed.fetch_add(1, Ordering::Relaxed),
                 Ended::Closed | Ended::Drained | Ended::Failed(_) => 0,
