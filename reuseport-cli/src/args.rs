@@ -187,6 +187,21 @@ pub fn parse_spill_period(value: &str) -> Result<Duration, String> {
     Ok(period)
 }
 
+/// `--header-timeout` and `--idle-timeout`: a duration from
+/// [`reuseport::connections::Timeouts::MIN`] to [`reuseport::connections::Timeouts::MAX`].
+pub fn parse_connection_timeout(value: &str) -> Result<Duration, String> {
+    use reuseport::connections::Timeouts;
+    let timeout = humantime::parse_duration(value).map_err(|err| err.to_string())?;
+    if !(Timeouts::MIN..=Timeouts::MAX).contains(&timeout) {
+        return Err(format!(
+            "must be at least {} and at most {}",
+            humantime::format_duration(Timeouts::MIN),
+            humantime::format_duration(Timeouts::MAX)
+        ));
+    }
+    Ok(timeout)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::ValueEnum;

@@ -76,7 +76,8 @@ pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 /// Waits until `stop` is set or `duration` has passed, showing once a second (unless `quiet`)
-/// the live line of what happened in that second, from `snapshot`'s counters. Calls `tick`
+/// the live line of what happened in that second, from `snapshot`'s counters (a failed snapshot
+/// is reported once on stderr and skipped). Calls `tick`
 /// every 50 ms in between (e.g. to act on SIGHUP).
 pub fn show_live_until_stopped(
     stop: &AtomicBool,
@@ -88,16 +89,29 @@ pub fn show_live_until_stopped(
     let deadline = duration.map(|d| Instant::now() + d);
     let mut previous = Snapshot::default();
     let mut next_line = Instant::now() + Duration::from_secs(1);
+    let mut reading_failed = false;
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
         thread::sleep(Duration::from_millis(50));
         tick()?;
         if Instant::now() >= next_line {
             next_line += Duration::from_secs(1);
-            let now = snapshot()?;
-            if !quiet {
-                write_live_line(&now.since(&previous).live_line(now.elapsed));
+            // A failed read (e.g. no file descriptor left while connections are being shed)
+            // skips this second's line; it does not stop the server.
+            match snapshot() {
+                Ok(now) => {
+                    if !quiet {
+                        write_live_line(&now.since(&previous).live_line(now.elapsed));
+                    }
+                    previous = now;
+                    reading_failed = false;
+                }
+                Err(err) => {
+                    if !reading_failed {
+                        eprintln!("reuseport: reading the counters failed, no live line: {err:#}");
+                    }
+                    reading_failed = true;
+                }
             }
-            previous = now;
         }
     }
     end_live_line();

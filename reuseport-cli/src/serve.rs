@@ -16,6 +16,7 @@ use std::{
 use anyhow::Context as _;
 use reuseport::{
     CpuList, Protocol, Server, ServerConfig, SteeringMode,
+    connections::Timeouts,
     metrics::{LatestSnapshot, MetricsEndpoint, MetricsInfo},
     server::ServerError,
     spill::SpillError,
@@ -65,6 +66,14 @@ pub struct ServeArgs {
     /// net.core.somaxconn).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..=65535))]
     backlog: i32,
+    /// TCP: close a connection whose request head has not fully arrived this long after it was
+    /// accepted, or after the first byte of a later request (100ms to 1h).
+    #[arg(long, value_parser = crate::args::parse_connection_timeout, default_value = "30s")]
+    header_timeout: Duration,
+    /// TCP: close a keep-alive connection that sends no new request this long after its last
+    /// response (100ms to 1h).
+    #[arg(long, value_parser = crate::args::parse_connection_timeout, default_value = "75s")]
+    idle_timeout: Duration,
     /// Do not print the live line every second.
     #[arg(long)]
     quiet: bool,
@@ -121,6 +130,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .bpf_program
             .map_or_else(SteeringProgram::recommended, SteeringProgram::from),
         spill: args.spill.into(),
+        timeouts: Timeouts {
+            header: args.header_timeout,
+            idle: args.idle_timeout,
+        },
     })
     .map_err(|err| match err {
         ServerError::Spill(spill @ SpillError::TooManyTargets { .. }) => {

@@ -378,6 +378,24 @@ fn spill_knobs_out_of_range_are_one_line_usage_errors() {
 }
 
 #[test]
+fn connection_timeouts_out_of_range_are_one_line_usage_errors() {
+    for (flag, value) in [
+        ("--header-timeout", "0s"),
+        ("--header-timeout", "10ms"),
+        ("--header-timeout", "2h"),
+        ("--idle-timeout", "0s"),
+        ("--idle-timeout", "1000000h"),
+        ("--idle-timeout", "soon"),
+    ] {
+        let output = run(&["serve", "--listen", "127.0.0.1:0", flag, value]);
+        assert_one_line_error(&output, 2, flag);
+        if value != "soon" {
+            assert_one_line_error(&output, 2, "must be at least 100ms and at most 1h");
+        }
+    }
+}
+
+#[test]
 fn ready_json_is_the_first_line_as_typed_data() {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(BINARY)

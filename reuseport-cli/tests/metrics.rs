@@ -185,6 +185,8 @@ fn metrics_scraped_during_load_pass_promtool_and_match_the_summary() {
             ("local", "reuseport_worker_accepted_local_total"),
             ("requests", "reuseport_worker_requests_total"),
             ("errors", "reuseport_worker_errors_total"),
+            ("timed_out", "reuseport_worker_timed_out_total"),
+            ("shed", "reuseport_worker_shed_total"),
         ] {
             assert_eq!(
                 value(&last, &format!("{metric}{{cpu=\"{cpu}\"}}")),

@@ -2,12 +2,18 @@
 //! bounded crr load runs, on loopback and across a veth pair with RPS (and a udp load on
 //! loopback: a replaced socket answers what is queued on it before it closes). With the select-or-migrate
 //! program (the default) clients see no error; with the select-only program the connections
-//! queued on a closing listener are reset, so the same test sees errors. Needs root.
+//! queued on a closing listener are reset, so the same test sees errors. Under keep-alive (rr)
+//! load, on IPv4 and IPv6, a retiring worker answers every request it reads with
+//! `connection: close` and the clients reconnect without an error. Needs root.
 
 mod common;
 
 use std::{
     process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -165,4 +171,177 @@ fn without_migration_rolling_restarts_reset_queued_connections() {
         run.client_errors > 0,
         "closing listeners reset their queued connections: {run:?}"
     );
+}
+
+/// Honest keep-alive clients in this process: each sends requests back to back on one
+/// connection, opens a new one when a response says `connection: close`, and counts what it
+/// completed and what failed (no response, reset, timeout).
+struct KeepAliveWitness {
+    completed: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl KeepAliveWitness {
+    fn start(addr: std::net::SocketAddr, clients: usize) -> Self {
+        let completed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|_| {
+                let (completed, errors, stop) = (
+                    Arc::clone(&completed),
+                    Arc::clone(&errors),
+                    Arc::clone(&stop),
+                );
+                thread::spawn(move || {
+                    let mut stream = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let outcome = match stream.take() {
+                            Some(open) => Ok(open),
+                            None => connect_with_timeout(addr),
+                        }
+                        .and_then(|mut open| {
+                            keep_alive_request(&mut open).map(|kept| (open, kept))
+                        });
+                        match outcome {
+                            Ok((open, kept)) => {
+                                completed.fetch_add(1, Ordering::Relaxed);
+                                if kept {
+                                    stream = Some(open);
+                                }
+                            }
+                            Err(err) => {
+                                eprintln!("witness: {err}");
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            completed,
+            errors,
+            stop,
+            threads,
+        }
+    }
+
+    /// Waits (up to 5 s) until the clients complete a request after this call.
+    fn progresses(&self) -> bool {
+        let before = self.completed.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.completed.load(Ordering::Relaxed) > before {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// Stops the clients; what they completed and how many failed.
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("witness thread");
+        }
+        (
+            self.completed.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Serves on `listen`, runs `reuseport load --kind rr` and keep-alive witnesses, and restarts
+/// the workers (SIGHUP) 10 times, each once the last one finished and requests completed after
+/// it; no client may see an error.
+fn keep_alive_clients_survive_restarts(listen: &str) {
+    const RESTARTS: u64 = 10;
+    let load_for = Duration::from_secs(15);
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    let report = dir.path().join("load.json");
+    let server = ServeProcess::start(&[
+        "--quiet",
+        "--listen",
+        listen,
+        "--stats-json",
+        stats.to_str().unwrap(),
+    ]);
+    let mut load = Command::new(BINARY)
+        .args(["load", "--kind", "rr", "--connections", "16"])
+        .args(["--target", &server.addr.to_string()])
+        .args(["--duration", &format!("{}ms", load_for.as_millis())])
+        .arg("--json")
+        .arg(&report)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn load");
+    let started = Instant::now();
+    let witness = KeepAliveWitness::start(server.addr, 4);
+    assert!(witness.progresses(), "the witnesses were served");
+    for restart in 1..=RESTARTS {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+        let line = server
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the restart line");
+        assert!(
+            line.contains("SIGHUP: restarted"),
+            "restart {restart}: {line}"
+        );
+        assert!(
+            witness.progresses(),
+            "requests completed after restart {restart}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        started.elapsed() < load_for,
+        "the {RESTARTS} restarts took {:?}, longer than the load",
+        started.elapsed()
+    );
+    let (witnessed, witness_errors) = witness.finish();
+    assert!(load.wait().unwrap().success(), "load failed");
+    // SAFETY: as above.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let (status, _, stderr) = server.finish();
+    assert!(status.success(), "serve failed: {stderr}");
+
+    let load: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    eprintln!(
+        "{listen}: load {load}, witnesses {witnessed} requests {witness_errors} errors, restarts {}",
+        stats["restarts"]
+    );
+    assert_eq!(
+        stats["restarts"].as_u64().unwrap(),
+        RESTARTS * allowed_cpus().len() as u64
+    );
+    assert!(
+        load["requests"].as_u64().unwrap() > 1000,
+        "the load ran: {load}"
+    );
+    assert_eq!(witness_errors, 0, "no witness saw an error");
+    assert_eq!(
+        load["errors"].as_u64().unwrap(),
+        0,
+        "no keep-alive client saw an error across {RESTARTS} restarts: {load}"
+    );
+}
+
+#[test]
+fn rolling_restarts_keep_keep_alive_clients_on_ipv4() {
+    keep_alive_clients_survive_restarts("127.0.0.1:0");
+}
+
+#[test]
+fn rolling_restarts_keep_keep_alive_clients_on_ipv6() {
+    keep_alive_clients_survive_restarts("[::1]:0");
 }

@@ -445,6 +445,64 @@ mod tests {
         assert!(matches!(run(&config), Err(LoadError::Invalid(_))));
     }
 
+    /// A server on loopback that reads one request per connection and then, if `answer`, sends
+    /// a `connection: close` response before closing; else closes without a response. Serves
+    /// `connections` connections.
+    fn one_request_per_connection(answer: bool, connections: usize) -> SocketAddr {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            for stream in listener.incoming().take(connections) {
+                let mut stream = stream.unwrap();
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 512];
+                while !request.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if answer {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nok\n",
+                    );
+                }
+            }
+        });
+        target
+    }
+
+    fn rr_against(target: SocketAddr, requests: u64) -> LoadReport {
+        run(&LoadConfig {
+            target,
+            kind: LoadKind::Rr,
+            connections: 1,
+            duration: Duration::from_secs(10),
+            max_requests: requests,
+            rate: None,
+            cpus: [0].into_iter().collect(),
+            pin: false,
+            request_timeout: Duration::from_secs(2),
+        })
+        .unwrap()
+    }
+
+    /// An rr client takes a response with `connection: close` as the end of that connection and
+    /// opens a new one, without counting an error; a connection closed with no response to the
+    /// request sent on it is an error.
+    #[test]
+    fn rr_reconnects_after_connection_close_and_counts_a_missing_response() {
+        let report = rr_against(one_request_per_connection(true, 10), 10);
+        assert_eq!(
+            (report.requests, report.errors, report.connections),
+            (10, 0, 10),
+            "{report:?}"
+        );
+        let report = rr_against(one_request_per_connection(false, 3), 3);
+        assert_eq!((report.requests, report.errors), (0, 3), "{report:?}");
+    }
+
     #[test]
     fn refused_connections_are_counted_not_fatal() {
         // A port that was just free: every connect is refused.

@@ -43,6 +43,7 @@
 
 pub mod attach;
 pub mod cbpf;
+pub mod connections;
 pub mod cpu_topology;
 pub mod cpus;
 pub mod http;

@@ -16,6 +16,8 @@
 //! | `reuseport_worker_accepted_local_total`         | counter | cpu                |
 //! | `reuseport_worker_requests_total`               | counter | cpu                |
 //! | `reuseport_worker_errors_total`                 | counter | cpu                |
+//! | `reuseport_worker_timed_out_total`              | counter | cpu                |
+//! | `reuseport_worker_shed_total`                   | counter | cpu                |
 //! | `reuseport_worker_locality_ratio`               | gauge   | cpu                |
 //! | `reuseport_worker_restarts_total`               | counter |                    |
 //! | `reuseport_kernel_migrations_total`             | counter | result             |
@@ -219,6 +221,17 @@ pub fn render(snapshot: &Snapshot, info: &MetricsInfo) -> Result<String, Metrics
         "Connections or datagrams each CPU's worker failed on.",
         &["cpu"],
     )?;
+    let timed_out = counter(
+        "reuseport_worker_timed_out_total",
+        "TCP connections each CPU's worker closed for the header or idle timeout.",
+        &["cpu"],
+    )?;
+    let shed = counter(
+        "reuseport_worker_shed_total",
+        "Idle TCP connections each CPU's worker closed to accept new ones when out of file \
+         descriptors.",
+        &["cpu"],
+    )?;
     let locality = GaugeVec::new(
         Opts::new(
             "reuseport_worker_locality_ratio",
@@ -234,6 +247,8 @@ pub fn render(snapshot: &Snapshot, info: &MetricsInfo) -> Result<String, Metrics
         local.with_label_values(&cpu).inc_by(worker.local);
         requests.with_label_values(&cpu).inc_by(worker.requests);
         errors.with_label_values(&cpu).inc_by(worker.errors);
+        timed_out.with_label_values(&cpu).inc_by(worker.timed_out);
+        shed.with_label_values(&cpu).inc_by(worker.shed);
         if let Some(ratio) = worker.locality() {
             locality.with_label_values(&cpu).set(ratio);
         }
@@ -263,6 +278,8 @@ pub fn render(snapshot: &Snapshot, info: &MetricsInfo) -> Result<String, Metrics
         Box::new(local),
         Box::new(requests),
         Box::new(errors),
+        Box::new(timed_out),
+        Box::new(shed),
         Box::new(locality),
         Box::new(restarts),
         Box::new(migrations),
@@ -462,6 +479,8 @@ mod tests {
                 unknown_incoming: 0,
                 requests: 12,
                 errors: 0,
+                timed_out: 3,
+                shed: 0,
             }],
             steering: Some(vec![
                 SteeringStats::default(),
@@ -496,6 +515,7 @@ mod tests {
             "reuseport_worker_accepted_total{cpu=\"1\"} 10",
             "reuseport_worker_locality_ratio{cpu=\"1\"} 0.9",
             "reuseport_worker_restarts_total 1",
+            "reuseport_worker_timed_out_total{cpu=\"1\"} 3",
             "reuseport_kernel_migrations_total{result=\"success\"} 2",
             "# TYPE reuseport_worker_requests_total counter",
         ] {

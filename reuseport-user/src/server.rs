@@ -9,6 +9,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::{
+    connections::{TimeoutError, Timeouts},
     cpus::{CpuError, CpuList},
     incoming_cpu::IncomingCpuError,
     listeners::{self, CpuListener, ListenerError, PerCpuListeners, Protocol},
@@ -16,7 +17,7 @@ use crate::{
     stats::{Migrations, Snapshot, WorkerStats},
     steering::{Steering, SteeringMode, SteeringProgram},
     strategy::{self, Strategy, StrategyError},
-    worker::{Worker, WorkerError},
+    worker::{ConnectionPolicy, Worker, WorkerError},
 };
 
 /// Errors from starting, observing or stopping a [`Server`].
@@ -49,6 +50,9 @@ pub enum ServerError {
     /// Setting `SO_INCOMING_CPU` on a restarted worker's listener failed.
     #[error(transparent)]
     IncomingCpu(#[from] IncomingCpuError),
+    /// A connection timeout is out of range.
+    #[error(transparent)]
+    Timeouts(#[from] TimeoutError),
 }
 
 impl ServerError {
@@ -81,10 +85,14 @@ pub struct ServerConfig {
     pub program: SteeringProgram,
     /// When `percpu-spill` spills (ignored by other modes).
     pub spill: SpillConfig,
+    /// How long a TCP connection may take to send a request head, and stay silent between
+    /// requests (ignored for UDP).
+    pub timeouts: Timeouts,
 }
 
 impl ServerConfig {
-    /// TCP on `listen` with `mode`, on every allowed CPU, backlog 1024, the recommended program.
+    /// TCP on `listen` with `mode`, on every allowed CPU, backlog 1024, the recommended program,
+    /// the default [`Timeouts`].
     pub fn new(listen: SocketAddr, mode: SteeringMode) -> Self {
         Self {
             listen,
@@ -94,6 +102,7 @@ impl ServerConfig {
             backlog: 1024,
             program: SteeringProgram::recommended(),
             spill: SpillConfig::default(),
+            timeouts: Timeouts::default(),
         }
     }
 }
@@ -127,8 +136,12 @@ pub struct Server {
     backlog: i32,
     cpus: CpuList,
     workers: Vec<RunningWorker>,
-    /// Final counters of workers replaced by [`Server::restart_worker`].
+    /// Workers replaced by [`Server::restart_worker`] that are still draining their connections.
+    retiring: Vec<Worker>,
+    /// Final counters of replaced workers that have finished.
     retired: Vec<WorkerStats>,
+    /// What every worker's connections follow, and the shedder that sees them all.
+    policy: ConnectionPolicy,
     restarts: u64,
     /// The steering mode in place (`auto` resolved).
     strategy: Box<dyn Strategy>,
@@ -143,16 +156,22 @@ struct RunningWorker {
 }
 
 impl RunningWorker {
-    fn spawn(listener: CpuListener) -> Result<Self, WorkerError> {
+    fn spawn(listener: CpuListener, policy: &ConnectionPolicy) -> Result<Self, WorkerError> {
         let (shutdown, stop_signal) = watch::channel(false);
         // On error `shutdown` drops, which a started worker also takes as the signal to stop.
-        let worker = Worker::spawn(listener, stop_signal)?;
+        let worker = Worker::spawn(listener, policy.clone(), stop_signal)?;
         Ok(Self { worker, shutdown })
     }
 
-    fn stop(self) -> Result<WorkerStats, WorkerError> {
+    /// Tells the worker to stop; it drains in the background. Its thread stops when the
+    /// returned worker is joined.
+    fn retire(self) -> Worker {
         let _ = self.shutdown.send(true);
-        self.worker.join()
+        self.worker
+    }
+
+    fn stop(self) -> Result<WorkerStats, WorkerError> {
+        self.retire().join()
     }
 }
 
@@ -168,6 +187,11 @@ impl Server {
             None => allowed,
         };
         strategy::check_spill(config.mode, &config.spill, cpus.len())?;
+        config.timeouts.check()?;
+        let policy = ConnectionPolicy {
+            timeouts: config.timeouts,
+            shedder: Default::default(),
+        };
         let pending =
             PerCpuListeners::prepare(config.listen, config.protocol, &cpus, config.backlog)?;
         let migrations_at_start = Migrations::read();
@@ -182,7 +206,7 @@ impl Server {
         let mut workers = Vec::with_capacity(cpus.len());
         for listener in listeners.into_inner() {
             // On error, the workers already started stop as their switches drop.
-            workers.push(RunningWorker::spawn(listener)?);
+            workers.push(RunningWorker::spawn(listener, &policy)?);
         }
         Ok(Self {
             listen,
@@ -191,7 +215,9 @@ impl Server {
             backlog: config.backlog,
             cpus,
             workers,
+            retiring: Vec::new(),
             retired: Vec::new(),
+            policy,
             restarts: 0,
             strategy,
             started: Instant::now(),
@@ -208,8 +234,10 @@ impl Server {
     ///    it;
     /// 3. the old worker closes its listener (with the select-or-migrate program the kernel moves
     ///    the connections still queued on it to the new listener instead of resetting them; see
-    ///    [`Snapshot::migrations`]), lets its open connections finish their current request and
-    ///    exits.
+    ///    [`Snapshot::migrations`]) and drains its open connections in the background: it
+    ///    answers every request it reads with `connection: close` (so the client reconnects, to a
+    ///    new worker, without losing a request), closes a connection that sends none within
+    ///    [`crate::worker::DRAIN_TIMEOUT`], and exits. Its counters stay in the snapshots.
     ///
     /// In `hash` and `cbpf` modes there is no program to migrate with: requests queued on the old
     /// listener when it closes are reset unless `net.ipv4.tcp_migrate_req` is 1. If a step fails,
@@ -227,14 +255,26 @@ impl Server {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|source| WorkerError::Start { cpu, source })?;
-        let replacement = RunningWorker::spawn(CpuListener { cpu, socket })?;
+        let replacement = RunningWorker::spawn(CpuListener { cpu, socket }, &self.policy)?;
         if let Err(err) = self.strategy.replace_listener(cpu, fd) {
             let _ = replacement.stop();
             return Err(ServerError::running(err));
         }
         let old = std::mem::replace(&mut self.workers[index], replacement);
-        self.retired.push(old.stop()?);
+        self.retiring.push(old.retire());
         self.restarts += 1;
+        self.reap_retired()
+    }
+
+    /// Joins the replaced workers that have finished draining, keeping their final counters.
+    fn reap_retired(&mut self) -> Result<(), ServerError> {
+        let (finished, draining) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(Worker::is_finished);
+        self.retiring = draining;
+        for worker in finished {
+            self.retired.push(worker.join()?);
+        }
         Ok(())
     }
 
@@ -330,14 +370,23 @@ impl Server {
         for running in self.workers.drain(..) {
             workers.push(running.stop()?);
         }
+        for worker in std::mem::take(&mut self.retiring) {
+            self.retired.push(worker.join()?);
+        }
         self.snapshot_with(workers)
     }
 
     fn snapshot_with(&self, live: Vec<WorkerStats>) -> Result<Snapshot, ServerError> {
         let strategy = self.strategy.counters().map_err(ServerError::running)?;
+        let retired = self
+            .retiring
+            .iter()
+            .map(Worker::stats)
+            .chain(self.retired.iter().copied())
+            .collect::<Vec<_>>();
         Ok(Snapshot {
             elapsed: self.started.elapsed(),
-            workers: with_retired(live, &self.retired),
+            workers: with_retired(live, &retired),
             steering: strategy.steering,
             program: strategy.program,
             migrations: Migrations::read().since(&self.migrations_at_start),

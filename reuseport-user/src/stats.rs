@@ -25,6 +25,12 @@ pub struct WorkerStats {
     pub requests: u64,
     /// Failed accepts, receives or sends.
     pub errors: u64,
+    /// TCP connections closed because a request head or the next request did not arrive in time
+    /// (see [`crate::connections::Timeouts`]).
+    pub timed_out: u64,
+    /// TCP connections closed while waiting for a request, to free a file descriptor for a new
+    /// one (see [`crate::connections::Shedder`]).
+    pub shed: u64,
 }
 
 impl WorkerStats {
@@ -35,6 +41,8 @@ impl WorkerStats {
         self.unknown_incoming += other.unknown_incoming;
         self.requests += other.requests;
         self.errors += other.errors;
+        self.timed_out += other.timed_out;
+        self.shed += other.shed;
     }
 
     /// `local` over the arrivals whose incoming CPU is known; `None` if there are none (always
@@ -145,6 +153,8 @@ impl Snapshot {
                     unknown_incoming: now.unknown_incoming.saturating_sub(before.unknown_incoming),
                     requests: now.requests.saturating_sub(before.requests),
                     errors: now.errors.saturating_sub(before.errors),
+                    timed_out: now.timed_out.saturating_sub(before.timed_out),
+                    shed: now.shed.saturating_sub(before.shed),
                 }
             })
             .collect();
@@ -283,6 +293,12 @@ pub struct WorkerSummary {
     pub requests: u64,
     /// Failed accepts, receives or sends.
     pub errors: u64,
+    /// TCP connections closed by the header or idle timeout.
+    #[serde(default)]
+    pub timed_out: u64,
+    /// TCP connections closed while idle to free a file descriptor for a new one.
+    #[serde(default)]
+    pub shed: u64,
     /// `local / (accepted - unknown_incoming)`, null when that is 0.
     pub locality: Option<f64>,
 }
@@ -296,6 +312,8 @@ impl WorkerSummary {
             unknown_incoming: stats.unknown_incoming,
             requests: stats.requests,
             errors: stats.errors,
+            timed_out: stats.timed_out,
+            shed: stats.shed,
             locality: stats.locality(),
         }
     }
@@ -466,6 +484,14 @@ impl Summary {
                 spill.samples, spill.spill_starts, spill.max_depth
             );
         }
+        if self.protocol == Protocol::Tcp {
+            let _ = writeln!(
+                out,
+                "  connections closed: {} by the header or idle timeout, {} shed for want of file \
+                 descriptors",
+                self.total.timed_out, self.total.shed
+            );
+        }
         let _ = writeln!(
             out,
             "  restarts: {} workers; kernel migrated {} queued requests, failed {} \
@@ -489,7 +515,7 @@ mod tests {
                 local,
                 unknown_incoming: 0,
                 requests: accepted,
-                errors: 0,
+                ..Default::default()
             }],
             steering: Some(vec![
                 SteeringStats::default(),

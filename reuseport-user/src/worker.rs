@@ -17,14 +17,15 @@ use std::{
 use socket2::SockRef;
 use thiserror::Error;
 use tokio::{
-    net::{TcpListener, UdpSocket},
+    net::{TcpListener, TcpStream, UdpSocket},
     sync::watch,
     task::JoinSet,
 };
 
 use crate::{
+    connections::{ConnectionClock, ConnectionTable, Shed, Shedder, Timeouts},
     cpus::{CpuError, pin_current_thread},
-    http::{ServedBy, serve_connection},
+    http::{Ended, ServedBy, serve_connection},
     listeners::CpuListener,
     stats::WorkerStats,
 };
@@ -70,8 +71,25 @@ pub struct WorkerCounters {
     pub unknown_incoming: AtomicU64,
     /// HTTP requests answered (TCP) or replies sent (UDP).
     pub requests: Arc<AtomicU64>,
-    /// Failed accepts, receives or sends.
+    /// Failed accepts, receives or sends (an accept that failed for want of file descriptors
+    /// only when no connection could be shed).
     pub errors: AtomicU64,
+    /// TCP connections closed because a request head or the next request did not arrive in
+    /// time ([`Timeouts`]).
+    pub timed_out: AtomicU64,
+    /// TCP connections closed, while waiting for a request, to free a file descriptor for a new
+    /// connection ([`Shedder`]).
+    pub shed: AtomicU64,
+}
+
+/// What every TCP worker of a server shares: the connection timeouts and the [`Shedder`] that
+/// sees every worker's connections.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionPolicy {
+    /// How long a connection may take to send a request head or stay silent between requests.
+    pub timeouts: Timeouts,
+    /// The connections of every worker, to shed from when accept runs out of file descriptors.
+    pub shedder: Arc<Shedder>,
 }
 
 /// A running worker thread.
@@ -82,21 +100,36 @@ pub struct Worker {
     thread: thread::JoinHandle<()>,
 }
 
-/// How long to back off after an accept error such as `EMFILE`, so the loop does not spin.
+/// How long to back off after an accept error that shedding cannot help, so the loop does not
+/// spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
-/// How long a stopping worker lets its accepted connections finish their current request.
+/// How long to wait for connections already shed to close before accepting again.
+const SHED_WAIT: Duration = Duration::from_millis(1);
+
+/// How long a stopping worker keeps a connection that sends no request open: every request it
+/// reads meanwhile is answered with `connection: close`.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long past [`DRAIN_TIMEOUT`] a stopping worker waits for connections still busy with a
+/// request or a request head before it drops them.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 impl Worker {
     /// Starts a thread pinned to `listener.cpu` that serves `listener` until `shutdown` becomes
     /// `true` (or its sender is dropped). Returns once the thread is pinned and serving.
     ///
+    /// TCP connections follow `policy`: they are closed when a request head or the next request
+    /// does not arrive in time, and an accept that fails for want of file descriptors sheds the
+    /// connection (of any worker sharing `policy`) that has waited longest for a request.
+    ///
     /// On shutdown the worker closes its listener (so, with the select-or-migrate program, its
-    /// accept queue moves to a live listener), tells each open connection to close after its
-    /// current request, and waits for them up to [`DRAIN_TIMEOUT`].
+    /// accept queue moves to a live listener) and drains its connections: each request read from
+    /// then on is answered with `connection: close`, and a connection that sends none within
+    /// [`DRAIN_TIMEOUT`] is closed while idle.
     pub fn spawn(
         listener: CpuListener,
+        policy: ConnectionPolicy,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, WorkerError> {
         let cpu = listener.cpu;
@@ -114,7 +147,7 @@ impl Worker {
                     }
                 };
                 runtime.block_on(async move {
-                    let served = serve(listener, &thread_counters, shutdown, || {
+                    let served = serve(listener, &thread_counters, &policy, shutdown, || {
                         let _ = ready_tx.send(Ok(()));
                     });
                     if let Err(source) = served.await {
@@ -148,6 +181,11 @@ impl Worker {
         self.cpu
     }
 
+    /// Whether the thread has ended (a stopped worker has finished draining).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
     /// The worker's counters, now.
     pub fn stats(&self) -> WorkerStats {
         WorkerStats::from_counters(self.cpu, &self.counters)
@@ -176,7 +214,8 @@ fn start_on_cpu(cpu: u32) -> Result<tokio::runtime::Runtime, WorkerError> {
 
 async fn serve(
     listener: CpuListener,
-    counters: &WorkerCounters,
+    counters: &Arc<WorkerCounters>,
+    policy: &ConnectionPolicy,
     mut shutdown: watch::Receiver<bool>,
     ready: impl FnOnce(),
 ) -> io::Result<()> {
@@ -197,55 +236,95 @@ async fn serve(
             let listener = TcpListener::from_std(StdTcpListener::from(listener.socket))?;
             ready();
             let mut connections = JoinSet::new();
-            let for_connections = shutdown.clone();
+            let table = Arc::new(ConnectionTable::default());
+            policy.shedder.add(Arc::clone(&table));
+            let tcp = TcpWorker {
+                cpu,
+                counters,
+                policy,
+                table: &table,
+            };
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => {}
-                () = serve_tcp(&listener, cpu, counters, &mut connections, &for_connections) => {}
+                () = tcp.accept_loop(&listener, &mut connections) => {}
             }
             // Close the listener first: with the select-or-migrate program the kernel moves what
             // is still in its accept queue to a live listener instead of resetting it.
             drop(listener);
-            // Then let the connections already accepted finish (each was told to close after its
-            // current request), for at most DRAIN_TIMEOUT.
+            // Then let the connections already accepted drain (each answers what it reads with
+            // `connection: close`; idle ones close after DRAIN_TIMEOUT).
+            table.drain_all();
             let drained = async { while connections.join_next().await.is_some() {} };
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT + DRAIN_GRACE, drained).await;
+            // Those still open are dropped here.
+            drop(connections);
+            policy.shedder.remove(&table);
         }
     }
     Ok(())
 }
 
-async fn serve_tcp(
-    listener: &TcpListener,
+/// What a TCP worker's accept loop needs.
+struct TcpWorker<'a> {
     cpu: u32,
-    counters: &WorkerCounters,
-    connections: &mut JoinSet<()>,
-    shutdown: &watch::Receiver<bool>,
-) {
-    loop {
-        // Forget the connections that have ended.
-        while connections.try_join_next().is_some() {}
-        match listener.accept().await {
-            Ok((stream, _peer)) => {
-                let incoming_cpu = incoming_cpu(SockRef::from(&stream));
-                count_arrival(counters, cpu, incoming_cpu);
-                // Best effort: a failure only costs latency.
-                let _ = stream.set_nodelay(true);
-                let served_by = ServedBy {
-                    worker_cpu: cpu,
-                    incoming_cpu,
-                };
-                // The runtime is single-threaded: the connection stays on this worker's CPU.
-                let (requests, shutdown) = (Arc::clone(&counters.requests), shutdown.clone());
-                connections.spawn(async move {
-                    let _ = serve_connection(stream, served_by, requests, shutdown).await;
-                });
-            }
-            Err(_) => {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+    counters: &'a Arc<WorkerCounters>,
+    policy: &'a ConnectionPolicy,
+    table: &'a Arc<ConnectionTable>,
+}
+
+impl TcpWorker<'_> {
+    async fn accept_loop(&self, listener: &TcpListener, connections: &mut JoinSet<()>) {
+        loop {
+            // Forget the connections that have ended.
+            while connections.try_join_next().is_some() {}
+            match listener.accept().await {
+                Ok((stream, _peer)) => self.start_connection(stream, connections),
+                Err(err) if out_of_descriptors(&err) => match self.policy.shedder.shed_oldest() {
+                    // Let the shed connection close (if it is one of ours) before accepting.
+                    Shed::One => tokio::task::yield_now().await,
+                    Shed::Pending => tokio::time::sleep(SHED_WAIT).await,
+                    Shed::Nothing => self.accept_failed().await,
+                },
+                Err(_) => self.accept_failed().await,
             }
         }
     }
+
+    async fn accept_failed(&self) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+    }
+
+    fn start_connection(&self, stream: TcpStream, connections: &mut JoinSet<()>) {
+        let incoming_cpu = incoming_cpu(SockRef::from(&stream));
+        count_arrival(self.counters, self.cpu, incoming_cpu);
+        // Best effort: a failure only costs latency.
+        let _ = stream.set_nodelay(true);
+        let served_by = ServedBy {
+            worker_cpu: self.cpu,
+            incoming_cpu,
+        };
+        let clock = ConnectionClock::accepted();
+        let registration = self.table.register(Arc::clone(&clock));
+        let counters = Arc::clone(self.counters);
+        let timeouts = self.policy.timeouts;
+        // The runtime is single-threaded: the connection stays on this worker's CPU.
+        connections.spawn(async move {
+            let _registered = registration;
+            let requests = Arc::clone(&counters.requests);
+            match serve_connection(stream, served_by, requests, clock, timeouts).await {
+                Ended::TimedOut(_) => counters.timed_out.fetch_add(1, Ordering::Relaxed),
+                Ended::Shed => counters.shed.fetch_add(1, Ordering::Relaxed),
+                Ended::Closed | Ended::Drained | Ended::Failed(_) => 0,
+            };
+        });
+    }
+}
+
+/// Whether an accept failed because the process (`EMFILE`) or the system (`ENFILE`) has no file
+/// descriptor left: the connection stays queued, and closing one of ours makes room for it.
+fn out_of_descriptors(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// UDP: each datagram is answered with the `ServedBy` line, a newline, and the datagram's payload.
@@ -308,6 +387,8 @@ impl WorkerStats {
             unknown_incoming: counters.unknown_incoming.load(Ordering::Relaxed),
             requests: counters.requests.load(Ordering::Relaxed),
             errors: counters.errors.load(Ordering::Relaxed),
+            timed_out: counters.timed_out.load(Ordering::Relaxed),
+            shed: counters.shed.load(Ordering::Relaxed),
         }
     }
 }

@@ -375,3 +375,80 @@ pub fn kernel_migrates_anyway() -> bool {
     }
     on
 }
+
+/// One keep-alive HTTP/1.1 request on `stream`; `Ok(true)` when the server keeps the connection
+/// open, `Ok(false)` when the response says `connection: close`. Reads exactly one response
+/// (headers, then `content-length` bytes of body), within the stream's read timeout.
+pub fn keep_alive_request(stream: &mut TcpStream) -> std::io::Result<bool> {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut buffer = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let status = response
+            .parse(&buffer)
+            .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
+        if let httparse::Status::Complete(head_len) = status {
+            if response.code != Some(200) {
+                return Err(std::io::Error::new(ErrorKind::InvalidData, "not 200"));
+            }
+            let header = |name: &str| {
+                response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| h.value)
+            };
+            let body: usize = header("content-length")
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "no length"))?;
+            let keep_alive =
+                !header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
+            while buffer.len() < head_len + body {
+                let n = stream.read(&mut chunk)?;
+                if n == 0 {
+                    return Err(ErrorKind::UnexpectedEof.into());
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+            }
+            return Ok(keep_alive);
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A new connection to `addr` with a 5 s read timeout.
+pub fn connect_with_timeout(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Waits (up to `limit`) until `stream`'s peer has closed it: `Some(elapsed)` when a read returns
+/// end of file or a reset, `None` if it is still open after `limit`. Anything the server sent
+/// before closing is read and discarded.
+pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let left = limit.checked_sub(started.elapsed())?;
+        if left.is_zero() {
+            return None;
+        }
+        stream.set_read_timeout(Some(left)).expect("set timeout");
+        match stream.read(&mut chunk) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return None;
+            }
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+}
