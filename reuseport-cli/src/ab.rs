@@ -30,11 +30,11 @@ pub struct AbArgs {
     /// Steering modes to compare, in order.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "hash,percpu")]
     modes: Vec<ModeArg>,
-    /// veth-rss: server and clients in two namespaces joined by a veth with one queue (and one
-    /// pinned NAPI thread) per server CPU, flows spread by hash, like a NIC with RSS; veth-rps:
-    /// a one-queue veth with RPS spreading flows (`veth` is accepted for it); loopback: clients
-    /// pinned round-robin to CPUs.
-    #[arg(long, value_enum, default_value_t = TopologyArg::VethRss)]
+    /// veth-rps: server and clients in two namespaces joined by a one-queue veth, RPS spreading
+    /// flows over the server CPUs (`veth` is accepted for it); veth-rss: a veth with one queue
+    /// (and one pinned NAPI thread) per server CPU, flows spread by hash, like a NIC with RSS;
+    /// loopback: clients pinned round-robin to CPUs.
+    #[arg(long, value_enum, default_value_t = TopologyArg::VethRps)]
     topology: TopologyArg,
     /// CPUs for the server under test and its receive processing, e.g. `0-7` (default: with 8
     /// or more CPUs across veth, the first half by core; otherwise every CPU, shared with the

@@ -130,14 +130,11 @@ fn veth_rss_has_one_pinned_napi_queue_per_cpu_and_no_rps_or_xps() {
     assert_eq!(client_tx, cpus.len(), "a transmit queue per server queue");
     assert!(xps.iter().all(|&m| m == 0), "XPS masks {xps:?}");
 
-    // One NAPI thread per receive queue, pinned to its CPU, at real-time priority.
+    // One NAPI thread per receive queue, pinned to its CPU.
     let server_threads = napi_threads_of(&server_dev);
     assert_eq!(server_threads.len(), cpus.len(), "{server_threads:?}");
     for ((pid, name), cpu) in server_threads.iter().zip(cpus.iter()) {
         assert_eq!(affinity(*pid), [cpu].into_iter().collect(), "{name}");
-        // SAFETY: sched_getscheduler only reads the pid.
-        let policy = unsafe { libc::sched_getscheduler(*pid as i32) };
-        assert_eq!(policy, libc::SCHED_FIFO, "{name}");
     }
     let client_threads = napi_threads_of(&client_dev);
     assert_eq!(client_threads.len(), 1, "{client_threads:?}");

@@ -4,7 +4,9 @@
 //!   queue per receiving server CPU, as a multi-queue NIC with RSS and one interrupt per CPU: the
 //!   client end picks a transmit queue per flow by hash (no XPS), veth hands it to the same-numbered
 //!   receive queue of the server end, and that queue's NAPI instance runs in its own kernel thread
-//!   (`napi/DEV-ID`, threaded NAPI) pinned to one server CPU, where the SYN is processed. The
+//!   (`napi/DEV-ID`, threaded NAPI) pinned to one server CPU, where the SYN is processed; it
+//!   runs at normal priority (measured: at SCHED_FIFO, preempting per packet, it got half the
+//!   connections per second, and interrupt coalescing with `gro_flush_timeout` fewer still). The
 //!   return path is the same with the client's queues pinned to the client CPUs. Needs GRO on and
 //!   TSO off on both ends (veth only uses its per-queue NAPI for GRO-eligible packets).
 //! - [`TopologyKind::VethRps`]: the same two namespaces joined by a veth pair with one queue and
@@ -24,6 +26,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     path::Path,
     process::Command,
+    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -62,8 +65,8 @@ pub enum TopologyError {
         /// Receive queues.
         expected: usize,
     },
-    /// A NAPI thread could not be pinned or given its priority.
-    #[error("pinning NAPI thread {name} (pid {pid}) to CPU {cpu} at SCHED_FIFO failed")]
+    /// A NAPI thread could not be pinned.
+    #[error("pinning NAPI thread {name} (pid {pid}) to CPU {cpu} failed")]
     Pin {
         /// The thread's name.
         name: String,
@@ -115,9 +118,6 @@ impl std::fmt::Display for TopologyKind {
 /// Server and client addresses on the veth pair (link-local: never routed off the machine).
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 2);
-
-/// The real-time priority of the NAPI threads (that of threaded interrupt handlers).
-const NAPI_PRIORITY: i32 = 50;
 
 /// A NAPI kernel thread of a veth receive queue, and the CPU it was pinned to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -176,11 +176,12 @@ impl Topology {
             return Ok(topology);
         }
         // Namespaces first: whatever fails below, dropping them deletes everything in them.
+        let suffix = device_suffix();
         let pair = VethPair {
             server: NetNs::create()?,
             client: NetNs::create()?,
-            server_dev: format!("rps{}", std::process::id()),
-            client_dev: format!("rpc{}", std::process::id()),
+            server_dev: format!("rps{suffix}"),
+            client_dev: format!("rpc{suffix}"),
         };
         let (server_queues, client_queues) = match kind {
             TopologyKind::VethRss => (count(rx_cpus), count(client_cpus)),
@@ -292,7 +293,8 @@ impl Topology {
             .collect()
     }
 
-    /// The server-side and client-side device names (none for loopback).
+    /// The server-side and client-side device names (none for loopback): `rps`/`rpc` and the
+    /// pid for a process's first topology, with `nN` after it for later ones.
     pub fn devices(&self) -> Option<(&str, &str)> {
         self.pair
             .as_ref()
@@ -320,6 +322,18 @@ impl Topology {
     ) -> Option<Result<T, TopologyError>> {
         let pair = self.pair.as_ref()?;
         Some(pair.client.run(work).map_err(TopologyError::from))
+    }
+}
+
+/// What follows `rps`/`rpc` in device names: this process's pid, and from its second topology
+/// on `nN` too, so that the NAPI threads (`napi/DEV-ID`, named in one global namespace) of every
+/// topology alive at once have names of their own. At most 13 bytes (`4194304n9999`).
+fn device_suffix() -> String {
+    static CREATED: AtomicU32 = AtomicU32::new(0);
+    let pid = std::process::id();
+    match CREATED.fetch_add(1, Ordering::Relaxed) {
+        0 => pid.to_string(),
+        n => format!("{pid}n{}", n % 10_000),
     }
 }
 
@@ -395,16 +409,6 @@ fn pin_napi_threads(dev: &str, cpus: &CpuList) -> Result<Vec<NapiThread>, Topolo
                 ))
             })?;
             sched_setaffinity(Some(target), &set).map_err(|err| error(err.into()))?;
-            // Like a NIC's interrupt, receive processing preempts the processes on its CPU
-            // (threaded IRQs run SCHED_FIFO 50): at normal priority the NAPI thread would wait
-            // behind busy workers and clients while its 256-packet ring overflows and drops.
-            let param = libc::sched_param {
-                sched_priority: NAPI_PRIORITY,
-            };
-            // SAFETY: sched_setscheduler reads `param`, which lives until it returns.
-            if unsafe { libc::sched_setscheduler(pid as i32, libc::SCHED_FIFO, &param) } != 0 {
-                return Err(error(std::io::Error::last_os_error()));
-            }
             Ok(NapiThread { name, pid, cpu })
         })
         .collect()

@@ -85,7 +85,7 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Task::Ab { ab_args } => {
-            let mut packages = vec!["iproute2"];
+            let mut packages = Vec::new();
             if ab_args.iter().any(|arg| arg.contains("nginx")) {
                 packages.push("nginx");
             }
@@ -116,10 +116,7 @@ fn run(cli: Cli) -> Result<()> {
                      CAP_BPF and CAP_NET_ADMIN",
                 );
             }
-            toolchain::ensure_apt_packages(
-                &["iproute2", "nginx"],
-                "the tests create network namespaces and veth pairs, and attach to a real nginx",
-            )?;
+            toolchain::ensure_apt_packages(&["nginx"], "the tests attach to a real nginx")?;
             if !no_lint {
                 run_checked(cargo().args(["fmt", "--all", "--check"]))?;
                 run_checked(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
