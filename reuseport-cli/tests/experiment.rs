@@ -292,7 +292,7 @@ fn quick_ab_on_veth_rps_under_its_old_name_writes_valid_results() {
 }
 
 #[test]
-fn ab_with_server_and_client_cpus_apart_reports_and_keeps_to_them() {
+fn ab_with_server_and_client_cpus_apart_reports_the_split_and_receives_on_the_server_cpu() {
     let Some((server, client)) = two_cpus() else {
         return;
     };
