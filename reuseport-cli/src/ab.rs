@@ -7,14 +7,16 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use reuseport::{CpuList, SteeringMode};
+use reuseport::{CpuList, SteeringMode, cpu_topology::CpuTopology};
 use reuseport_lab::{
+    cpu_split::CpuSplit,
     report::Report,
     runner::{AbConfig, Progress},
 };
 
 use crate::{
     args::{LoadKindArg, ModeArg, SpillArgs, TopologyArg},
+    error::BadArguments,
     live,
 };
 
@@ -28,13 +30,24 @@ pub struct AbArgs {
     /// Steering modes to compare, in order.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "hash,percpu")]
     modes: Vec<ModeArg>,
-    /// veth: server and clients in two namespaces, RPS spreading SYNs over CPUs by flow hash;
+    /// veth-rps: server and clients in two namespaces joined by a one-queue veth, RPS spreading
+    /// flows over the server CPUs (`veth` is accepted for it); veth-rss: a veth with one queue
+    /// (and one pinned NAPI thread) per server CPU, flows spread by hash, like a NIC with RSS;
     /// loopback: clients pinned round-robin to CPUs.
-    #[arg(long, value_enum, default_value_t = TopologyArg::Veth)]
+    #[arg(long, value_enum, default_value_t = TopologyArg::VethRps)]
     topology: TopologyArg,
-    /// Process every SYN on the first CPU (veth: RPS mask of one CPU; loopback: all clients
-    /// pinned there), as with a one-queue NIC or one bursty client. Compare
-    /// `--modes hash,percpu,percpu-spill`.
+    /// CPUs for the server under test and its receive processing, e.g. `0-7` (default: with 8
+    /// or more CPUs across veth, the first half by core; otherwise every CPU, shared with the
+    /// clients).
+    #[arg(long)]
+    server_cpus: Option<CpuList>,
+    /// CPUs for the load generators: disjoint from --server-cpus, or equal to share them
+    /// (default: the CPUs the server does not get, or every CPU when shared).
+    #[arg(long)]
+    client_cpus: Option<CpuList>,
+    /// Process every SYN on the first server CPU (veth-rss: one queue; veth-rps: RPS mask of
+    /// one CPU; loopback: all clients pinned there), as with a one-queue NIC or one bursty
+    /// client. Compare `--modes hash,percpu,percpu-spill`.
     #[arg(long)]
     skew: bool,
     /// Restart our server's workers (SIGHUP, one at a time) at random intervals averaging this
@@ -112,6 +125,16 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
     } else {
         (args.duration, args.warmup, args.reps)
     };
+    let allowed = CpuList::allowed()?;
+    let topology = args.topology.into();
+    let cpus = CpuSplit::resolve(
+        topology,
+        &allowed,
+        args.server_cpus,
+        args.client_cpus,
+        &CpuTopology::read(reuseport::cpus::possible_cpus()?),
+    )
+    .map_err(|err| BadArguments(err.to_string()))?;
     let config = AbConfig {
         binary: std::env::current_exe().context("finding the reuseport binary")?,
         modes: args.modes.into_iter().map(SteeringMode::from).collect(),
@@ -119,7 +142,8 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
         peer_nginx_attach: args.peer.as_deref() == Some("nginx-attach"),
         cross_check_wrk: args.cross_check.is_some(),
         calibrate: args.calibrate,
-        topology: args.topology.into(),
+        topology,
+        cpus,
         skew: args.skew,
         spill: args.spill.into(),
         restart_every: args.restart_every,
@@ -155,7 +179,7 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
         finished: results.runs.len(),
         planned: results.planned_runs,
     });
-    let report = Report::new(&config, results, CpuList::allowed()?.len());
+    let report = Report::new(&config, results, allowed.len());
     if let Some(interrupted) = &interrupted {
         println!("{interrupted}: the report covers those");
     }

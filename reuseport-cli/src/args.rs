@@ -122,8 +122,13 @@ impl From<LoadKindArg> for LoadKind {
 /// [`TopologyKind`] on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TopologyArg {
-    /// Server and clients in two namespaces joined by veth, RPS spreading SYNs by flow hash.
-    Veth,
+    /// Server and clients in two namespaces joined by a multi-queue veth: one queue and one
+    /// pinned NAPI thread per server CPU, flows spread over the queues by hash (like RSS).
+    VethRss,
+    /// Server and clients in two namespaces joined by a one-queue veth, RPS spreading received
+    /// flows over the server CPUs by hash (`veth` is the old name).
+    #[value(alias = "veth")]
+    VethRps,
     /// Everything on loopback, clients pinned round-robin to CPUs.
     Loopback,
 }
@@ -131,7 +136,8 @@ pub enum TopologyArg {
 impl From<TopologyArg> for TopologyKind {
     fn from(kind: TopologyArg) -> Self {
         match kind {
-            TopologyArg::Veth => Self::Veth,
+            TopologyArg::VethRss => Self::VethRss,
+            TopologyArg::VethRps => Self::VethRps,
             TopologyArg::Loopback => Self::Loopback,
         }
     }
@@ -238,6 +244,6 @@ mod tests {
         for (accepted, library) in pairs.iter().flatten() {
             assert_eq!(accepted, library);
         }
-        assert_eq!(pairs.iter().map(Vec::len).sum::<usize>(), 6 + 4 + 2 + 3 + 2);
+        assert_eq!(pairs.iter().map(Vec::len).sum::<usize>(), 6 + 4 + 2 + 3 + 3);
     }
 }

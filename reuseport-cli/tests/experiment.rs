@@ -1,7 +1,8 @@
-//! The A/B harness's pieces, tested for behaviour (never speed): namespaces come and go, each
-//! probe counts a known event it is shown, and `reuseport ab --quick` produces valid results
-//! with percpu locality >= 99 % in both topologies, which `reuseport ab report` redraws; stopped
-//! by SIGINT after a run, `ab` reports that run and exits with 130. Needs root.
+//! The A/B harness's pieces, tested for behaviour (never speed): each probe counts a known event
+//! it is shown, and `reuseport ab --quick` produces valid results with percpu locality >= 99 % in
+//! every topology, which `reuseport ab report` redraws; the server/client CPU split is checked
+//! and reported; stopped by SIGINT after a run, `ab` reports that run and exits with 130. Needs
+//! root. The topologies themselves are tested in topology.rs.
 
 mod common;
 
@@ -14,88 +15,9 @@ use std::{
 
 use common::*;
 use reuseport::{Server, ServerConfig, SteeringMode, cpus::pin_current_thread};
-use reuseport_lab::{
-    probes::Probes,
-    topology::{Topology, TopologyKind, harness_namespaces},
-};
+use reuseport_lab::probes::Probes;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_reuseport");
-
-fn netns_exists(name: &str) -> bool {
-    harness_namespaces().iter().any(|ns| ns == name)
-}
-
-#[test]
-fn veth_topology_sets_up_rps_and_is_removed_on_drop() {
-    let cpus = allowed_cpus();
-    let topology = Topology::create(TopologyKind::Veth, &cpus).expect("create");
-    let names: Vec<String> = topology
-        .namespaces()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    assert_eq!(names.len(), 2);
-    assert!(names.iter().all(|name| netns_exists(name)), "{names:?}");
-    let rps = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &names[0],
-            "sh",
-            "-c",
-            "cat /sys/class/net/rps*/queues/rx-0/rps_cpus",
-        ])
-        .output()
-        .expect("read rps_cpus");
-    let mask =
-        u64::from_str_radix(String::from_utf8_lossy(&rps.stdout).trim(), 16).expect("hex mask");
-    for cpu in cpus.iter().filter(|&cpu| cpu < 64) {
-        assert_ne!(
-            mask & (1 << cpu),
-            0,
-            "CPU {cpu} missing from RPS mask {mask:x}"
-        );
-    }
-    drop(topology);
-    assert!(
-        names.iter().all(|name| !netns_exists(name)),
-        "left behind: {names:?}"
-    );
-}
-
-#[test]
-fn namespaces_are_removed_when_the_harness_fails() {
-    let mut names = Vec::new();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let topology = Topology::create(TopologyKind::Veth, &allowed_cpus()).expect("create");
-        names.extend(topology.namespaces().iter().map(|s| s.to_string()));
-        panic!("forced failure while the topology exists");
-    }));
-    assert!(outcome.is_err());
-    assert_eq!(names.len(), 2);
-    assert!(
-        names.iter().all(|name| !netns_exists(name)),
-        "left behind: {names:?}"
-    );
-}
-
-#[test]
-fn namespaces_of_dead_harnesses_are_removed() {
-    // A PID that is not running: pid_max is at most 2^22.
-    let dead = (4_194_000..4_194_304)
-        .find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
-        .expect("a free pid");
-    let stale = format!("rp-s-{dead}");
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &stale])
-            .status()
-            .expect("ip")
-            .success()
-    );
-    let _loopback = Topology::create(TopologyKind::Loopback, &allowed_cpus()).expect("create");
-    assert!(!netns_exists(&stale), "{stale} was not removed");
-}
 
 #[test]
 fn lock_probe_counts_forced_contention() {
@@ -234,12 +156,31 @@ fn quick_ab(topology: &str) -> serde_json::Value {
 
 /// Runs `ab --quick` into a fresh directory, calls `then` with it, and returns its results.json.
 fn quick_ab_then(topology: &str, then: impl FnOnce(&std::path::Path)) -> serde_json::Value {
-    let out = std::env::temp_dir().join(format!("reuseport-ab-{topology}-{}", std::process::id()));
-    let output = Command::new(BINARY)
-        .args(["ab", "--quick", "--topology", topology, "--out"])
+    quick_ab_with(&["--topology", topology], then).0
+}
+
+/// Runs `ab --quick` with `args` into a fresh directory, calls `then` with it, and returns its
+/// results.json, stdout and pid.
+fn quick_ab_with(
+    args: &[&str],
+    then: impl FnOnce(&std::path::Path),
+) -> (serde_json::Value, String, u32) {
+    let out = std::env::temp_dir().join(format!(
+        "reuseport-ab-{}-{}",
+        args.join("").replace(['-', ','], ""),
+        std::process::id()
+    ));
+    let child = Command::new(BINARY)
+        .args(["ab", "--quick"])
+        .args(args)
+        .arg("--out")
         .arg(&out)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run reuseport ab");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("wait for reuseport ab");
     assert!(
         output.status.success(),
         "{}",
@@ -249,7 +190,31 @@ fn quick_ab_then(topology: &str, then: impl FnOnce(&std::path::Path)) -> serde_j
     assert!(out.join("results.svg").is_file());
     then(&out);
     let _ = std::fs::remove_dir_all(&out);
-    serde_json::from_str(&json).expect("valid JSON")
+    (
+        serde_json::from_str(&json).expect("valid JSON"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        pid,
+    )
+}
+
+/// Asserts that `ab` (process `pid`) left no NAPI thread of its veth behind.
+fn assert_no_napi_threads_left(pid: u32) {
+    let dev = format!("rps{pid}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reuseport_lab::topology::napi_threads_of(&dev).is_empty() {
+        assert!(Instant::now() < deadline, "NAPI threads of {dev} remain");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Asserts that SYNs were spread over the CPUs: no CPU took (nearly) all of them.
+fn assert_syns_spread(results: &serde_json::Value) {
+    if allowed_cpus().len() > 1 {
+        let share = results["summary"]["hash"]["syn_cpu_max_share"]["max"]
+            .as_f64()
+            .unwrap();
+        assert!(share < 0.9, "SYNs not spread over CPUs: {share}");
+    }
 }
 
 fn assert_results(results: &serde_json::Value, topology: &str) {
@@ -300,21 +265,101 @@ fn assert_results(results: &serde_json::Value, topology: &str) {
 }
 
 #[test]
-fn quick_ab_on_veth_writes_valid_results() {
-    let results = quick_ab("veth");
-    assert_results(&results, "veth");
-    // RPS spread the SYNs: no CPU took (nearly) all of them.
-    if allowed_cpus().len() > 1 {
-        let share = results["summary"]["hash"]["syn_cpu_max_share"]["max"]
-            .as_f64()
-            .unwrap();
-        assert!(share < 0.9, "SYNs not spread over CPUs: {share}");
+fn quick_ab_on_veth_rss_writes_valid_results() {
+    let (results, stdout, pid) = quick_ab_with(&["--topology", "veth-rss"], |_| ());
+    assert_results(&results, "veth-rss");
+    assert_syns_spread(&results);
+    for mode in ["hash", "percpu"] {
+        let conn = results["summary"][mode]["conn_per_s"]["min"].as_f64();
+        assert!(conn > Some(0.0), "{mode}: {conn:?}");
     }
-    assert!(
-        harness_namespaces()
-            .iter()
-            .all(|ns| !ns.ends_with(&format!("-{}", std::process::id())))
+    // Fewer than 8 CPUs: server and clients share them, and the report says so.
+    if allowed_cpus().len() < 8 {
+        let all = allowed_cpus().to_string();
+        assert_eq!(results["machine"]["server_cpus"], all.as_str());
+        assert_eq!(results["machine"]["client_cpus"], all.as_str());
+        assert!(
+            stdout.contains(&format!("(server and clients share {all})")),
+            "{stdout}"
+        );
+    }
+    assert_no_napi_threads_left(pid);
+}
+
+#[test]
+fn quick_ab_on_veth_rps_under_its_old_name_writes_valid_results() {
+    let results = quick_ab("veth");
+    assert_results(&results, "veth-rps");
+    assert_syns_spread(&results);
+}
+
+#[test]
+fn ab_with_server_and_client_cpus_apart_reports_the_split_and_receives_on_the_server_cpu() {
+    let Some((server, client)) = two_cpus() else {
+        return;
+    };
+    let (server, client) = (server.to_string(), client.to_string());
+    let (results, stdout, _) = quick_ab_with(
+        &[
+            "--topology",
+            "veth-rss",
+            "--server-cpus",
+            &server,
+            "--client-cpus",
+            &client,
+        ],
+        |_| (),
     );
+    assert_eq!(results["machine"]["server_cpus"], server.as_str());
+    assert_eq!(results["machine"]["client_cpus"], client.as_str());
+    assert!(
+        stdout.contains(&format!("(server {server}, clients {client})")),
+        "{stdout}"
+    );
+    // One server CPU, one receive queue pinned there: it processed every SYN, and percpu's
+    // worker there accepted every connection.
+    for mode in ["hash", "percpu"] {
+        let share = results["summary"][mode]["syn_cpu_max_share"]["min"].as_f64();
+        assert!(share > Some(0.99), "{mode}: {share:?}");
+        assert!(results["summary"][mode]["conn_per_s"]["min"].as_f64() > Some(0.0));
+    }
+    assert!(results["summary"]["percpu"]["locality"]["min"].as_f64() >= Some(0.99));
+}
+
+#[test]
+fn ab_refuses_bad_cpu_splits_in_one_line_with_exit_code_2() {
+    let beyond = (allowed_cpus().iter().last().unwrap_or(0) + 1).to_string();
+    let first = allowed_cpus().iter().next().unwrap_or(0).to_string();
+    let all = allowed_cpus().to_string();
+    for (args, expected) in [
+        (
+            vec!["--server-cpus", &beyond],
+            "is not one this process may use",
+        ),
+        (vec!["--client-cpus", &all], "leaves no CPU for the servers"),
+        (vec!["--server-cpus", "nonsense"], "--server-cpus"),
+    ] {
+        let output = Command::new(BINARY)
+            .arg("ab")
+            .args(&args)
+            .arg("--out")
+            .arg(std::env::temp_dir().join("reuseport-ab-refused-split"))
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    if allowed_cpus().len() > 1 {
+        let output = Command::new(BINARY)
+            .args(["ab", "--server-cpus", &all, "--client-cpus", &first])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("overlap"), "{stderr}");
+    }
 }
 
 #[test]

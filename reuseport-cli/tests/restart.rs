@@ -135,7 +135,7 @@ fn rolling_restarts_on_loopback_lose_no_connection() {
 
 #[test]
 fn rolling_restarts_across_veth_lose_no_connection() {
-    assert_no_errors_across_restarts(TopologyKind::Veth);
+    assert_no_errors_across_restarts(TopologyKind::VethRss);
 }
 
 #[test]

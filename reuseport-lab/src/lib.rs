@@ -4,7 +4,10 @@
 //! that do to throughput and tail latency, against the kernel's hash selection?
 //!
 //! - [`load`]: the load generator (crr, rr, udp; closed or open loop, HdrHistogram).
-//! - [`topology`]: namespaces + veth + RPS, or loopback with pinned clients; always torn down.
+//! - [`topology`]: namespaces + multi-queue veth (RSS-like) or one-queue veth + RPS, or loopback
+//!   with pinned clients; always torn down. Built on [`netns`] (namespaces held by a descriptor)
+//!   and [`veth`] (the pair, by netlink, ioctl and sysfs).
+//! - [`cpu_split`]: the server's CPUs and the load generators' (apart on 8 CPUs or more).
 //! - [`probes`]: tracepoint BPF programs (lock contention, wakeups, per-connection CPUs) and IPIs.
 //! - [`locks`]: contended lock waits by site (symbolized with [`kallsyms`]), side and kind, and
 //!   which of them are the listener's.
@@ -20,6 +23,7 @@
 //! it attaches); a server embedding that library does not pull in any of this.
 
 pub(crate) mod child;
+pub mod cpu_split;
 pub mod error;
 pub mod hw_counters;
 pub mod kallsyms;
@@ -27,9 +31,11 @@ pub mod load;
 pub mod lock_report;
 pub mod locks;
 pub mod metrics;
+pub mod netns;
 pub mod peers;
 pub mod probes;
 pub mod report;
 pub mod runner;
 pub mod significance;
 pub mod topology;
+pub mod veth;

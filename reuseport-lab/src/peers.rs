@@ -56,6 +56,7 @@ pub(crate) fn start_nginx(
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     topology.server_side(&mut command)?;
+    crate::cpu_split::confine_on_spawn(&mut command, cpus);
     let mut guard = ChildGuard::spawn(command, "nginx (apt-get install nginx)")?;
     // Ready when all workers exist (the master binds the reuseport sockets before forking them).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -78,7 +79,7 @@ pub(crate) fn run_wrk(
     topology: &Topology,
     addr: SocketAddr,
     kind: LoadKind,
-    threads: usize,
+    cpus: &CpuList,
     connections: usize,
     duration: Duration,
     stop: &AtomicBool,
@@ -100,7 +101,7 @@ pub(crate) fn run_wrk(
     })?;
     let mut command = Command::new("wrk");
     command
-        .arg(format!("-t{}", threads.min(connections).max(1)))
+        .arg(format!("-t{}", cpus.len().min(connections).max(1)))
         .arg(format!("-c{connections}"))
         .arg(format!("-d{}s", duration.as_secs().max(1)))
         .stdin(Stdio::null())
@@ -112,6 +113,7 @@ pub(crate) fn run_wrk(
     }
     command.arg(format!("http://{addr}/"));
     topology.client_side(&mut command)?;
+    crate::cpu_split::confine_on_spawn(&mut command, cpus);
     let mut wrk = ChildGuard::spawn(command, "wrk (apt-get install wrk)")?;
     wrk.wait(duration + Duration::from_secs(30), stop)?;
     let text = fs::read_to_string(&output).map_err(|source| RunnerError::File {

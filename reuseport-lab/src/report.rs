@@ -146,8 +146,14 @@ pub struct Machine {
     pub cpus: usize,
     /// `uname -r`.
     pub kernel: String,
-    /// `veth` or `loopback`.
+    /// `veth-rss`, `veth-rps` or `loopback` (`veth` in files written before veth-rss existed).
     pub topology: String,
+    /// The server's CPUs (absent in files written before the split existed).
+    #[serde(default)]
+    pub server_cpus: Option<String>,
+    /// The load generators' CPUs: the same list when they shared the server's.
+    #[serde(default)]
+    pub client_cpus: Option<String>,
     /// Whether every SYN was processed on one CPU (`--skew`).
     pub skew: bool,
     /// `crr`, `rr` or `udp`.
@@ -218,7 +224,9 @@ impl Report {
             machine: Machine {
                 cpus,
                 kernel,
-                topology: format!("{:?}", config.topology).to_lowercase(),
+                topology: config.topology.to_string(),
+                server_cpus: Some(config.cpus.server.to_string()),
+                client_cpus: Some(config.cpus.client.to_string()),
                 skew: config.skew,
                 load: format!("{:?}", config.load).to_lowercase(),
                 connections: config.connections,
@@ -256,8 +264,15 @@ impl Report {
     /// 95 % interval, `~` where the difference is not established; then the lock table
     /// ([`LockReport::table`]).
     pub fn table(&self) -> String {
+        let split = match (&self.machine.server_cpus, &self.machine.client_cpus) {
+            (Some(server), Some(client)) if server == client => {
+                format!(" (server and clients share {server})")
+            }
+            (Some(server), Some(client)) => format!(" (server {server}, clients {client})"),
+            _ => String::new(),
+        };
         let mut out = format!(
-            "{} CPUs, kernel {}, topology {}, load {} x{} for {}s, {} reps (median [min-max])\n",
+            "{} CPUs{split}, kernel {}, topology {}, load {} x{} for {}s, {} reps (median [min-max])\n",
             self.machine.cpus,
             self.machine.kernel,
             self.machine.topology,
@@ -602,6 +617,7 @@ mod tests {
             cross_check_wrk: false,
             calibrate: false,
             topology: crate::topology::TopologyKind::Loopback,
+            cpus: crate::cpu_split::CpuSplit::shared(&"0-1".parse().unwrap()),
             skew: false,
             spill: reuseport::spill::SpillConfig::default(),
             restart_every: None,

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     child::ChildGuard,
+    cpu_split::{CpuSplit, confine_on_spawn},
     hw_counters::{HwCount, HwCounters},
     load::{LoadKind, LoadReport},
     metrics::{Metric, MetricId, median},
@@ -81,6 +82,8 @@ pub struct AbConfig {
     pub calibrate: bool,
     /// Where server and clients run.
     pub topology: TopologyKind,
+    /// The server's CPUs and the load generators' (see [`crate::cpu_split`]).
+    pub cpus: CpuSplit,
     /// Process every SYN on the first CPU only (RPS mask or client pinning), as with a NIC with
     /// one queue or one bursty client: the load strict per-CPU steering cannot spread.
     pub skew: bool,
@@ -194,13 +197,22 @@ pub fn run(
         path: config.out.clone(),
         source,
     })?;
-    let cpus = CpuList::allowed()?;
-    let rx_cpus = if config.skew {
-        cpus.iter().take(1).collect()
-    } else {
-        cpus.clone()
+    let cpus = config.cpus.server.clone();
+    let skewed = |list: &CpuList| -> CpuList {
+        if config.skew {
+            list.iter().take(1).collect()
+        } else {
+            list.clone()
+        }
     };
-    let topology = Topology::create_receiving_on(config.topology, &rx_cpus)?;
+    let rx_cpus = skewed(&config.cpus.server);
+    // On loopback the clients' CPUs are the receiving CPUs: skewed, or shared with the server.
+    let client_cpus = match config.topology {
+        TopologyKind::Loopback if config.cpus.is_shared() => rx_cpus.clone(),
+        TopologyKind::Loopback => skewed(&config.cpus.client),
+        TopologyKind::VethRss | TopologyKind::VethRps => config.cpus.client.clone(),
+    };
+    let topology = Topology::create_receiving_on(config.topology, &rx_cpus, &client_cpus)?;
     let mut rows: Vec<Row> = config.modes.iter().copied().map(Row::Mode).collect();
     if config.peer_nginx {
         rows.push(Row::Nginx);
@@ -260,7 +272,7 @@ pub fn run(
                 }
                 Err(err) => return Err(err),
             };
-            if topology.kind() == TopologyKind::Veth {
+            if topology.kind().is_veth() {
                 note_syn_spread(&record, &mut progress);
             }
             runs.push(record);
@@ -299,7 +311,7 @@ fn note_syn_spread(record: &RunRecord, progress: &mut impl FnMut(Progress)) {
     {
         progress(Progress::Note(format!(
             "warning: {:.0}% of SYNs were processed on one CPU in this run: RPS is not \
-             spreading flows (check /sys/class/net/*/queues/rx-0/rps_cpus)",
+             spreading flows over the receive queues or RPS CPUs",
             share * 100.0
         )));
     }
@@ -405,6 +417,7 @@ fn start_server(
         }
     }
     topology.server_side(&mut command)?;
+    confine_on_spawn(&mut command, cpus);
     let mut guard = ChildGuard::spawn(command, format!("reuseport serve ({row})"))?;
     let addr = ready(&mut guard)?.listen;
     Ok(RunningServer {
@@ -559,7 +572,7 @@ fn measure(
         .args(["--kind", &format!("{:?}", config.load).to_lowercase()])
         .args(["--connections", &config.connections.to_string()])
         .args(["--duration", &format!("{}ms", duration.as_millis())])
-        .args(["--cpus", &topology.client_cpus(cpus).to_string()])
+        .args(["--cpus", &topology.client_cpus().to_string()])
         .arg("--json")
         .arg(&load_json)
         .stdin(Stdio::null())
@@ -569,6 +582,7 @@ fn measure(
         load.arg("--pin");
     }
     topology.client_side(&mut load)?;
+    confine_on_spawn(&mut load, &topology.client_cpus());
     let mut load = ChildGuard::spawn(load, "reuseport load")?;
     // Its first connections may wait before this: they count as `other`.
     if let Some(probes) = probes.as_mut() {
@@ -724,7 +738,7 @@ fn cross_check_wrk(
         topology,
         server.addr,
         config.load,
-        cpus.len(),
+        &topology.client_cpus(),
         config.connections,
         config.duration,
         stop,

@@ -1,200 +1,244 @@
 //! Where the server and the clients run, created by the harness and always torn down.
 //!
-//! - [`TopologyKind::Veth`]: two network namespaces (`rp-s-PID` for the server, `rp-c-PID` for the
-//!   clients) joined by a veth pair, with RPS on the server side's `rx-0` over every server CPU.
-//!   The CPU that processes each SYN is then picked by the flow hash, as a multi-queue NIC's RSS
-//!   would. Addresses are link-local (169.254.77.1 server, .2 client), inside the namespaces only.
+//! - [`TopologyKind::VethRss`]: two network namespaces joined by a veth pair with one receive
+//!   queue per receiving server CPU, as a multi-queue NIC with RSS and one interrupt per CPU: the
+//!   client end picks a transmit queue per flow by hash (no XPS), veth hands it to the same-numbered
+//!   receive queue of the server end, and that queue's NAPI instance runs in its own kernel thread
+//!   (`napi/DEV-ID`, threaded NAPI) pinned to one server CPU, where the SYN is processed; it
+//!   runs at normal priority (measured: at SCHED_FIFO, preempting per packet, it got half the
+//!   connections per second, and interrupt coalescing with `gro_flush_timeout` fewer still). The
+//!   return path is the same with the client's queues pinned to the client CPUs. Needs GRO on and
+//!   TSO off on both ends (veth only uses its per-queue NAPI for GRO-eligible packets).
+//! - [`TopologyKind::VethRps`]: the same two namespaces joined by a veth pair with one queue and
+//!   no NAPI: each packet is queued on the sending CPU's backlog and RPS (`rx-0/rps_cpus` over the
+//!   receiving server CPUs) moves it to a CPU picked by flow hash, with an IPI. Software steering
+//!   of a one-queue NIC; its one backlog per sending CPU caps throughput.
 //! - [`TopologyKind::Loopback`]: the server on 127.0.0.1 in this namespace, and clients pinned
 //!   round-robin to CPUs (a pinned loopback sender's SYN is processed on its own CPU).
 //!
-//! Dropping a [`Topology`] deletes its namespaces (which deletes the veth pair). Namespaces left by
-//! a harness that was killed are removed by the next one (their PID is no longer alive).
+//! Addresses are link-local (169.254.77.1 server, .2 client), inside the namespaces only. The
+//! namespaces have no names (see [`crate::netns`]): the kernel deletes them, and with them the
+//! veth pair and its NAPI threads, when the [`Topology`] is dropped or its process dies, even by
+//! SIGKILL. Everything is set up by netlink, ioctl and sysfs from this program: no `ip` needed.
 
 use std::{
-    fs::File,
-    io,
+    fs,
     net::{IpAddr, Ipv4Addr},
-    os::{fd::AsFd, unix::process::CommandExt},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
 };
 
 use reuseport::cpus::CpuList;
-use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+use rustix::{
+    process::Pid,
+    thread::{CpuSet, sched_setaffinity},
+};
 use serde::Serialize;
 use thiserror::Error;
+
+use crate::{
+    netns::{NetNs, NetNsError},
+    veth::{VethEnd, VethError, configure, create_pair, write_sysfs},
+};
 
 /// Errors from creating a topology.
 #[derive(Debug, Error)]
 pub enum TopologyError {
-    /// An `ip` command failed.
-    #[error("`{command}` failed: {stderr}")]
-    Command {
-        /// The command line.
-        command: String,
-        /// What it printed on stderr.
-        stderr: String,
+    /// A namespace could not be created or entered.
+    #[error(transparent)]
+    NetNs(#[from] NetNsError),
+    /// The veth pair could not be set up.
+    #[error(transparent)]
+    Veth(#[from] VethError),
+    /// The NAPI threads of a device did not appear.
+    #[error(
+        "{dev} has {found} NAPI threads (napi/{dev}-*), not the {expected} of its receive queues"
+    )]
+    NapiThreads {
+        /// The device.
+        dev: String,
+        /// Threads found.
+        found: usize,
+        /// Receive queues.
+        expected: usize,
     },
-    /// An `ip` command could not be run at all.
-    #[error("running `{command}` failed (is iproute2 installed?)")]
-    Spawn {
-        /// The command line.
-        command: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A namespace could not be opened.
-    #[error("opening network namespace {name}")]
-    Open {
-        /// The namespace.
+    /// A NAPI thread could not be pinned.
+    #[error("pinning NAPI thread {name} (pid {pid}) to CPU {cpu} failed")]
+    Pin {
+        /// The thread's name.
         name: String,
+        /// Its pid.
+        pid: u32,
+        /// The CPU.
+        cpu: u32,
         /// Why.
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
 }
 
 /// Which topology an experiment uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum TopologyKind {
-    /// Server and clients in two namespaces joined by veth, RPS spreading SYNs by flow hash.
-    Veth,
+    /// Two namespaces joined by a multi-queue veth: one queue and one pinned NAPI thread per
+    /// receiving CPU, flows spread over queues by hash (a NIC with RSS).
+    VethRss,
+    /// Two namespaces joined by a one-queue veth, RPS spreading received flows by hash.
+    VethRps,
     /// Everything on loopback, clients pinned round-robin to CPUs.
     Loopback,
 }
 
-/// Namespace names start with this, followed by `s-`/`c-` and the creating process's PID.
-const PREFIX: &str = "rp-";
+impl TopologyKind {
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::VethRss => "veth-rss",
+            Self::VethRps => "veth-rps",
+            Self::Loopback => "loopback",
+        }
+    }
+
+    /// Whether server and clients are in two namespaces joined by veth.
+    pub fn is_veth(self) -> bool {
+        matches!(self, Self::VethRss | Self::VethRps)
+    }
+}
+
+impl std::fmt::Display for TopologyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Server and client addresses on the veth pair (link-local: never routed off the machine).
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 2);
 
-/// A named network namespace under `/run/netns`, deleted on drop.
+/// A NAPI kernel thread of a veth receive queue, and the CPU it was pinned to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NapiThread {
+    /// Its name, `napi/DEV-ID`.
+    pub name: String,
+    /// Its pid.
+    pub pid: u32,
+    /// The CPU it is pinned to.
+    pub cpu: u32,
+}
+
+/// The two namespaces and the devices between them.
 #[derive(Debug)]
-pub struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn create(name: String) -> Result<Self, TopologyError> {
-        ip(&["netns", "add", &name])?;
-        Ok(Self { name })
-    }
-
-    /// The namespace's name (as `ip netns list` shows it).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Makes `command` run inside this namespace (it enters it between fork and exec).
-    pub fn enter_on_spawn(&self, command: &mut Command) -> Result<(), TopologyError> {
-        let path = Path::new("/run/netns").join(&self.name);
-        let file = File::open(&path).map_err(|source| TopologyError::Open {
-            name: self.name.clone(),
-            source,
-        })?;
-        // SAFETY: the closure only makes the setns system call, which is async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
-                    .map_err(io::Error::from)
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // Deleting the namespace also deletes the veth end inside it, and with it the pair.
-        let _ = ip(&["netns", "del", &self.name]);
-    }
+struct VethPair {
+    server: NetNs,
+    client: NetNs,
+    server_dev: String,
+    client_dev: String,
 }
 
 /// A created topology: where the server listens and how to start processes on each side.
 #[derive(Debug)]
 pub struct Topology {
     kind: TopologyKind,
-    server: Option<NetNs>,
-    client: Option<NetNs>,
+    pair: Option<VethPair>,
     rx_cpus: CpuList,
+    client_cpus: CpuList,
+    napi_threads: Vec<NapiThread>,
 }
 
 impl Topology {
-    /// Creates the topology for a server on `server_cpus`, receiving on all of them.
+    /// Creates the topology for a server on `server_cpus`, receiving on all of them, with the
+    /// clients on the same CPUs.
     pub fn create(kind: TopologyKind, server_cpus: &CpuList) -> Result<Self, TopologyError> {
-        Self::create_receiving_on(kind, server_cpus)
+        Self::create_receiving_on(kind, server_cpus, server_cpus)
     }
 
     /// Creates a topology whose SYNs are processed only on `rx_cpus` (all the server's CPUs, or
-    /// fewer to skew the load): the RPS mask (veth) or the CPUs the clients are pinned to
-    /// (loopback).
+    /// fewer to skew the load), with the load generators on `client_cpus`: one queue and NAPI
+    /// thread per CPU of each (veth-rss), the RPS mask (veth-rps), or the CPUs the clients are
+    /// pinned to (loopback, where the receiving CPU is the sending one: `rx_cpus` wins).
     pub fn create_receiving_on(
         kind: TopologyKind,
         rx_cpus: &CpuList,
+        client_cpus: &CpuList,
     ) -> Result<Self, TopologyError> {
-        remove_stale_namespaces();
-        let rx_cpus = rx_cpus.clone();
+        let mut topology = Self {
+            kind,
+            pair: None,
+            rx_cpus: rx_cpus.clone(),
+            client_cpus: client_cpus.clone(),
+            napi_threads: Vec::new(),
+        };
+        if !kind.is_veth() {
+            return Ok(topology);
+        }
+        // Namespaces first: whatever fails below, dropping them deletes everything in them.
+        let suffix = device_suffix();
+        let pair = VethPair {
+            server: NetNs::create()?,
+            client: NetNs::create()?,
+            server_dev: format!("rps{suffix}"),
+            client_dev: format!("rpc{suffix}"),
+        };
+        let (server_queues, client_queues) = match kind {
+            TopologyKind::VethRss => (count(rx_cpus), count(client_cpus)),
+            _ => (1, 1),
+        };
+        let server = VethEnd {
+            ns: &pair.server,
+            name: pair.server_dev.clone(),
+            addr: SERVER_IP,
+            rx_queues: server_queues,
+            tx_queues: client_queues,
+        };
+        let client = VethEnd {
+            ns: &pair.client,
+            name: pair.client_dev.clone(),
+            addr: CLIENT_IP,
+            rx_queues: client_queues,
+            tx_queues: server_queues,
+        };
+        create_pair(&server, &client)?;
         match kind {
-            TopologyKind::Loopback => Ok(Self {
-                kind,
-                server: None,
-                client: None,
-                rx_cpus,
-            }),
-            TopologyKind::Veth => {
-                let pid = std::process::id();
-                // Namespaces first, so a failure below still deletes them on drop.
-                let server = NetNs::create(format!("{PREFIX}s-{pid}"))?;
-                let client = NetNs::create(format!("{PREFIX}c-{pid}"))?;
-                let (server_dev, client_dev) = (format!("rps{pid}"), format!("rpc{pid}"));
-                ip(&[
-                    "link",
-                    "add",
-                    &server_dev,
-                    "netns",
-                    server.name(),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &client_dev,
-                    "netns",
-                    client.name(),
-                ])?;
-                for (ns, dev, addr) in [
-                    (&server, &server_dev, SERVER_IP),
-                    (&client, &client_dev, CLIENT_IP),
-                ] {
-                    ip(&[
-                        "-n",
-                        ns.name(),
-                        "addr",
-                        "add",
-                        &format!("{addr}/30"),
-                        "dev",
-                        dev,
-                    ])?;
-                    ip(&["-n", ns.name(), "link", "set", "lo", "up"])?;
-                    ip(&["-n", ns.name(), "link", "set", dev, "up"])?;
+            TopologyKind::VethRss => {
+                // No RPS on any receive queue and no XPS on any transmit queue: the queue is the
+                // flow hash's pick, and its NAPI thread's CPU the receiving CPU, as with RSS.
+                let clear = |sysfs: &Path, end: &VethEnd<'_>| {
+                    for queue in 0..end.rx_queues {
+                        write_sysfs(&sysfs.join(format!("queues/rx-{queue}/rps_cpus")), "0")?;
+                    }
+                    // XPS exists only on multi-queue devices.
+                    if end.tx_queues > 1 {
+                        for queue in 0..end.tx_queues {
+                            write_sysfs(&sysfs.join(format!("queues/tx-{queue}/xps_cpus")), "0")?;
+                        }
+                    }
+                    Ok(())
+                };
+                configure(&server, true, |sysfs| clear(sysfs, &server))?;
+                configure(&client, true, |sysfs| clear(sysfs, &client))?;
+                // Threaded NAPI once both ends are up (NAPI exists while the device is up).
+                for (end, cpus) in [(&server, rx_cpus), (&client, client_cpus)] {
+                    configure_threaded(end)?;
+                    topology
+                        .napi_threads
+                        .extend(pin_napi_threads(&end.name, cpus)?);
                 }
-                // RPS: hash each received flow to one of the server CPUs, like RSS would.
-                // `ip netns exec` mounts the namespace's own /sys, where its devices are.
-                let rps = format!(
-                    "echo {} > /sys/class/net/{server_dev}/queues/rx-0/rps_cpus",
-                    cpu_mask(&rx_cpus)
-                );
-                ip(&["netns", "exec", server.name(), "sh", "-c", &rps])?;
-                Ok(Self {
-                    kind,
-                    server: Some(server),
-                    client: Some(client),
-                    rx_cpus,
-                })
+            }
+            _ => {
+                // RPS: hash each received flow to one of the receiving CPUs.
+                let mask = cpu_mask(rx_cpus);
+                configure(&server, false, |sysfs| {
+                    write_sysfs(&sysfs.join("queues/rx-0/rps_cpus"), &mask)
+                })?;
+                configure(&client, false, |_| Ok(()))?;
             }
         }
+        topology.pair = Some(pair);
+        Ok(topology)
     }
 
     /// The topology's kind.
@@ -206,49 +250,168 @@ impl Topology {
     pub fn server_ip(&self) -> IpAddr {
         match self.kind {
             TopologyKind::Loopback => Ipv4Addr::LOCALHOST.into(),
-            TopologyKind::Veth => SERVER_IP.into(),
+            TopologyKind::VethRss | TopologyKind::VethRps => SERVER_IP.into(),
         }
     }
 
     /// Whether clients must be pinned for the receiving CPU to vary (loopback) or not (veth,
-    /// where RPS picks it).
+    /// where the queue's CPU or RPS picks it).
     pub fn pin_clients(&self) -> bool {
         self.kind == TopologyKind::Loopback
     }
 
     /// The CPUs for load-generator threads: on loopback the CPUs that are to receive the SYNs
-    /// (clients are pinned there); across veth `all` (RPS picks the receiving CPU).
-    pub fn client_cpus(&self, all: &CpuList) -> CpuList {
+    /// (clients are pinned there); across veth the client CPUs.
+    pub fn client_cpus(&self) -> CpuList {
         match self.kind {
             TopologyKind::Loopback => self.rx_cpus.clone(),
-            TopologyKind::Veth => all.clone(),
+            TopologyKind::VethRss | TopologyKind::VethRps => self.client_cpus.clone(),
         }
     }
 
     /// Makes `command` run on the server side.
     pub fn server_side(&self, command: &mut Command) -> Result<(), TopologyError> {
-        match &self.server {
-            Some(ns) => ns.enter_on_spawn(command),
+        match &self.pair {
+            Some(pair) => Ok(pair.server.enter_on_spawn(command)?),
             None => Ok(()),
         }
     }
 
     /// Makes `command` run on the client side.
     pub fn client_side(&self, command: &mut Command) -> Result<(), TopologyError> {
-        match &self.client {
-            Some(ns) => ns.enter_on_spawn(command),
+        match &self.pair {
+            Some(pair) => Ok(pair.client.enter_on_spawn(command)?),
             None => Ok(()),
         }
     }
 
-    /// The namespaces this topology created (empty for loopback).
-    pub fn namespaces(&self) -> Vec<&str> {
-        self.server
+    /// The namespaces this topology created, by inode (server's first; empty for loopback).
+    pub fn namespaces(&self) -> Vec<u64> {
+        self.pair
             .iter()
-            .chain(&self.client)
-            .map(NetNs::name)
+            .flat_map(|pair| [pair.server.inode(), pair.client.inode()])
             .collect()
     }
+
+    /// The server-side and client-side device names (none for loopback): `rps`/`rpc` and the
+    /// pid for a process's first topology, with `nN` after it for later ones.
+    pub fn devices(&self) -> Option<(&str, &str)> {
+        self.pair
+            .as_ref()
+            .map(|pair| (pair.server_dev.as_str(), pair.client_dev.as_str()))
+    }
+
+    /// The NAPI threads of both ends and their CPUs (veth-rss only), server's first.
+    pub fn napi_threads(&self) -> &[NapiThread] {
+        &self.napi_threads
+    }
+
+    /// Runs `work` inside the server's namespace, with its sysfs on `/sys` (veth only).
+    pub fn in_server_namespace<T: Send>(
+        &self,
+        work: impl FnOnce() -> T + Send,
+    ) -> Option<Result<T, TopologyError>> {
+        let pair = self.pair.as_ref()?;
+        Some(pair.server.run(work).map_err(TopologyError::from))
+    }
+
+    /// Runs `work` inside the clients' namespace, with its sysfs on `/sys` (veth only).
+    pub fn in_client_namespace<T: Send>(
+        &self,
+        work: impl FnOnce() -> T + Send,
+    ) -> Option<Result<T, TopologyError>> {
+        let pair = self.pair.as_ref()?;
+        Some(pair.client.run(work).map_err(TopologyError::from))
+    }
+}
+
+/// What follows `rps`/`rpc` in device names: this process's pid, and from its second topology
+/// on `nN` too, so that the NAPI threads (`napi/DEV-ID`, named in one global namespace) of every
+/// topology alive at once have names of their own. At most 13 bytes (`4194304n9999`).
+fn device_suffix() -> String {
+    static CREATED: AtomicU32 = AtomicU32::new(0);
+    let pid = std::process::id();
+    match CREATED.fetch_add(1, Ordering::Relaxed) {
+        0 => pid.to_string(),
+        n => format!("{pid}n{}", n % 10_000),
+    }
+}
+
+fn count(cpus: &CpuList) -> u32 {
+    u32::try_from(cpus.len()).unwrap_or(u32::MAX).max(1)
+}
+
+/// Turns on threaded NAPI for `end`'s device.
+fn configure_threaded(end: &VethEnd<'_>) -> Result<(), TopologyError> {
+    let dev = end.name.clone();
+    end.ns
+        .run(move || write_sysfs(&Path::new("/sys/class/net").join(dev).join("threaded"), "1"))??;
+    Ok(())
+}
+
+/// The NAPI threads of `dev` (`napi/DEV-ID`, in any namespace: kernel threads are global),
+/// sorted by NAPI id, which veth allocates in receive-queue order.
+pub fn napi_threads_of(dev: &str) -> Vec<(u32, String)> {
+    let prefix = format!("napi/{dev}-");
+    let mut threads: Vec<(u64, u32, String)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = fs::read_to_string(entry.path().join("comm")).ok()?;
+            let comm = comm.trim();
+            let id: u64 = comm.strip_prefix(&prefix)?.parse().ok()?;
+            Some((id, pid, comm.to_owned()))
+        })
+        .collect();
+    threads.sort();
+    threads
+        .into_iter()
+        .map(|(_, pid, name)| (pid, name))
+        .collect()
+}
+
+/// Pins the i-th NAPI thread of `dev` (receive queue i) to the i-th CPU of `cpus`.
+fn pin_napi_threads(dev: &str, cpus: &CpuList) -> Result<Vec<NapiThread>, TopologyError> {
+    let expected = cpus.len().max(1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let threads = loop {
+        let threads = napi_threads_of(dev);
+        if threads.len() == expected || Instant::now() > deadline {
+            break threads;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    if threads.len() != expected {
+        return Err(TopologyError::NapiThreads {
+            dev: dev.to_owned(),
+            found: threads.len(),
+            expected,
+        });
+    }
+    threads
+        .into_iter()
+        .zip(cpus.iter())
+        .map(|((pid, name), cpu)| {
+            let mut set = CpuSet::new();
+            set.set(cpu as usize);
+            let error = |source: std::io::Error| TopologyError::Pin {
+                name: name.clone(),
+                pid,
+                cpu,
+                source,
+            };
+            let target = Pid::from_raw(pid as i32).ok_or_else(|| {
+                error(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "pid 0",
+                ))
+            })?;
+            sched_setaffinity(Some(target), &set).map_err(|err| error(err.into()))?;
+            Ok(NapiThread { name, pid, cpu })
+        })
+        .collect()
 }
 
 /// The kernel's hex CPU mask format (`3`, or `ffffffff,00000001` for more than 32 CPUs).
@@ -270,54 +433,6 @@ pub fn cpu_mask(cpus: &CpuList) -> String {
         }
     }
     text.join(",")
-}
-
-/// The harness's namespaces currently present (`ip netns list`).
-pub fn harness_namespaces() -> Vec<String> {
-    Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|line| line.split_whitespace().next())
-                .filter(|name| name.starts_with(PREFIX))
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Deletes namespaces left by harness processes that no longer exist.
-fn remove_stale_namespaces() {
-    for name in harness_namespaces() {
-        let pid = name
-            .rsplit('-')
-            .next()
-            .and_then(|pid| pid.parse::<u32>().ok());
-        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-            let _ = ip(&["netns", "del", &name]);
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), TopologyError> {
-    let command = format!("ip {}", args.join(" "));
-    let output = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| TopologyError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(TopologyError::Command {
-            command,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -90,7 +90,7 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Task::Ab { ab_args } => {
-            let mut tools = vec![toolchain::IP];
+            let mut tools = Vec::new();
             if ab_args.iter().any(|arg| arg.contains("nginx")) {
                 tools.push(toolchain::NGINX);
             }
@@ -122,9 +122,8 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             toolchain::ensure_tools(
-                &[toolchain::IP, toolchain::NGINX, toolchain::PROMTOOL],
-                "the tests create network namespaces and veth pairs, attach to a real nginx and \
-                 check the metrics with promtool",
+                &[toolchain::NGINX, toolchain::PROMTOOL],
+                "the tests attach to a real nginx and check the metrics with promtool",
             )?;
             if !no_lint {
                 run_checked(cargo().args(["fmt", "--all", "--check"]))?;

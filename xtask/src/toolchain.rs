@@ -41,11 +41,6 @@ pub struct Tool {
     pub package: &'static str,
 }
 
-/// `ip` (network namespaces and veth for the tests and the harness).
-pub const IP: Tool = Tool {
-    program: "ip",
-    package: "iproute2",
-};
 /// nginx (the real server `attach` steers in the tests, and the A/B peer).
 pub const NGINX: Tool = Tool {
     program: "nginx",

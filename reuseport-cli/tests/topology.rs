@@ -1,0 +1,257 @@
+//! The harness's topologies on the real kernel: the multi-queue veth has one receive queue per
+//! requested CPU, each with a NAPI thread pinned there and no RPS/XPS; the one-queue veth has its
+//! RPS mask; and nothing of either (namespaces, veth, NAPI threads) outlives the topology, its
+//! dropping, a panic, or the SIGKILL of its process. Needs root; no `ip` binary is used.
+
+mod common;
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use reuseport::cpus::CpuList;
+use reuseport_lab::{
+    netns::namespace_held,
+    topology::{Topology, TopologyKind, napi_threads_of},
+};
+
+/// Waits (up to 20 s: the kernel deletes namespaces from a work queue) until none of
+/// `namespaces` is held and `dev` has no NAPI thread left.
+fn assert_all_gone(namespaces: &[u64], dev: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let held: Vec<u64> = namespaces
+            .iter()
+            .copied()
+            .filter(|&ns| namespace_held(ns))
+            .collect();
+        let threads = napi_threads_of(dev);
+        if held.is_empty() && threads.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: namespaces {held:?}, NAPI threads {threads:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The hex mask in a sysfs file, as a number (masks of up to 64 CPUs).
+fn mask(text: &str) -> u64 {
+    u64::from_str_radix(&text.trim().replace(',', ""), 16).expect("hex mask")
+}
+
+fn affinity(pid: u32) -> CpuList {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .parse()
+        .expect("cpu list")
+}
+
+#[test]
+fn veth_rss_has_one_pinned_napi_queue_per_cpu_and_no_rps_or_xps() {
+    let cpus = allowed_cpus();
+    // The clients get one CPU (one queue back), the server all: the two ends differ.
+    let client: CpuList = cpus.iter().last().into_iter().collect();
+    let topology =
+        Topology::create_receiving_on(TopologyKind::VethRss, &cpus, &client).expect("create");
+    let (server_dev, client_dev) = topology.devices().expect("devices");
+    let (server_dev, client_dev) = (server_dev.to_owned(), client_dev.to_owned());
+    let namespaces = topology.namespaces();
+    assert_eq!(namespaces.len(), 2);
+    assert!(namespaces.iter().all(|&ns| namespace_held(ns)));
+
+    let sysfs = |dev: &str| Path::new("/sys/class/net").join(dev);
+    let queues = |dir: &Path, kind: &str| {
+        fs::read_dir(dir.join("queues"))
+            .expect("queues")
+            .flatten()
+            .filter(|q| q.file_name().to_string_lossy().starts_with(kind))
+            .count()
+    };
+    let server_dir = sysfs(&server_dev);
+    let (rx, tx, rps, threaded) = topology
+        .in_server_namespace(|| {
+            let rps: Vec<u64> = (0..cpus.len())
+                .map(|q| {
+                    mask(
+                        &fs::read_to_string(server_dir.join(format!("queues/rx-{q}/rps_cpus")))
+                            .expect("rps_cpus"),
+                    )
+                })
+                .collect();
+            let threaded = fs::read_to_string(server_dir.join("threaded")).expect("threaded");
+            (
+                queues(&server_dir, "rx-"),
+                queues(&server_dir, "tx-"),
+                rps,
+                threaded,
+            )
+        })
+        .expect("server namespace")
+        .expect("in the server namespace");
+    assert_eq!(rx, cpus.len(), "one receive queue per server CPU");
+    assert_eq!(tx, 1, "one transmit queue per client receive queue");
+    assert!(rps.iter().all(|&m| m == 0), "RPS masks {rps:?}");
+    assert_eq!(threaded.trim(), "1");
+
+    let client_dir = sysfs(&client_dev);
+    let (client_rx, client_tx, xps) = topology
+        .in_client_namespace(|| {
+            let tx = queues(&client_dir, "tx-");
+            let xps: Vec<u64> = if tx > 1 {
+                (0..tx)
+                    .map(|q| {
+                        mask(
+                            &fs::read_to_string(client_dir.join(format!("queues/tx-{q}/xps_cpus")))
+                                .expect("xps_cpus"),
+                        )
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (queues(&client_dir, "rx-"), tx, xps)
+        })
+        .expect("client namespace")
+        .expect("in the client namespace");
+    assert_eq!(client_rx, 1);
+    assert_eq!(client_tx, cpus.len(), "a transmit queue per server queue");
+    assert!(xps.iter().all(|&m| m == 0), "XPS masks {xps:?}");
+
+    // One NAPI thread per receive queue, pinned to its CPU.
+    let server_threads = napi_threads_of(&server_dev);
+    assert_eq!(server_threads.len(), cpus.len(), "{server_threads:?}");
+    for ((pid, name), cpu) in server_threads.iter().zip(cpus.iter()) {
+        assert_eq!(affinity(*pid), [cpu].into_iter().collect(), "{name}");
+    }
+    let client_threads = napi_threads_of(&client_dev);
+    assert_eq!(client_threads.len(), 1, "{client_threads:?}");
+    assert_eq!(affinity(client_threads[0].0), client);
+    assert_eq!(
+        topology
+            .napi_threads()
+            .iter()
+            .map(|t| t.cpu)
+            .collect::<Vec<_>>(),
+        cpus.iter().chain(client.iter()).collect::<Vec<_>>()
+    );
+
+    drop(topology);
+    assert_all_gone(&namespaces, &server_dev);
+    assert!(napi_threads_of(&client_dev).is_empty());
+}
+
+#[test]
+fn veth_rps_sets_up_rps_and_is_removed_on_drop() {
+    let cpus = allowed_cpus();
+    let topology = Topology::create(TopologyKind::VethRps, &cpus).expect("create");
+    let (server_dev, _) = topology.devices().expect("devices");
+    let server_dev = server_dev.to_owned();
+    let namespaces = topology.namespaces();
+    let path = Path::new("/sys/class/net")
+        .join(&server_dev)
+        .join("queues/rx-0/rps_cpus");
+    let rps = topology
+        .in_server_namespace(|| fs::read_to_string(&path).expect("rps_cpus"))
+        .expect("server namespace")
+        .expect("in the server namespace");
+    let rps = mask(&rps);
+    for cpu in cpus.iter().filter(|&cpu| cpu < 64) {
+        assert_ne!(
+            rps & (1 << cpu),
+            0,
+            "CPU {cpu} missing from RPS mask {rps:x}"
+        );
+    }
+    assert!(
+        napi_threads_of(&server_dev).is_empty(),
+        "no NAPI on veth-rps"
+    );
+    drop(topology);
+    assert_all_gone(&namespaces, &server_dev);
+}
+
+#[test]
+fn everything_is_removed_when_the_harness_panics() {
+    let mut created = Vec::new();
+    let mut dev = String::new();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let topology = Topology::create(TopologyKind::VethRss, &allowed_cpus()).expect("create");
+        created.extend(topology.namespaces());
+        dev = topology.devices().expect("devices").0.to_owned();
+        panic!("forced failure while the topology exists");
+    }));
+    assert!(outcome.is_err());
+    assert_eq!(created.len(), 2);
+    assert_all_gone(&created, &dev);
+}
+
+/// Not a test on its own: run by [`everything_is_removed_when_the_harness_is_killed`] in a
+/// child process, it creates a veth-rss topology, prints it and waits to be killed.
+#[test]
+#[ignore = "run as a child process by everything_is_removed_when_the_harness_is_killed"]
+fn child_holding_a_topology() {
+    if std::env::var_os("REUSEPORT_TOPOLOGY_CHILD").is_none() {
+        return;
+    }
+    let topology = Topology::create(TopologyKind::VethRss, &allowed_cpus()).expect("create");
+    let namespaces = topology.namespaces();
+    println!(
+        // On a line of its own: the test harness has printed `test NAME ... ` before.
+        "\nTOPOLOGY {} {} {}",
+        topology.devices().expect("devices").0,
+        namespaces[0],
+        namespaces[1]
+    );
+    thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn everything_is_removed_when_the_harness_is_killed() {
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "child_holding_a_topology",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("REUSEPORT_TOPOLOGY_CHILD", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the child");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.starts_with("TOPOLOGY "))
+        .expect("the child's topology line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let dev = fields[1].to_owned();
+    let namespaces: Vec<u64> = fields[2..]
+        .iter()
+        .map(|f| f.parse().expect("inode"))
+        .collect();
+    assert_eq!(dev, format!("rps{}", child.id()));
+    assert!(namespaces.iter().all(|&ns| namespace_held(ns)));
+    assert!(
+        !napi_threads_of(&dev).is_empty(),
+        "the child's NAPI threads"
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    assert_all_gone(&namespaces, &dev);
+}

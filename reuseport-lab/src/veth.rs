@@ -1,0 +1,242 @@
+//! A veth pair between two namespaces, set up from the program alone: rtnetlink for the pair,
+//! its queue counts, addresses and link state; the ethtool ioctl for offloads; the namespace's
+//! sysfs for RPS/XPS masks and threaded NAPI. No `ip` or `ethtool` binary is needed.
+
+use std::{
+    fs, io,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use rtnetlink::{
+    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute},
+};
+use thiserror::Error;
+
+use crate::netns::{NetNs, NetNsError};
+
+/// Errors from setting up a veth pair.
+#[derive(Debug, Error)]
+pub enum VethError {
+    /// A namespace step failed.
+    #[error(transparent)]
+    NetNs(#[from] NetNsError),
+    /// A netlink request failed.
+    #[error("netlink: {what} failed: {source}")]
+    Netlink {
+        /// The request.
+        what: String,
+        /// Why.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Opening a netlink socket or starting its runtime failed.
+    #[error("opening a netlink socket failed")]
+    Socket(#[source] io::Error),
+    /// Reading or writing a sysfs file failed.
+    #[error("{path}")]
+    Sysfs {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// An ethtool ioctl failed.
+    #[error("ethtool {what} on {dev} failed")]
+    Ethtool {
+        /// The setting.
+        what: &'static str,
+        /// The device.
+        dev: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One end of the pair.
+#[derive(Clone, Debug)]
+pub struct VethEnd<'a> {
+    /// Where it lives.
+    pub ns: &'a NetNs,
+    /// Its device name (at most 15 bytes).
+    pub name: String,
+    /// Its address, in a /30.
+    pub addr: Ipv4Addr,
+    /// Receive queues (each with its own NAPI instance once GRO is on).
+    pub rx_queues: u32,
+    /// Transmit queues: should equal the peer's receive queues (veth hands an skb from
+    /// transmit queue i to the peer's receive queue i).
+    pub tx_queues: u32,
+}
+
+impl VethEnd<'_> {
+    fn message(&self) -> LinkMessageBuilder<LinkUnspec> {
+        LinkMessageBuilder::<LinkUnspec>::new()
+            .name(self.name.clone())
+            .setns_by_fd(self.ns.fd().as_raw_fd())
+            .append_extra_attribute(LinkAttribute::NumTxQueues(self.tx_queues))
+            .append_extra_attribute(LinkAttribute::NumRxQueues(self.rx_queues))
+    }
+}
+
+/// Runs `work` with an rtnetlink handle whose socket lives in the calling thread's namespace.
+fn with_netlink<T>(work: impl AsyncFnOnce(Handle) -> Result<T, VethError>) -> Result<T, VethError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(VethError::Socket)?;
+    runtime.block_on(async {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(VethError::Socket)?;
+        let connection = tokio::spawn(connection);
+        let result = work(handle).await;
+        connection.abort();
+        result
+    })
+}
+
+fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> VethError {
+    let what = what.into();
+    move |source| VethError::Netlink { what, source }
+}
+
+/// Creates the pair from the calling thread's namespace, each end directly in its own
+/// namespace (`IFLA_NET_NS_FD`), with the given queue counts. Both ends start down.
+pub fn create_pair(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<(), VethError> {
+    let peer = b.message().build();
+    let mut message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(a.name.clone())
+        .setns_by_fd(a.ns.fd().as_raw_fd())
+        .append_extra_attribute(LinkAttribute::NumTxQueues(a.tx_queues))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(a.rx_queues))
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    message.header.interface_family = rtnetlink::packet_route::AddressFamily::Unspec;
+    let what = format!("creating veth {} <-> {}", a.name, b.name);
+    with_netlink(async |handle| {
+        handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(netlink(what))
+    })
+}
+
+/// Inside `end`'s namespace: offloads (GRO on and TSO off when `napi`, so that veth hands every
+/// packet to the receive queue's NAPI instance instead of the sending CPU's backlog), `lo` up,
+/// the address, the device up, and `extra` (sysfs work) after that.
+pub fn configure<T: Send>(
+    end: &VethEnd<'_>,
+    napi: bool,
+    extra: impl FnOnce(&Path) -> Result<T, VethError> + Send,
+) -> Result<T, VethError> {
+    let dev = end.name.clone();
+    let addr = end.addr;
+    end.ns.run(move || {
+        if napi {
+            // veth_xmit only queues to NAPI skbs it deems GRO-eligible: with TSO on the sender,
+            // TCP's are not (veth_skb_is_eligible_for_gro).
+            ethtool_set(&dev, ETHTOOL_SGRO, "gro", 1)?;
+            ethtool_set(&dev, ETHTOOL_STSO, "tso", 0)?;
+        }
+        let sysfs = Path::new("/sys/class/net").join(&dev);
+        let index: u32 =
+            read_sysfs(&sysfs.join("ifindex"))?
+                .parse()
+                .map_err(|err| VethError::Sysfs {
+                    path: sysfs.join("ifindex"),
+                    source: io::Error::new(io::ErrorKind::InvalidData, err),
+                })?;
+        with_netlink(async |handle| {
+            handle
+                .link()
+                .set(LinkUnspec::new_with_name("lo").up().build())
+                .execute()
+                .await
+                .map_err(netlink("setting lo up"))?;
+            handle
+                .address()
+                .add(index, IpAddr::V4(addr), 30)
+                .execute()
+                .await
+                .map_err(netlink(format!("adding {addr}/30 to {dev}")))?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(netlink(format!("setting {dev} up")))
+        })?;
+        extra(&sysfs)
+    })?
+}
+
+/// Reads a sysfs file, trimmed.
+pub fn read_sysfs(path: &Path) -> Result<String, VethError> {
+    fs::read_to_string(path)
+        .map(|text| text.trim().to_owned())
+        .map_err(|source| VethError::Sysfs {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Writes a sysfs file.
+pub fn write_sysfs(path: &Path, value: &str) -> Result<(), VethError> {
+    fs::write(path, value).map_err(|source| VethError::Sysfs {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `ETHTOOL_STSO` (linux/ethtool.h): set TCP segmentation offload (all TSO features).
+const ETHTOOL_STSO: u32 = 0x1f;
+/// `ETHTOOL_SGRO` (linux/ethtool.h): set generic receive offload.
+const ETHTOOL_SGRO: u32 = 0x2c;
+
+/// `struct ethtool_value`.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// Sets one offload with the ethtool ioctl on a socket of the calling thread's namespace.
+fn ethtool_set(dev: &str, cmd: u32, what: &'static str, on: u32) -> Result<(), VethError> {
+    let error = |source| VethError::Ethtool {
+        what,
+        dev: dev.to_owned(),
+        source,
+    };
+    let socket: OwnedFd = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::DGRAM,
+        None,
+    )
+    .map_err(|err| error(err.into()))?;
+    let mut value = EthtoolValue { cmd, data: on };
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = dev.as_bytes();
+    if name.len() >= request.ifr_name.len() {
+        return Err(error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "device name too long",
+        )));
+    }
+    for (slot, &byte) in request.ifr_name.iter_mut().zip(name) {
+        *slot = byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_data = (&raw mut value).cast();
+    // SAFETY: SIOCETHTOOL reads the ifreq and, through ifru_data, the ethtool_value; both live
+    // until the call returns.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut request) };
+    if rc < 0 {
+        return Err(error(io::Error::last_os_error()));
+    }
+    Ok(())
+}
