@@ -122,8 +122,13 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             toolchain::ensure_tools(
-                &[toolchain::NGINX, toolchain::PROMTOOL],
-                "the tests attach to a real nginx and check the metrics with promtool",
+                &[
+                    toolchain::NGINX,
+                    toolchain::PROMTOOL,
+                    toolchain::SYSTEMD_ANALYZE,
+                ],
+                "the tests attach to a real nginx, check the metrics with promtool and the \
+                 example units with systemd-analyze",
             )?;
             if !no_lint {
                 run_checked(cargo().args(["fmt", "--all", "--check"]))?;

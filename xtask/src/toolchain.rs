@@ -51,6 +51,11 @@ pub const PROMTOOL: Tool = Tool {
     program: "promtool",
     package: "prometheus",
 };
+/// systemd-analyze (checks the example units in the tests).
+pub const SYSTEMD_ANALYZE: Tool = Tool {
+    program: "systemd-analyze",
+    package: "systemd",
+};
 /// wrk (the A/B cross-check).
 pub const WRK: Tool = Tool {
     program: "wrk",
