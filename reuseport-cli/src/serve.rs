@@ -102,6 +102,8 @@ pub struct ServeArgs {
 /// Serves until Ctrl-C, SIGTERM or `--duration`, restarting the workers on SIGHUP, then prints
 /// the summary.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Before any thread starts: this unsets LISTEN_FDS and LISTEN_PID.
+    let passed = systemd::passed_sockets()?;
     live::keep_running_without_reader();
     let stop = live::stop_on_signals()?;
     // A summary file that cannot be written fails now, not after the whole run.
@@ -120,7 +122,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .metrics
         .map(|addr| MetricsEndpoint::start(addr, latest.clone()))
         .transpose()?;
-    let server = Server::start(ServerConfig {
+    let passed_count = passed.len();
+    let config = ServerConfig {
         listen: args.listen,
         protocol,
         mode,
@@ -134,8 +137,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             header: args.header_timeout,
             idle: args.idle_timeout,
         },
-    })
-    .map_err(|err| match err {
+    };
+    let started = if passed.is_empty() {
+        Server::start(config)
+    } else {
+        Server::adopt(config, passed)
+    };
+    let server = started.map_err(|err| match err {
         ServerError::Spill(spill @ SpillError::TooManyTargets { .. }) => {
             anyhow::Error::new(BadArguments(format!("--spill-targets: {spill}")))
         }
@@ -183,6 +191,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             program_id: ready.program_id,
         });
         latest.publish(server.snapshot()?);
+    }
+    if passed_count > 0 {
+        say!(
+            "reuseport: {passed_count} listener(s) from the service manager (socket activation), \
+             {} added to their group",
+            server.cpus().len() - passed_count
+        );
     }
     if let Some(endpoint) = &metrics {
         say!(

@@ -40,23 +40,33 @@ fn with_this_binary(text: &str) -> String {
 }
 
 #[test]
-fn every_unit_passes_systemd_analyze_verify() {
+fn every_service_and_socket_unit_passes_systemd_analyze_verify() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let services: Vec<PathBuf> = units()
+    let units: Vec<PathBuf> = units()
         .into_iter()
-        .filter(|path| path.extension().is_some_and(|ext| ext == "service"))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == "service" || ext == "socket")
+        })
         .collect();
     assert!(
-        !services.is_empty(),
-        "no service units under contrib/systemd"
+        units.iter().any(|unit| unit.extension().is_some_and(|ext| ext == "socket")),
+        "no socket unit under contrib/systemd"
     );
-    for unit in services {
-        let copy = dir.path().join(unit.file_name().expect("a file name"));
-        fs::write(
-            &copy,
-            with_this_binary(&fs::read_to_string(&unit).expect("read unit")),
-        )
-        .expect("write unit");
+    // All in one directory, so that a socket unit finds its service.
+    let copies: Vec<PathBuf> = units
+        .iter()
+        .map(|unit| {
+            let copy = dir.path().join(unit.file_name().expect("a file name"));
+            fs::write(
+                &copy,
+                with_this_binary(&fs::read_to_string(unit).expect("read unit")),
+            )
+            .expect("write unit");
+            copy
+        })
+        .collect();
+    for (unit, copy) in units.iter().zip(&copies) {
         let output = Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
             .arg(&copy)

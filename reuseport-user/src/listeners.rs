@@ -4,7 +4,7 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd},
 };
 
 use socket2::{Domain, Protocol as SocketProtocol, SockAddr, Socket, Type};
@@ -38,6 +38,55 @@ pub enum ListenerError {
     /// No CPUs were given.
     #[error("no CPUs to create listeners for")]
     NoCpus,
+    /// A socket handed over (socket activation) cannot be one of this group's listeners.
+    #[error("the socket passed as descriptor {fd} {reason}")]
+    Unusable {
+        /// Its descriptor number in this process.
+        fd: i32,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// More sockets were handed over than there are CPUs to serve them.
+    #[error(
+        "{sockets} sockets were passed but there are workers on only {cpus} CPUs (one listener \
+         per CPU): pass fewer sockets or allow more CPUs"
+    )]
+    TooManyPassed {
+        /// Sockets handed over.
+        sockets: usize,
+        /// CPUs with a worker.
+        cpus: usize,
+    },
+    /// The sockets handed over have no `SO_REUSEPORT`: they form no reuseport group, so no
+    /// steering can be attached to them and no socket of ours can join them.
+    #[error(
+        "{sockets} socket(s) on {addr} were passed for {cpus} CPU(s) without SO_REUSEPORT: they \
+         form no reuseport group to steer or to add listeners to; set ReusePort=yes in the \
+         .socket unit"
+    )]
+    PassedWithoutReusePort {
+        /// The address of the sockets.
+        addr: SocketAddr,
+        /// Sockets handed over.
+        sockets: usize,
+        /// CPUs with a worker.
+        cpus: usize,
+    },
+    /// A listener of ours could not join the group of the sockets handed over: the kernel only
+    /// lets sockets of the same owner share a port.
+    #[error(
+        "adding a listener to the group of the sockets passed on {addr} failed: they belong to \
+         uid {owner} and this process runs as uid {uid}, and only sockets of one owner share a \
+         port; run the service as uid {owner}, or pass one socket per CPU"
+    )]
+    CannotJoinPassed {
+        /// The address of the sockets.
+        addr: SocketAddr,
+        /// The owner of the sockets handed over.
+        owner: u32,
+        /// This process's effective uid.
+        uid: u32,
+    },
     /// Another socket call failed.
     #[error("{call} on {addr} failed")]
     Io {
@@ -126,6 +175,115 @@ impl PerCpuListeners {
             protocol,
             backlog,
             sockets,
+            open_already: 0,
+        })
+    }
+
+    /// Like [`PerCpuListeners::prepare`], for sockets handed over by a service manager (socket
+    /// activation: bound and, for TCP, listening already) instead of made here: the first
+    /// `passed.len()` CPUs of `cpus` get them, in order, and each other CPU a new socket bound to
+    /// their address, joining their reuseport group. They must have `SO_REUSEPORT` (a group to
+    /// steer), and sockets added need the same owner. The sockets handed over are already reachable, so connections that
+    /// arrive before steering is in place (or were queued before this process started) are
+    /// picked by the kernel's hash.
+    pub fn adopt(
+        passed: Vec<Socket>,
+        protocol: Protocol,
+        cpus: &CpuList,
+        backlog: i32,
+    ) -> Result<PendingListeners, ListenerError> {
+        if cpus.is_empty() {
+            return Err(ListenerError::NoCpus);
+        }
+        if passed.len() > cpus.len() {
+            return Err(ListenerError::TooManyPassed {
+                sockets: passed.len(),
+                cpus: cpus.len(),
+            });
+        }
+        let mut addr = None;
+        let mut reuse_port = true;
+        for socket in &passed {
+            let fd = socket.as_raw_fd();
+            let unusable = |reason: &str| ListenerError::Unusable {
+                fd,
+                reason: reason.to_owned(),
+            };
+            let wanted = match protocol {
+                Protocol::Tcp => Type::STREAM,
+                Protocol::Udp => Type::DGRAM,
+            };
+            if socket.r#type().map_err(|e| unusable(&e.to_string()))? != wanted {
+                return Err(unusable(match protocol {
+                    Protocol::Tcp => "is not a TCP socket (--proto tcp)",
+                    Protocol::Udp => "is not a UDP socket (--proto udp)",
+                }));
+            }
+            if protocol == Protocol::Tcp && !socket.is_listener().unwrap_or(false) {
+                return Err(unusable("is not listening"));
+            }
+            let here = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or_else(|| unusable("is not bound to an IP address"))?;
+            if here.port() == 0 {
+                return Err(unusable("is not bound to a port"));
+            }
+            match addr {
+                None => addr = Some(here),
+                Some(first) if first != here => {
+                    return Err(unusable(&format!(
+                        "is bound to {here}, another address than the first one ({first})"
+                    )));
+                }
+                Some(_) => {}
+            }
+            reuse_port &= socket.reuse_port().unwrap_or(false);
+        }
+        let Some(addr) = addr else {
+            return Err(ListenerError::Unusable {
+                fd: -1,
+                reason: "list is empty".to_owned(),
+            });
+        };
+        if !reuse_port {
+            return Err(ListenerError::PassedWithoutReusePort {
+                addr,
+                sockets: passed.len(),
+                cpus: cpus.len(),
+            });
+        }
+        let owner = passed
+            .first()
+            .and_then(|socket| rustix::fs::fstat(socket).ok())
+            .map_or(0, |stat| stat.st_uid);
+        let passed_count = passed.len();
+        let mut sockets: Vec<CpuListener> = cpus
+            .iter()
+            .zip(passed)
+            .map(|(cpu, socket)| CpuListener { cpu, socket })
+            .collect();
+        for cpu in cpus.iter().skip(passed_count) {
+            let socket = new_socket(addr, protocol, true)?;
+            if protocol == Protocol::Tcp {
+                bind(&socket, addr).map_err(|err| match err {
+                    ListenerError::AddressInUse { addr } => ListenerError::CannotJoinPassed {
+                        addr,
+                        owner,
+                        uid: rustix::process::geteuid().as_raw(),
+                    },
+                    other => other,
+                })?;
+            }
+            sockets.push(CpuListener { cpu, socket });
+        }
+        Ok(PendingListeners {
+            addr,
+            protocol,
+            backlog,
+            sockets,
+            open_already: passed_count,
         })
     }
 
@@ -171,9 +329,18 @@ pub struct PendingListeners {
     protocol: Protocol,
     backlog: i32,
     sockets: Vec<CpuListener>,
+    /// How many of `sockets`, from the first, were handed over already open
+    /// ([`PerCpuListeners::adopt`]).
+    open_already: usize,
 }
 
 impl PendingListeners {
+    /// How many of the sockets were handed over ([`PerCpuListeners::adopt`]); they serve the
+    /// first CPUs.
+    pub fn passed(&self) -> usize {
+        self.open_already
+    }
+
     /// The first CPU's socket. It already has `SO_REUSEPORT`, so a reuseport program attached
     /// to it now (`SO_ATTACH_REUSEPORT_EBPF` on an unreachable socket makes a group of one) is
     /// the group's program from the first connection on: the others join its group as they open.
@@ -195,9 +362,12 @@ impl PendingListeners {
             protocol,
             backlog,
             sockets,
+            open_already,
         } = self;
-        for listener in &sockets {
+        for (index, listener) in sockets.iter().enumerate() {
             match protocol {
+                // Handed over bound (and listening): nothing to open.
+                _ if index < open_already => {}
                 Protocol::Tcp => listener
                     .socket
                     .listen(backlog)

@@ -3,7 +3,14 @@
 //! `reuseport serve`, the tests and the example all run this. The server never asks which mode it
 //! runs: the [`Strategy`] does what its mode needs.
 
-use std::{net::SocketAddr, os::fd::AsFd, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    time::Instant,
+};
+
+use socket2::Socket;
 
 use thiserror::Error;
 use tokio::sync::watch;
@@ -143,6 +150,10 @@ pub struct Server {
     /// What every worker's connections follow, and the shedder that sees them all.
     policy: ConnectionPolicy,
     restarts: u64,
+    /// A duplicate of each listener handed over by a service manager, by CPU: those sockets stay
+    /// open in the manager, so a restart hands the same socket to the new worker instead of
+    /// replacing it (a replaced one would stay in the group with nobody accepting).
+    passed: BTreeMap<u32, OwnedFd>,
     /// The steering mode in place (`auto` resolved).
     strategy: Box<dyn Strategy>,
     started: Instant,
@@ -181,6 +192,24 @@ impl Server {
     ///
     /// On error everything created so far is closed again, so nothing stays attached.
     pub fn start(config: ServerConfig) -> Result<Self, ServerError> {
+        Self::start_on(config, Vec::new())
+    }
+
+    /// [`Server::start`] on sockets handed over by a service manager (socket activation:
+    /// `LISTEN_FDS`), bound and, for TCP, listening: they become the listeners of the first
+    /// CPUs, and the other CPUs get new sockets joining their group (see
+    /// [`PerCpuListeners::adopt`]). `config.listen` is not used: the address is theirs.
+    pub fn adopt(config: ServerConfig, passed: Vec<OwnedFd>) -> Result<Self, ServerError> {
+        if passed.is_empty() {
+            return Err(ServerError::Listener(ListenerError::Unusable {
+                fd: -1,
+                reason: "list is empty".to_owned(),
+            }));
+        }
+        Self::start_on(config, passed)
+    }
+
+    fn start_on(config: ServerConfig, passed: Vec<OwnedFd>) -> Result<Self, ServerError> {
         let allowed = CpuList::allowed()?;
         let cpus = match config.cpus {
             Some(cpus) => cpus.within(&allowed)?,
@@ -192,8 +221,17 @@ impl Server {
             timeouts: config.timeouts,
             shedder: Default::default(),
         };
-        let pending =
-            PerCpuListeners::prepare(config.listen, config.protocol, &cpus, config.backlog)?;
+        let pending = if passed.is_empty() {
+            PerCpuListeners::prepare(config.listen, config.protocol, &cpus, config.backlog)?
+        } else {
+            PerCpuListeners::adopt(
+                passed.into_iter().map(Socket::from).collect(),
+                config.protocol,
+                &cpus,
+                config.backlog,
+            )?
+        };
+        let passed_cpus: Vec<u32> = cpus.iter().take(pending.passed()).collect();
         let migrations_at_start = Migrations::read();
         let choice = strategy::choose(config.mode);
         let mut strategy = strategy::for_mode(choice.mode, config.program, config.spill)?;
@@ -203,6 +241,18 @@ impl Server {
             other => ServerError::Strategy(other),
         })?;
         let listen = listeners.local_addr();
+        let mut passed = BTreeMap::new();
+        for listener in listeners.iter() {
+            if passed_cpus.contains(&listener.cpu) {
+                let cpu = listener.cpu;
+                let fd = listener
+                    .socket
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| WorkerError::Start { cpu, source })?;
+                passed.insert(cpu, fd);
+            }
+        }
         let mut workers = Vec::with_capacity(cpus.len());
         for listener in listeners.into_inner() {
             // On error, the workers already started stop as their switches drop.
@@ -219,6 +269,7 @@ impl Server {
             retired: Vec::new(),
             policy,
             restarts: 0,
+            passed,
             strategy,
             started: Instant::now(),
             migrations_at_start,
@@ -226,6 +277,9 @@ impl Server {
     }
 
     /// Replaces the worker on `cpu` with a new one, without refusing a connection:
+    ///
+    /// (A listener handed over by a service manager, see [`Server::adopt`], is not replaced: the
+    /// new worker serves the same socket, and the old one stops accepting from it and drains.)
     ///
     /// 1. a new listener binds and joins the reuseport group, and a new worker pinned to `cpu`
     ///    starts serving it;
@@ -248,7 +302,14 @@ impl Server {
             .iter()
             .position(|running| running.worker.cpu() == cpu)
             .ok_or(ServerError::NoWorker { cpu })?;
-        let socket = listeners::bind_one(self.listen, self.protocol, self.backlog)?;
+        let socket = match self.passed.get(&cpu) {
+            // The service manager's socket: the new worker serves the same one.
+            Some(fd) => Socket::from(
+                fd.try_clone()
+                    .map_err(|source| WorkerError::Start { cpu, source })?,
+            ),
+            None => listeners::bind_one(self.listen, self.protocol, self.backlog)?,
+        };
         // The new socket is in the group but does not have `cpu`'s place yet: it only gets
         // connections the strategy leaves to the kernel's hash until it takes that place below.
         let fd = socket
@@ -256,7 +317,10 @@ impl Server {
             .try_clone_to_owned()
             .map_err(|source| WorkerError::Start { cpu, source })?;
         let replacement = RunningWorker::spawn(CpuListener { cpu, socket }, &self.policy)?;
-        if let Err(err) = self.strategy.replace_listener(cpu, fd) {
+        // A passed socket keeps its place: the new worker serves the very socket already there.
+        if !self.passed.contains_key(&cpu)
+            && let Err(err) = self.strategy.replace_listener(cpu, fd)
+        {
             let _ = replacement.stop();
             return Err(ServerError::running(err));
         }
