@@ -930,3 +930,151 @@ fn a_server_in_a_network_namespace_of_its_own_is_seen_by_status_and_detach() {
     assert!(detached.contains("detached program"), "{detached}");
     assert!(!PathBuf::from(format!("/sys/fs/bpf/reuseport/{port}")).exists());
 }
+
+/// `reuseport attach --follow ARGS` running until stopped, its stdout lines on a channel (so a
+/// test waits for a line with a deadline rather than forever).
+fn start_follow(
+    args: &[&str],
+) -> (
+    Guard,
+    std::sync::mpsc::Receiver<String>,
+    std::process::ChildStderr,
+) {
+    let mut child = Command::new(BINARY)
+        .args(["attach", "--follow", "--quiet"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start attach --follow");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let stderr = child.stderr.take().unwrap();
+    let (send, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Guard(child), lines, stderr)
+}
+
+/// The next line containing `needle` within `timeout` (lines before it are passed over).
+fn line_with(lines: &std::sync::mpsc::Receiver<String>, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut passed = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(line) => passed.push(line),
+            Err(err) => panic!("no line with {needle:?} within {timeout:?} ({err}): {passed:?}"),
+        }
+    }
+}
+
+/// Whether every one of `count` clients on each worker's CPU was served by that worker.
+fn each_cpu_served_locally(addr: SocketAddr, workers: &[(u32, u32)], count: usize) -> bool {
+    workers
+        .iter()
+        .all(|&(cpu, pid)| worker_pids_from(cpu, addr, count).iter().all(|&p| p == pid))
+}
+
+/// Waits until clients on each worker's CPU are served by that worker; returns how long it
+/// took, failing after `limit`.
+fn time_until_steered(addr: SocketAddr, workers: &[(u32, u32)], limit: Duration) -> Duration {
+    let start = Instant::now();
+    // 20 clients per CPU all reaching the local worker by hash: 2 x 2^-20 with two workers.
+    while !each_cpu_served_locally(addr, workers, 20) {
+        assert!(
+            start.elapsed() < limit,
+            "clients on each CPU not served by their worker {:?} after nginx (re)started",
+            limit
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn attach_follow_steers_nginx_again_after_each_restart_and_reload() {
+    if allowed_cpus().len() < 2 {
+        return;
+    }
+    let addr = free_addr();
+    let port = addr.port().to_string();
+    let (nginx, master, workers) = start_nginx(addr, "worker_cpu_affinity auto;");
+    let (attach, lines, _stderr) = start_follow(&["--port", &port, "--pid", &master.to_string()]);
+    let first = line_with(&lines, "reuseport: steering port", Duration::from_secs(10));
+    assert!(first.contains("following the server"), "{first}");
+    assert!(each_cpu_served_locally(addr, &workers, 20));
+
+    let mut nginx = Some(nginx);
+    let mut master = master;
+    for restart in 1..=2 {
+        // Stop nginx (its master closes the listeners): attach --follow says so and waits.
+        drop(nginx.take());
+        let gone = line_with(&lines, "is gone; waiting", Duration::from_secs(5));
+        assert!(gone.contains(&format!("pid {master}")), "{gone}");
+        // A fresh master with new sockets: steered again within a second of its workers.
+        let (fresh, fresh_master, fresh_workers) = start_nginx(addr, "worker_cpu_affinity auto;");
+        assert_ne!(fresh_master, master);
+        let took = time_until_steered(addr, &fresh_workers, Duration::from_secs(1));
+        eprintln!("restart {restart}: steered {took:?} after nginx's workers were pinned");
+        let back = line_with(&lines, "the server is back", Duration::from_secs(1));
+        assert!(back.contains(&format!("pid {fresh_master}")), "{back}");
+        nginx = Some(fresh);
+        master = fresh_master;
+    }
+
+    // A reload (SIGHUP): the same master, new workers on the same sockets.
+    let before = workers_by_cpu(master);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(master as i32).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reloaded = loop {
+        let now = workers_by_cpu(master);
+        if now.len() == before.len() && now.iter().all(|w| !before.contains(w)) {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "nginx did not reload: {now:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = time_until_steered(addr, &reloaded, Duration::from_secs(1));
+    eprintln!("reload: steered {took:?} after the new workers were pinned");
+    let again = line_with(
+        &lines,
+        "new workers; steering again",
+        Duration::from_secs(1),
+    );
+    assert!(again.contains("program id"), "{again}");
+
+    // Ctrl-C (SIGTERM) detaches the steering it holds then.
+    let pid = rustix::process::Pid::from_child(&attach.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    line_with(&lines, "detached", Duration::from_secs(5));
+    assert!(hashed(addr, &reloaded));
+    drop(attach);
+}
+
+#[test]
+fn attach_follow_with_fds_or_mode_hash_is_refused() {
+    assert_one_line_error(
+        &run(&[
+            "attach", "--port", "80", "--follow", "--fd", "0", "--cpu", "0",
+        ]),
+        2,
+        "--follow",
+    );
+    assert_one_line_error(
+        &run(&[
+            "attach", "--port", "80", "--pid", "1", "--follow", "--mode", "hash",
+        ]),
+        1,
+        "--follow steers; --mode hash detaches once",
+    );
+}

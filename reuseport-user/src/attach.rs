@@ -265,9 +265,53 @@ pub struct FoundListener {
     pub fd: OwnedFd,
 }
 
+/// A listener of a running server and the process serving it, as `/proc` shows them (nothing
+/// duplicated yet): what [`serving`] finds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServingListener {
+    /// The CPU the serving process is pinned to: the listener's slot.
+    pub cpu: u32,
+    /// The serving process.
+    pub pid: u32,
+    /// Its file descriptor for the socket.
+    pub fd: i32,
+    /// The socket's inode.
+    pub inode: u64,
+    /// Its local address.
+    pub addr: SocketAddr,
+}
+
 /// Finds the listeners on `port` of `pids` and their descendants, and the CPU of the process
 /// that serves each (see the module documentation for how).
 pub fn from_pid(pids: &[u32], port: u16) -> Result<Vec<FoundListener>, AttachError> {
+    let mut found = Vec::new();
+    for listener in serving(pids, port)? {
+        let ServingListener {
+            cpu,
+            pid,
+            fd,
+            inode,
+            addr,
+        } = listener;
+        let dup = duplicate(pid, fd)?;
+        if !SockRef::from(&dup).reuse_port().unwrap_or(false) {
+            return Err(AttachError::NotReuseport { pid, fd, addr });
+        }
+        found.push(FoundListener {
+            cpu,
+            pid,
+            inode,
+            addr,
+            fd: dup,
+        });
+    }
+    Ok(found)
+}
+
+/// Steps 1 to 4 of the module documentation: the listeners on `port` of `pids` and their
+/// descendants, each with the process serving it and that process's CPU, in CPU order. Reads
+/// `/proc` only, so it is cheap enough to repeat (see [`crate::follow`]).
+pub fn serving(pids: &[u32], port: u16) -> Result<Vec<ServingListener>, AttachError> {
     let pid_list = pids
         .iter()
         .map(u32::to_string)
@@ -399,21 +443,12 @@ pub fn from_pid(pids: &[u32], port: u16) -> Result<Vec<FoundListener>, AttachErr
             });
         }
         by_cpu.insert(cpu, pid);
-        let socket = &sockets[&inode];
-        let dup = duplicate(pid, fd)?;
-        if !SockRef::from(&dup).reuse_port().unwrap_or(false) {
-            return Err(AttachError::NotReuseport {
-                pid,
-                fd,
-                addr: socket.addr,
-            });
-        }
-        found.push(FoundListener {
+        found.push(ServingListener {
             cpu,
             pid,
+            fd,
             inode,
-            addr: socket.addr,
-            fd: dup,
+            addr: sockets[&inode].addr,
         });
     }
     found.sort_by_key(|f| f.cpu);

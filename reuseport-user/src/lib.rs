@@ -45,6 +45,7 @@ pub mod attach;
 pub mod cbpf;
 pub mod cpu_topology;
 pub mod cpus;
+pub mod follow;
 pub mod http;
 pub mod incoming_cpu;
 pub mod kernel;
