@@ -75,11 +75,7 @@ enum Command {
     },
     /// Show what steers each port, as the kernel says: program, slots (and holes), listeners in
     /// no slot, stale pins, fallbacks, counters. Needs root.
-    Status {
-        /// Only this port.
-        #[arg(long)]
-        port: Option<u16>,
-    },
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,7 +93,7 @@ fn main() -> ExitCode {
         Command::Ab(args) => ab::ab(args),
         Command::Attach(args) => attach::attach(args),
         Command::Detach { port } => detach::detach(port),
-        Command::Status { port } => status::status(port),
+        Command::Status(args) => status::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1078,3 +1078,95 @@ fn attach_follow_with_fds_or_mode_hash_is_refused() {
         "--follow steers; --mode hash detaches once",
     );
 }
+
+/// `status ARGS --json`'s reports, checked to parse as the documented type.
+fn status_json(args: &[&str]) -> Vec<reuseport::port_report::PortReport> {
+    let text = run_ok(&[&["status", "--json"], args].concat());
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn status_json_and_watch_describe_an_attached_server() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    assert!(!workers.is_empty(), "{workers:?}");
+    let (port, master_arg) = (addr.port().to_string(), master.to_string());
+    let attach = start_attach(&["--port", &port, "--pid", &master_arg]);
+    let attach_pid = attach.0.0.id();
+
+    let reports = status_json(&["--port", &port]);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let report = &reports[0];
+    assert_eq!(report.port, addr.port());
+    assert_eq!(report.verdict, "steered");
+    assert_eq!(report.unsteered, 0);
+    assert_eq!(report.listeners.len(), workers.len(), "{report:?}");
+    assert!(report.listeners.iter().all(|l| l.steered), "{report:?}");
+    assert_eq!(report.programs.len(), 1, "{report:?}");
+    let program = &report.programs[0];
+    assert!(program.steers && !program.pinned, "{program:?}");
+    assert_eq!(program.held_by, [attach_pid], "{program:?}");
+    assert!(
+        report.pinned.is_none() && report.pin_dir.is_none(),
+        "{report:?}"
+    );
+    // Slot k holds the listener that the worker pinned to CPU k holds.
+    let cpus: Vec<u32> = program.slots.iter().map(|s| s.cpu).collect();
+    assert_eq!(cpus, workers.iter().map(|w| w.0).collect::<Vec<_>>());
+    for slot in &program.slots {
+        let worker = workers.iter().find(|w| w.0 == slot.cpu).unwrap().1;
+        let listener = report
+            .listeners
+            .iter()
+            .find(|l| Some(l.inode) == slot.listener_inode)
+            .unwrap_or_else(|| panic!("slot {slot:?} holds no listener: {report:?}"));
+        assert_eq!(Some(slot.cookie), listener.cookie);
+        assert!(
+            listener.holders.iter().any(|h| h.pid == worker),
+            "{listener:?} not held by worker {worker}"
+        );
+    }
+    // The same through `status` without --port.
+    assert!(status_json(&[]).iter().any(|r| r == report));
+
+    // --watch piped: one block per second, two of them with --count 2.
+    let started = Instant::now();
+    let watched = run_ok(&["status", "--port", &port, "--watch", "--count", "2"]);
+    let blocks = watched
+        .matches(&format!("port {port}: program id {}", program.id))
+        .count();
+    assert_eq!(blocks, 2, "{watched}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "refreshed too fast"
+    );
+    let lines = run_ok(&[
+        "status", "--port", &port, "--watch", "--count", "2", "--json",
+    ]);
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    for line in lines.lines() {
+        let reports: Vec<reuseport::port_report::PortReport> = serde_json::from_str(line).unwrap();
+        assert_eq!(reports[0].verdict, "steered");
+    }
+    stop_attach(attach);
+
+    // Pinned: the recorded slots and counters are there too.
+    run_ok(&["attach", "--port", &port, "--pid", &master_arg, "--persist"]);
+    worker_pids_from(workers[0].0, addr, 5);
+    let reports = status_json(&["--port", &port]);
+    let pinned = reports[0].pinned.as_ref().expect("pinned report");
+    assert_eq!(
+        Some(pinned.program_id),
+        reports[0].programs.first().map(|p| p.id)
+    );
+    assert_eq!(pinned.slots.len(), workers.len());
+    assert!(pinned.slots.iter().all(|s| s.state == "live"), "{pinned:?}");
+    assert!(pinned.total.local >= 5, "{pinned:?}");
+    run_ok(&["detach", "--port", &port]);
+    // Watching a port nothing steers says so rather than failing.
+    let none = run_ok(&["status", "--port", &port, "--watch", "--count", "1"]);
+    assert!(
+        none.contains(&format!("port {port}: nothing steers it")),
+        "{none}"
+    );
+}

@@ -52,6 +52,7 @@ pub mod kernel;
 pub mod listeners;
 pub mod metrics;
 pub mod pinned;
+pub mod port_report;
 pub mod port_steering;
 pub mod procfs;
 pub mod server;
