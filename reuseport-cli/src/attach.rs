@@ -3,6 +3,7 @@
 
 use std::{
     cell::RefCell,
+    net::SocketAddr,
     os::fd::BorrowedFd,
     sync::atomic::AtomicBool,
     time::{Duration, Instant},
@@ -11,6 +12,7 @@ use std::{
 use reuseport::{
     attach::{self, AttachAction, AttachRequest, AttachTarget, Attached, describe_slots},
     follow::{FollowEvent, FollowRequest, Follower, POLL_INTERVAL, Stopped},
+    metrics::{LatestSnapshot, MetricsEndpoint, MetricsInfo},
     pinned::PinnedRoot,
     stats::Snapshot,
 };
@@ -53,6 +55,11 @@ pub struct AttachArgs {
     /// current while this runs and stay when it ends.
     #[arg(long, conflicts_with_all = ["fds", "fd_cpus"])]
     follow: bool,
+    /// Serve Prometheus metrics of the steering at http://ADDR/metrics while attached
+    /// (per-CPU decisions, program run time, info with mode and program id; the server's own
+    /// worker counters are not known and left out). Not with --persist.
+    #[arg(long, conflicts_with = "persist")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -104,11 +111,25 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
         request.persist = Some(PinnedRoot::system());
     }
     let port = args.port;
+    if args.mode == AttachMode::Hash && (args.follow || args.metrics.is_some()) {
+        anyhow::bail!(
+            "--follow and --metrics steer; --mode hash detaches once: give one or the other"
+        );
+    }
+    // The metrics address is bound first: one in use fails before anything is attached.
+    let latest = LatestSnapshot::default();
+    let metrics = args
+        .metrics
+        .map(|addr| MetricsEndpoint::start(addr, latest.clone()))
+        .transpose()?;
+    if let Some(endpoint) = &metrics {
+        say!(
+            "reuseport: metrics on http://{}/metrics",
+            endpoint.local_addr()
+        );
+    }
     if args.follow {
-        if args.mode == AttachMode::Hash {
-            anyhow::bail!("--follow steers; --mode hash detaches once: give one of them");
-        }
-        return follow(&args, request.persist, &stop);
+        return follow(&args, request.persist, &stop, &latest);
     }
     let live = match attach::run(request)? {
         Attached::Hashed { slots } => {
@@ -143,11 +164,17 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
             None => "Ctrl-C detaches".to_owned(),
         }
     );
+    describe(&latest, live.local_addr(), Some(live.program_id()?));
+    latest.publish(live.snapshot()?);
     live::show_live_until_stopped(
         &stop,
         args.duration,
         args.quiet,
-        || Ok(live.snapshot()?),
+        || {
+            let snapshot = live.snapshot()?;
+            latest.publish(snapshot.clone());
+            Ok(snapshot)
+        },
         || Ok(()),
     )?;
     live.detach()?;
@@ -157,7 +184,12 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
 
 /// `attach --follow`: attaches, then keeps the steering on whatever serves the port until
 /// stopped, one line per change (see `reuseport::follow`).
-fn follow(args: &AttachArgs, persist: Option<PinnedRoot>, stop: &AtomicBool) -> anyhow::Result<()> {
+fn follow(
+    args: &AttachArgs,
+    persist: Option<PinnedRoot>,
+    stop: &AtomicBool,
+    latest: &LatestSnapshot,
+) -> anyhow::Result<()> {
     let port = args.port;
     let pinned = persist.is_some();
     let follower = Follower::start(FollowRequest {
@@ -176,6 +208,8 @@ fn follow(args: &AttachArgs, persist: Option<PinnedRoot>, stop: &AtomicBool) -> 
             None => "Ctrl-C stops".to_owned(),
         }
     );
+    describe(latest, follower.local_addr(), follower.program_id()?);
+    latest.publish(follower.snapshot().transpose()?.unwrap_or_default());
     let follower = RefCell::new(follower);
     let mut next_poll = Instant::now() + POLL_INTERVAL;
     live::show_live_until_stopped(
@@ -185,18 +219,26 @@ fn follow(args: &AttachArgs, persist: Option<PinnedRoot>, stop: &AtomicBool) -> 
         args.quiet || pinned,
         || {
             let follower = follower.borrow();
-            Ok(follower
+            let snapshot = follower
                 .snapshot()
                 .transpose()?
-                .unwrap_or_else(Snapshot::default))
+                .unwrap_or_else(Snapshot::default);
+            latest.publish(snapshot.clone());
+            Ok(snapshot)
         },
         || {
             if Instant::now() < next_poll {
                 return Ok(());
             }
             next_poll = Instant::now() + POLL_INTERVAL;
-            if let Some(event) = follower.borrow_mut().poll() {
+            let mut follower = follower.borrow_mut();
+            if let Some(event) = follower.poll() {
                 say!("{}", describe_event(port, &event));
+                describe(
+                    latest,
+                    follower.local_addr(),
+                    follower.program_id().ok().flatten(),
+                );
             }
             Ok(())
         },
@@ -250,4 +292,15 @@ fn describe_event(port: u16, event: &FollowEvent) -> String {
             format!("reuseport: port {port}: cannot steer the server as it is now: {reason}")
         }
     }
+}
+
+/// Sets the labels of `reuseport_info` for the metrics endpoint (if there is one): mode
+/// `percpu` (attach's steering), TCP, the group's address, the program steering it now.
+fn describe(latest: &LatestSnapshot, listen: Option<SocketAddr>, program_id: Option<u32>) {
+    latest.describe(MetricsInfo {
+        mode: "percpu".to_owned(),
+        protocol: "tcp".to_owned(),
+        listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        program_id,
+    });
 }

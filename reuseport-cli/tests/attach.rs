@@ -1075,7 +1075,7 @@ fn attach_follow_with_fds_or_mode_hash_is_refused() {
             "attach", "--port", "80", "--pid", "1", "--follow", "--mode", "hash",
         ]),
         1,
-        "--follow steers; --mode hash detaches once",
+        "--mode hash detaches once",
     );
 }
 

@@ -711,6 +711,7 @@ pub struct LiveSteering<'a> {
     slots: Vec<AttachedSlot>,
     port: u16,
     member: GroupMember<'a>,
+    addr: Option<SocketAddr>,
     started: Instant,
     migrations_at_start: Migrations,
     detached: bool,
@@ -748,6 +749,11 @@ impl LiveSteering<'_> {
     /// The port steered.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The address the steered group listens on (`None` if it could not be read).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
     }
 
     /// The kernel's id of the attached program.
@@ -866,6 +872,10 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                 }
             }
             let &(_, member) = checked.first().ok_or(AttachError::NoTarget)?;
+            let addr = SockRef::from(&member)
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket());
             let slots = pairs
                 .iter()
                 .map(|&(fd, cpu)| AttachedSlot {
@@ -886,6 +896,7 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                     pinned_slots: Vec::new(),
                     slots,
                     member: GroupMember::Fd(member),
+                    addr,
                 },
                 persist,
             )
@@ -926,6 +937,7 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                     inode: f.inode,
                 })
                 .collect();
+            let addr = found.first().map(|f| f.addr);
             let steering = steer_with(found, program)?;
             finish(
                 steering,
@@ -935,6 +947,7 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                     pinned_slots,
                     slots,
                     member: GroupMember::Tree(pids),
+                    addr,
                 },
                 persist,
             )
@@ -949,6 +962,7 @@ struct Steered<'a> {
     pinned_slots: Vec<PinnedSlot>,
     slots: Vec<AttachedSlot>,
     member: GroupMember<'a>,
+    addr: Option<SocketAddr>,
 }
 
 /// Pins `steering` under `persist`, or hands it over live.
@@ -963,6 +977,7 @@ fn finish<'a>(
         pinned_slots,
         slots,
         member,
+        addr,
     } = steered;
     let Some(root) = persist else {
         return Ok(Attached::Live(LiveSteering {
@@ -970,6 +985,7 @@ fn finish<'a>(
             slots,
             port,
             member,
+            addr,
             started: Instant::now(),
             migrations_at_start: Migrations::read(),
             detached: false,

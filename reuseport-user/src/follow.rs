@@ -201,6 +201,14 @@ impl Follower {
         }
     }
 
+    /// The address the steered group listens on (`None` while nothing is steered live).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.current {
+            Some(Attached::Live(live)) => live.local_addr(),
+            _ => None,
+        }
+    }
+
     /// The kernel id of the program steering now.
     pub fn program_id(&self) -> Result<Option<u32>, FollowError> {
         Ok(match &self.current {
