@@ -1170,3 +1170,88 @@ fn status_json_and_watch_describe_an_attached_server() {
         "{none}"
     );
 }
+
+#[test]
+fn attach_follow_persist_keeps_the_pins_current_and_leaves_them_when_it_ends() {
+    if allowed_cpus().len() < 2 {
+        return;
+    }
+    let addr = free_addr();
+    let port = addr.port().to_string();
+    let (nginx, master, _) = start_nginx(addr, "worker_cpu_affinity auto;");
+    let (mut attach, lines, _stderr) =
+        start_follow(&["--port", &port, "--pid", &master.to_string(), "--persist"]);
+    line_with(&lines, "reuseport: steering port", Duration::from_secs(10));
+    let before = status_json(&["--port", &port]);
+    let first_id = before[0].pinned.as_ref().expect("pinned").program_id;
+
+    drop(nginx);
+    line_with(&lines, "is gone; waiting", Duration::from_secs(5));
+    let (_nginx, fresh_master, workers) = start_nginx(addr, "worker_cpu_affinity auto;");
+    line_with(&lines, "the server is back", Duration::from_secs(2));
+    time_until_steered(addr, &workers, Duration::from_secs(1));
+    let after = status_json(&["--port", &port]);
+    assert_eq!(after[0].verdict, "steered", "{after:?}");
+    let pinned = after[0].pinned.as_ref().expect("pinned again");
+    assert_ne!(
+        pinned.program_id, first_id,
+        "a new program for the new group"
+    );
+    assert_eq!(pinned.pids, [fresh_master]);
+
+    // Ending the follower leaves the (current) pins in place.
+    let pid = rustix::process::Pid::from_child(&attach.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    line_with(&lines, "the steering stays pinned", Duration::from_secs(5));
+    assert!(attach.0.wait().unwrap().success());
+    assert!(each_cpu_served_locally(addr, &workers, 20));
+    assert_eq!(status_json(&["--port", &port])[0].verdict, "steered");
+    run_ok(&["detach", "--port", &port]);
+    assert!(hashed(addr, &workers));
+}
+
+/// Pins process `pid` to `cpu` from outside (as `taskset -p` does).
+fn repin(pid: u32, cpu: u32) {
+    let mut mask = rustix::thread::CpuSet::new();
+    mask.set(cpu as usize);
+    rustix::thread::sched_setaffinity(
+        Some(rustix::process::Pid::from_raw(pid as i32).unwrap()),
+        &mask,
+    )
+    .unwrap();
+}
+
+#[test]
+fn attach_follow_steers_workers_pinned_to_other_cpus_again() {
+    let Some((a, b)) = two_cpus() else {
+        return;
+    };
+    let addr = free_addr();
+    let port = addr.port().to_string();
+    let (_nginx, master, workers) = start_nginx(addr, "worker_cpu_affinity auto;");
+    let (attach, lines, _stderr) = start_follow(&["--port", &port, "--pid", &master.to_string()]);
+    line_with(&lines, "reuseport: steering port", Duration::from_secs(10));
+    let pid_on = |cpu: u32| workers.iter().find(|w| w.0 == cpu).unwrap().1;
+    let (on_a, on_b) = (pid_on(a), pid_on(b));
+    // Swap the two workers' CPUs: for a moment both are on one CPU (said only if it lasts).
+    repin(on_a, b);
+    repin(on_b, a);
+    let line = line_with(&lines, "workers on other CPUs", Duration::from_secs(2));
+    assert!(line.contains(&format!("cpu{a} <- pid {on_b}")), "{line}");
+    let swapped = [(a, on_b), (b, on_a)];
+    time_until_steered(addr, &swapped, Duration::from_secs(1));
+    // Both on one CPU for good: said once, and the last steering stays.
+    repin(on_b, b);
+    let said = line_with(&lines, "cannot steer the server", Duration::from_secs(3));
+    assert!(said.contains(&format!("both pinned to CPU {b}")), "{said}");
+    assert!(each_cpu_served_locally(addr, &[(b, on_a)], 20));
+    stop_follow(attach, &lines);
+}
+
+/// Stops an `attach --follow` with SIGTERM: it detaches, says so and exits successfully.
+fn stop_follow(mut attach: Guard, lines: &std::sync::mpsc::Receiver<String>) {
+    let pid = rustix::process::Pid::from_child(&attach.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    line_with(lines, "detached", Duration::from_secs(5));
+    assert!(attach.0.wait().unwrap().success());
+}
