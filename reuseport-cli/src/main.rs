@@ -63,7 +63,9 @@ enum Command {
     /// Finds the SO_REUSEPORT listeners on --port held by --pid and its descendants (e.g.
     /// nginx's master), matches each to the worker process that serves it (its epoll
     /// registrations) and that worker's single CPU, and attaches the steering program. Prints a
-    /// live line until Ctrl-C, then detaches (or, with --persist, leaves it pinned).
+    /// live line until Ctrl-C, then detaches (or, with --persist, leaves it pinned). --follow
+    /// steers the server again after a reload, restart or re-pin; --metrics serves Prometheus
+    /// metrics of the steering.
     Attach(attach::AttachArgs),
     /// Return a port to hash selection: detach every steering program of ours from its
     /// listeners (persisted by `attach --persist`, or left by an attach that was killed) and
@@ -74,12 +76,9 @@ enum Command {
         port: u16,
     },
     /// Show what steers each port, as the kernel says: program, slots (and holes), listeners in
-    /// no slot, stale pins, fallbacks, counters. Needs root.
-    Status {
-        /// Only this port.
-        #[arg(long)]
-        port: Option<u16>,
-    },
+    /// no slot, stale pins, fallbacks, counters (--json: as data; --watch: every second).
+    /// Needs root.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,7 +96,7 @@ fn main() -> ExitCode {
         Command::Ab(args) => ab::ab(args),
         Command::Attach(args) => attach::attach(args),
         Command::Detach { port } => detach::detach(port),
-        Command::Status { port } => status::status(port),
+        Command::Status(args) => status::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,19 +2,97 @@
 //! that holds a listener of the port or is pinned for it, its slots, the listeners in no slot,
 //! whether recorded steering is stale, and the pinned program's fallbacks and counters.
 
+use std::{
+    fmt::Write as _,
+    io::{IsTerminal as _, Write as _},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
 use reuseport::{
     pinned::{PinnedRoot, SlotState},
+    port_report::PortReport,
     port_steering::{self, PortSteering, ProgramOnPort, Verdict},
     procfs,
 };
 
-/// Prints the steering of `port`, or of every port something of ours steers or was left for.
-pub fn status(port: Option<u16>) -> anyhow::Result<()> {
+/// `writeln!` into the report being built (writing into a `String` cannot fail).
+macro_rules! put {
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+/// `reuseport status`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Only this port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Print the same facts as JSON: an array with one object per port (fields documented in
+    /// the README and in `reuseport::port_report::PortReport`).
+    #[arg(long)]
+    json: bool,
+    /// Refresh every second until Ctrl-C: in place on a terminal, one block (with --json, one
+    /// line) per second when piped. A port that stops being steered is shown as such rather
+    /// than ending the watch.
+    #[arg(long)]
+    watch: bool,
+    /// With --watch: stop after this many refreshes.
+    #[arg(long, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+}
+
+/// Prints the steering of `--port`, or of every port something of ours steers or was left for;
+/// with `--watch`, again every second.
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let root = PinnedRoot::system();
-    let views = match port {
+    if !args.watch {
+        let views = inspect(args.port, &root, false)?;
+        print!("{}", render(&args, &views, &root)?);
+        return Ok(());
+    }
+    let stop = crate::live::stop_on_signals()?;
+    let terminal = std::io::stdout().is_terminal() && !args.json;
+    let mut shown = 0u64;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) && args.count.is_none_or(|count| shown < count) {
+        let views = inspect(args.port, &root, true)?;
+        let text = render(&args, &views, &root)?;
+        let mut out = std::io::stdout().lock();
+        if terminal {
+            // Home, clear the screen, redraw.
+            write!(out, "\x1b[H\x1b[2J{text}")?;
+        } else if args.json {
+            write!(out, "{text}")?;
+        } else {
+            writeln!(out, "{text}")?;
+        }
+        out.flush()?;
+        drop(out);
+        shown += 1;
+        next += Duration::from_secs(1);
+        while !stop.load(Ordering::Relaxed)
+            && args.count.is_none_or(|count| shown < count)
+            && Instant::now() < next
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+/// The views to show: `port`'s (refused when nothing steers it, unless `watching`), or every
+/// port's.
+fn inspect(
+    port: Option<u16>,
+    root: &PinnedRoot,
+    watching: bool,
+) -> anyhow::Result<Vec<PortSteering>> {
+    Ok(match port {
         Some(port) => {
-            let view = PortSteering::inspect(port, &root)?;
-            if view.verdict() == Verdict::NotSteered {
+            let view = PortSteering::inspect(port, root)?;
+            if view.verdict() == Verdict::NotSteered && !watching {
                 anyhow::bail!(port_steering::PortSteeringError::NotSteered {
                     port,
                     dir: root.pin_dir(port).display().to_string(),
@@ -22,18 +100,35 @@ pub fn status(port: Option<u16>) -> anyhow::Result<()> {
             }
             vec![view]
         }
-        None => port_steering::inspect_all(&root)?,
-    };
+        None => port_steering::inspect_all(root)?,
+    })
+}
+
+/// The report of `views`: text, or a JSON array and a newline with `--json`.
+fn render(args: &StatusArgs, views: &[PortSteering], root: &PinnedRoot) -> anyhow::Result<String> {
+    if args.json {
+        let reports = views
+            .iter()
+            .map(|view| PortReport::new(view, root))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(format!("{}\n", serde_json::to_string(&reports)?));
+    }
+    let mut out = String::new();
     if views.is_empty() {
-        println!(
+        put!(
+            out,
             "reuseport: no steering: no steering program holds a listener, and nothing is pinned \
              (attach creates some)"
         );
     }
-    for view in &views {
-        show(view, &root)?;
+    for view in views {
+        if view.verdict() == Verdict::NotSteered {
+            put!(out, "port {}: nothing steers it", view.port);
+            continue;
+        }
+        show(&mut out, view, root)?;
     }
-    Ok(())
+    Ok(out)
 }
 
 fn holders(view: &PortSteering, inode: u64) -> String {
@@ -80,17 +175,19 @@ fn describe(program: &ProgramOnPort, view: &PortSteering) -> String {
     )
 }
 
-fn show(view: &PortSteering, root: &PinnedRoot) -> anyhow::Result<()> {
+fn show(out: &mut String, view: &PortSteering, root: &PinnedRoot) -> anyhow::Result<()> {
     let port = view.port;
     let verdict = view.verdict();
     if let Some(id) = view.unreadable_pinned {
-        println!(
+        put!(
+            out,
             "port {port}: program id {id}, pinned in {} by an earlier version of reuseport: its \
              slots cannot be read; `reuseport detach --port {port}` detaches it",
             root.pin_dir(port).display()
         );
     } else if view.programs.is_empty() {
-        println!(
+        put!(
+            out,
             "port {port}: stale: {} is left, but no steering program is loaded for it",
             view.pin_dir.as_ref().map_or_else(
                 || root.state_path(port).display().to_string(),
@@ -99,23 +196,25 @@ fn show(view: &PortSteering, root: &PinnedRoot) -> anyhow::Result<()> {
         );
     }
     for program in &view.programs {
-        println!("port {port}: {}", describe(program, view));
+        put!(out, "port {port}: {}", describe(program, view));
         let recorded = view
             .recorded
             .as_ref()
             .filter(|state| program.pinned && state.program_id == program.program.id);
         match recorded {
             // The state file beside the pins names who served each slot: say what became of it.
-            Some(_) if program.steers() => show_recorded(port, root)?,
+            Some(_) if program.steers() => show_recorded(out, port, root)?,
             _ => {
                 for (slot, inode) in &program.slot_listeners {
                     match inode {
-                        Some(inode) => println!(
+                        Some(inode) => put!(
+                            out,
                             "  slot cpu{}: socket {inode}, live, held by {}",
                             slot.cpu,
                             holders(view, *inode)
                         ),
-                        None => println!(
+                        None => put!(
+                            out,
                             "  slot cpu{}: holds a socket that no longer listens on port {port} \
                              (stale)",
                             slot.cpu
@@ -137,33 +236,39 @@ fn show(view: &PortSteering, root: &PinnedRoot) -> anyhow::Result<()> {
                     .iter()
                     .map(|s| format!("cpu{} <- pid {} socket {}", s.cpu, s.pid, s.inode))
                     .collect();
-                println!("  recorded slots: {}", slots.join(", "));
+                put!(out, "  recorded slots: {}", slots.join(", "));
             }
-            println!(
+            put!(
+                out,
                 "  stale: none of its slots holds a listener on port {port} now (the server \
                  restarted or stopped)"
             );
         }
     }
     match verdict {
-        Verdict::Steered => println!(
+        Verdict::Steered => put!(
+            out,
             "  steering: all {} listeners on port {port} are in its slots",
             view.listeners.len()
         ),
-        Verdict::Partly { unsteered } => println!(
+        Verdict::Partly { unsteered } => put!(
+            out,
             "  partly stale: {unsteered} of the {} listeners on port {port} are in no slot and \
              on hash selection (added since attach?)",
             view.listeners.len()
         ),
-        Verdict::Unknown => println!(
+        Verdict::Unknown => put!(
+            out,
             "  whether it still steers the {} listeners on port {port} cannot be told",
             view.listeners.len()
         ),
-        Verdict::Stale | Verdict::NotSteered if view.listeners.is_empty() => println!(
+        Verdict::Stale | Verdict::NotSteered if view.listeners.is_empty() => put!(
+            out,
             "  nothing listens on port {port} now; `reuseport detach --port {port}` removes what \
              is left"
         ),
-        Verdict::Stale | Verdict::NotSteered => println!(
+        Verdict::Stale | Verdict::NotSteered => put!(
+            out,
             "  {} listeners on port {port} are on hash selection; `reuseport detach --port \
              {port}` removes what is left",
             view.listeners.len()
@@ -171,7 +276,8 @@ fn show(view: &PortSteering, root: &PinnedRoot) -> anyhow::Result<()> {
     }
     if !matches!(verdict, Verdict::Steered | Verdict::Unknown) {
         for listener in view.unsteered() {
-            println!(
+            put!(
+                out,
                 "  unsteered: socket {} on {}, held by {}",
                 listener.inode,
                 listener.addr,
@@ -184,7 +290,7 @@ fn show(view: &PortSteering, root: &PinnedRoot) -> anyhow::Result<()> {
 
 /// The recorded slots of the steering pinned for `port`, with the kernel's and `/proc`'s view
 /// of each, and its counters.
-fn show_recorded(port: u16, root: &PinnedRoot) -> anyhow::Result<()> {
+fn show_recorded(out: &mut String, port: u16, root: &PinnedRoot) -> anyhow::Result<()> {
     let status = root.open(port)?.status()?;
     for slot in &status.slots {
         let (cpu, pid) = (slot.slot.cpu, slot.slot.pid);
@@ -199,18 +305,26 @@ fn show_recorded(port: u16, root: &PinnedRoot) -> anyhow::Result<()> {
                 slot.fallback
             ),
         };
-        println!("  slot cpu{cpu}: socket {}, {state}", slot.slot.inode);
+        put!(out, "  slot cpu{cpu}: socket {}, {state}", slot.slot.inode);
     }
     for (cpu, s) in status.active_cpus() {
-        println!(
+        put!(
+            out,
             "  arrived on cpu{cpu}: local {} fallback {} hash {} errors {}",
-            s.local, s.fallback, s.unsteered, s.errors
+            s.local,
+            s.fallback,
+            s.unsteered,
+            s.errors
         );
     }
     let total = status.total;
-    println!(
+    put!(
+        out,
         "  total: local {} fallback {} hash {} errors {}",
-        total.local, total.fallback, total.unsteered, total.errors
+        total.local,
+        total.fallback,
+        total.unsteered,
+        total.errors
     );
     Ok(())
 }

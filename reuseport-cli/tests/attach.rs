@@ -930,3 +930,328 @@ fn a_server_in_a_network_namespace_of_its_own_is_seen_by_status_and_detach() {
     assert!(detached.contains("detached program"), "{detached}");
     assert!(!PathBuf::from(format!("/sys/fs/bpf/reuseport/{port}")).exists());
 }
+
+/// `reuseport attach --follow ARGS` running until stopped, its stdout lines on a channel (so a
+/// test waits for a line with a deadline rather than forever).
+fn start_follow(
+    args: &[&str],
+) -> (
+    Guard,
+    std::sync::mpsc::Receiver<String>,
+    std::process::ChildStderr,
+) {
+    let mut child = Command::new(BINARY)
+        .args(["attach", "--follow", "--quiet"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start attach --follow");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let stderr = child.stderr.take().unwrap();
+    let (send, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Guard(child), lines, stderr)
+}
+
+/// The next line containing `needle` within `timeout` (lines before it are passed over).
+fn line_with(lines: &std::sync::mpsc::Receiver<String>, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut passed = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(line) => passed.push(line),
+            Err(err) => panic!("no line with {needle:?} within {timeout:?} ({err}): {passed:?}"),
+        }
+    }
+}
+
+/// Whether every one of `count` clients on each worker's CPU was served by that worker.
+fn each_cpu_served_locally(addr: SocketAddr, workers: &[(u32, u32)], count: usize) -> bool {
+    workers
+        .iter()
+        .all(|&(cpu, pid)| worker_pids_from(cpu, addr, count).iter().all(|&p| p == pid))
+}
+
+/// Waits until clients on each worker's CPU are served by that worker; returns how long it
+/// took, failing after `limit`.
+fn time_until_steered(addr: SocketAddr, workers: &[(u32, u32)], limit: Duration) -> Duration {
+    let start = Instant::now();
+    // 20 clients per CPU all reaching the local worker by hash: 2 x 2^-20 with two workers.
+    while !each_cpu_served_locally(addr, workers, 20) {
+        assert!(
+            start.elapsed() < limit,
+            "clients on each CPU not served by their worker {:?} after nginx (re)started",
+            limit
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn attach_follow_steers_nginx_again_after_each_restart_and_reload() {
+    if allowed_cpus().len() < 2 {
+        return;
+    }
+    let addr = free_addr();
+    let port = addr.port().to_string();
+    let (nginx, master, workers) = start_nginx(addr, "worker_cpu_affinity auto;");
+    let (attach, lines, _stderr) = start_follow(&["--port", &port, "--pid", &master.to_string()]);
+    let first = line_with(&lines, "reuseport: steering port", Duration::from_secs(10));
+    assert!(first.contains("following the server"), "{first}");
+    assert!(each_cpu_served_locally(addr, &workers, 20));
+
+    let mut nginx = Some(nginx);
+    let mut master = master;
+    for restart in 1..=2 {
+        // Stop nginx (its master closes the listeners): attach --follow says so and waits.
+        drop(nginx.take());
+        let gone = line_with(&lines, "is gone; waiting", Duration::from_secs(5));
+        assert!(gone.contains(&format!("pid {master}")), "{gone}");
+        // A fresh master with new sockets: steered again within a second of its workers.
+        let (fresh, fresh_master, fresh_workers) = start_nginx(addr, "worker_cpu_affinity auto;");
+        assert_ne!(fresh_master, master);
+        let took = time_until_steered(addr, &fresh_workers, Duration::from_secs(1));
+        eprintln!("restart {restart}: steered {took:?} after nginx's workers were pinned");
+        let back = line_with(&lines, "the server is back", Duration::from_secs(1));
+        assert!(back.contains(&format!("pid {fresh_master}")), "{back}");
+        nginx = Some(fresh);
+        master = fresh_master;
+    }
+
+    // A reload (SIGHUP): the same master, new workers on the same sockets.
+    let before = workers_by_cpu(master);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(master as i32).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reloaded = loop {
+        let now = workers_by_cpu(master);
+        if now.len() == before.len() && now.iter().all(|w| !before.contains(w)) {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "nginx did not reload: {now:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = time_until_steered(addr, &reloaded, Duration::from_secs(1));
+    eprintln!("reload: steered {took:?} after the new workers were pinned");
+    let again = line_with(
+        &lines,
+        "new workers; steering again",
+        Duration::from_secs(1),
+    );
+    assert!(again.contains("program id"), "{again}");
+
+    // Ctrl-C (SIGTERM) detaches the steering it holds then.
+    let pid = rustix::process::Pid::from_child(&attach.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    line_with(&lines, "detached", Duration::from_secs(5));
+    assert!(hashed(addr, &reloaded));
+    drop(attach);
+}
+
+#[test]
+fn attach_follow_with_fds_or_mode_hash_is_refused() {
+    assert_one_line_error(
+        &run(&[
+            "attach", "--port", "80", "--follow", "--fd", "0", "--cpu", "0",
+        ]),
+        2,
+        "--follow",
+    );
+    assert_one_line_error(
+        &run(&[
+            "attach", "--port", "80", "--pid", "1", "--follow", "--mode", "hash",
+        ]),
+        1,
+        "--mode hash detaches once",
+    );
+}
+
+/// `status ARGS --json`'s reports, checked to parse as the documented type.
+fn status_json(args: &[&str]) -> Vec<reuseport::port_report::PortReport> {
+    let text = run_ok(&[&["status", "--json"], args].concat());
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn status_json_and_watch_describe_an_attached_server() {
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    assert!(!workers.is_empty(), "{workers:?}");
+    let (port, master_arg) = (addr.port().to_string(), master.to_string());
+    let attach = start_attach(&["--port", &port, "--pid", &master_arg]);
+    let attach_pid = attach.0.0.id();
+
+    let reports = status_json(&["--port", &port]);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let report = &reports[0];
+    assert_eq!(report.port, addr.port());
+    assert_eq!(report.verdict, "steered");
+    assert_eq!(report.unsteered, 0);
+    assert_eq!(report.listeners.len(), workers.len(), "{report:?}");
+    assert!(report.listeners.iter().all(|l| l.steered), "{report:?}");
+    assert_eq!(report.programs.len(), 1, "{report:?}");
+    let program = &report.programs[0];
+    assert!(program.steers && !program.pinned, "{program:?}");
+    assert_eq!(program.held_by, [attach_pid], "{program:?}");
+    assert!(
+        report.pinned.is_none() && report.pin_dir.is_none(),
+        "{report:?}"
+    );
+    // Slot k holds the listener that the worker pinned to CPU k holds.
+    let cpus: Vec<u32> = program.slots.iter().map(|s| s.cpu).collect();
+    assert_eq!(cpus, workers.iter().map(|w| w.0).collect::<Vec<_>>());
+    for slot in &program.slots {
+        let worker = workers.iter().find(|w| w.0 == slot.cpu).unwrap().1;
+        let listener = report
+            .listeners
+            .iter()
+            .find(|l| Some(l.inode) == slot.listener_inode)
+            .unwrap_or_else(|| panic!("slot {slot:?} holds no listener: {report:?}"));
+        assert_eq!(Some(slot.cookie), listener.cookie);
+        assert!(
+            listener.holders.iter().any(|h| h.pid == worker),
+            "{listener:?} not held by worker {worker}"
+        );
+    }
+    // The same through `status` without --port.
+    assert!(status_json(&[]).iter().any(|r| r == report));
+
+    // --watch piped: one block per second, two of them with --count 2.
+    let started = Instant::now();
+    let watched = run_ok(&["status", "--port", &port, "--watch", "--count", "2"]);
+    let blocks = watched
+        .matches(&format!("port {port}: program id {}", program.id))
+        .count();
+    assert_eq!(blocks, 2, "{watched}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "refreshed too fast"
+    );
+    let lines = run_ok(&[
+        "status", "--port", &port, "--watch", "--count", "2", "--json",
+    ]);
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    for line in lines.lines() {
+        let reports: Vec<reuseport::port_report::PortReport> = serde_json::from_str(line).unwrap();
+        assert_eq!(reports[0].verdict, "steered");
+    }
+    stop_attach(attach);
+
+    // Pinned: the recorded slots and counters are there too.
+    run_ok(&["attach", "--port", &port, "--pid", &master_arg, "--persist"]);
+    worker_pids_from(workers[0].0, addr, 5);
+    let reports = status_json(&["--port", &port]);
+    let pinned = reports[0].pinned.as_ref().expect("pinned report");
+    assert_eq!(
+        Some(pinned.program_id),
+        reports[0].programs.first().map(|p| p.id)
+    );
+    assert_eq!(pinned.slots.len(), workers.len());
+    assert!(pinned.slots.iter().all(|s| s.state == "live"), "{pinned:?}");
+    assert!(pinned.total.local >= 5, "{pinned:?}");
+    run_ok(&["detach", "--port", &port]);
+    // Watching a port nothing steers says so rather than failing.
+    let none = run_ok(&["status", "--port", &port, "--watch", "--count", "1"]);
+    assert!(
+        none.contains(&format!("port {port}: nothing steers it")),
+        "{none}"
+    );
+}
+
+#[test]
+fn attach_follow_persist_keeps_the_pins_current_and_leaves_them_when_it_ends() {
+    if allowed_cpus().len() < 2 {
+        return;
+    }
+    let addr = free_addr();
+    let port = addr.port().to_string();
+    let (nginx, master, _) = start_nginx(addr, "worker_cpu_affinity auto;");
+    let (mut attach, lines, _stderr) =
+        start_follow(&["--port", &port, "--pid", &master.to_string(), "--persist"]);
+    line_with(&lines, "reuseport: steering port", Duration::from_secs(10));
+    let before = status_json(&["--port", &port]);
+    let first_id = before[0].pinned.as_ref().expect("pinned").program_id;
+
+    drop(nginx);
+    line_with(&lines, "is gone; waiting", Duration::from_secs(5));
+    let (_nginx, fresh_master, workers) = start_nginx(addr, "worker_cpu_affinity auto;");
+    line_with(&lines, "the server is back", Duration::from_secs(2));
+    time_until_steered(addr, &workers, Duration::from_secs(1));
+    let after = status_json(&["--port", &port]);
+    assert_eq!(after[0].verdict, "steered", "{after:?}");
+    let pinned = after[0].pinned.as_ref().expect("pinned again");
+    assert_ne!(
+        pinned.program_id, first_id,
+        "a new program for the new group"
+    );
+    assert_eq!(pinned.pids, [fresh_master]);
+
+    // Ending the follower leaves the (current) pins in place.
+    let pid = rustix::process::Pid::from_child(&attach.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    line_with(&lines, "the steering stays pinned", Duration::from_secs(5));
+    assert!(attach.0.wait().unwrap().success());
+    assert!(each_cpu_served_locally(addr, &workers, 20));
+    assert_eq!(status_json(&["--port", &port])[0].verdict, "steered");
+    run_ok(&["detach", "--port", &port]);
+    assert!(hashed(addr, &workers));
+}
+
+/// Pins process `pid` to `cpu` from outside (as `taskset -p` does).
+fn repin(pid: u32, cpu: u32) {
+    let mut mask = rustix::thread::CpuSet::new();
+    mask.set(cpu as usize);
+    rustix::thread::sched_setaffinity(
+        Some(rustix::process::Pid::from_raw(pid as i32).unwrap()),
+        &mask,
+    )
+    .unwrap();
+}
+
+#[test]
+fn attach_follow_steers_workers_pinned_to_other_cpus_again() {
+    let Some((a, b)) = two_cpus() else {
+        return;
+    };
+    let addr = free_addr();
+    let port = addr.port().to_string();
+    let (_nginx, master, workers) = start_nginx(addr, "worker_cpu_affinity auto;");
+    let (attach, lines, _stderr) = start_follow(&["--port", &port, "--pid", &master.to_string()]);
+    line_with(&lines, "reuseport: steering port", Duration::from_secs(10));
+    let pid_on = |cpu: u32| workers.iter().find(|w| w.0 == cpu).unwrap().1;
+    let (on_a, on_b) = (pid_on(a), pid_on(b));
+    // Swap the two workers' CPUs: for a moment both are on one CPU (said only if it lasts).
+    repin(on_a, b);
+    repin(on_b, a);
+    let line = line_with(&lines, "workers on other CPUs", Duration::from_secs(2));
+    assert!(line.contains(&format!("cpu{a} <- pid {on_b}")), "{line}");
+    let swapped = [(a, on_b), (b, on_a)];
+    time_until_steered(addr, &swapped, Duration::from_secs(1));
+    // Both on one CPU for good: said once, and the last steering stays.
+    repin(on_b, b);
+    let said = line_with(&lines, "cannot steer the server", Duration::from_secs(3));
+    assert!(said.contains(&format!("both pinned to CPU {b}")), "{said}");
+    assert!(each_cpu_served_locally(addr, &[(b, on_a)], 20));
+    stop_follow(attach, &lines);
+}
+
+/// Stops an `attach --follow` with SIGTERM: it detaches, says so and exits successfully.
+fn stop_follow(mut attach: Guard, lines: &std::sync::mpsc::Receiver<String>) {
+    let pid = rustix::process::Pid::from_child(&attach.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    line_with(lines, "detached", Duration::from_secs(5));
+    assert!(attach.0.wait().unwrap().success());
+}

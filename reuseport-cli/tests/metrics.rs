@@ -237,3 +237,107 @@ fn an_unusable_metrics_address_fails_before_serving() {
         "{stderr}"
     );
 }
+
+/// Kills the child on drop (SIGTERM: prefork-demo's master stops its workers; attach detaches).
+struct Stopping(std::process::Child);
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        let pid = rustix::process::Pid::from_child(&self.0);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn attach_metrics_show_the_steering_of_a_server_not_ours_and_pass_promtool() {
+    use std::io::{BufRead as _, BufReader};
+    let mut server = Command::new(env!("CARGO_BIN_EXE_prefork-demo"))
+        .args(["--duration", "60s", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start prefork-demo");
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("prefork-demo's first line");
+    let _server = Stopping(server);
+    // "prefork-demo: listening on ADDR with master PID and workers A,B"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let addr: SocketAddr = words[3].parse().unwrap_or_else(|_| panic!("{line:?}"));
+    let master = words[6];
+
+    let mut attach = Command::new(BINARY)
+        .args([
+            "attach",
+            "--port",
+            &addr.port().to_string(),
+            "--pid",
+            master,
+        ])
+        .args(["--metrics", "127.0.0.1:0", "--quiet"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start attach");
+    let mut stdout = BufReader::new(attach.stdout.take().expect("stdout"));
+    let attach = Stopping(attach);
+    let mut first = String::new();
+    stdout.read_line(&mut first).expect("the metrics line");
+    let metrics: SocketAddr = first
+        .trim_end()
+        .strip_prefix("reuseport: metrics on http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in {first:?}"));
+    let mut steering = String::new();
+    stdout.read_line(&mut steering).expect("the steering line");
+    let program_id = steering
+        .split("program id ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no program id in {steering:?}"));
+
+    // 20 pinned clients per CPU, each served by its CPU's worker through the program.
+    let cpus: Vec<u32> = allowed_cpus().iter().collect();
+    for &cpu in &cpus {
+        worker_pids_from(cpu, addr, 20);
+    }
+    let local = |text: &str, cpu: u32| {
+        value(
+            text,
+            &format!("reuseport_steering_decisions_total{{cpu=\"{cpu}\",decision=\"local\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    // The endpoint shows the snapshot of the last second.
+    let mut text = scrape(metrics);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cpus.iter().any(|&cpu| local(&text, cpu) < 20.0) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+        text = scrape(metrics);
+    }
+    let (ok, said) = promtool_check(&text);
+    assert!(ok, "promtool rejected attach's metrics: {said}\n{text}");
+    for &cpu in &cpus {
+        assert!(local(&text, cpu) >= 20.0, "cpu {cpu}:\n{text}");
+    }
+    assert!(
+        text.contains(&format!(
+            "reuseport_info{{listen=\"{addr}\",mode=\"percpu\",program_id=\"{program_id}\",protocol=\"tcp\"}} 1"
+        )),
+        "{text}"
+    );
+    let runs = value(&text, "reuseport_program_runs_total");
+    assert!(
+        runs.is_some_and(|runs| runs >= 20.0 * cpus.len() as f64),
+        "{text}"
+    );
+    // A foreign server's worker counters are not known: none is made up.
+    assert!(!text.contains("reuseport_worker_"), "{text}");
+    drop(attach);
+}

@@ -265,9 +265,53 @@ pub struct FoundListener {
     pub fd: OwnedFd,
 }
 
+/// A listener of a running server and the process serving it, as `/proc` shows them (nothing
+/// duplicated yet): what [`serving`] finds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServingListener {
+    /// The CPU the serving process is pinned to: the listener's slot.
+    pub cpu: u32,
+    /// The serving process.
+    pub pid: u32,
+    /// Its file descriptor for the socket.
+    pub fd: i32,
+    /// The socket's inode.
+    pub inode: u64,
+    /// Its local address.
+    pub addr: SocketAddr,
+}
+
 /// Finds the listeners on `port` of `pids` and their descendants, and the CPU of the process
 /// that serves each (see the module documentation for how).
 pub fn from_pid(pids: &[u32], port: u16) -> Result<Vec<FoundListener>, AttachError> {
+    let mut found = Vec::new();
+    for listener in serving(pids, port)? {
+        let ServingListener {
+            cpu,
+            pid,
+            fd,
+            inode,
+            addr,
+        } = listener;
+        let dup = duplicate(pid, fd)?;
+        if !SockRef::from(&dup).reuse_port().unwrap_or(false) {
+            return Err(AttachError::NotReuseport { pid, fd, addr });
+        }
+        found.push(FoundListener {
+            cpu,
+            pid,
+            inode,
+            addr,
+            fd: dup,
+        });
+    }
+    Ok(found)
+}
+
+/// Steps 1 to 4 of the module documentation: the listeners on `port` of `pids` and their
+/// descendants, each with the process serving it and that process's CPU, in CPU order. Reads
+/// `/proc` only, so it is cheap enough to repeat (see [`crate::follow`]).
+pub fn serving(pids: &[u32], port: u16) -> Result<Vec<ServingListener>, AttachError> {
     let pid_list = pids
         .iter()
         .map(u32::to_string)
@@ -399,21 +443,12 @@ pub fn from_pid(pids: &[u32], port: u16) -> Result<Vec<FoundListener>, AttachErr
             });
         }
         by_cpu.insert(cpu, pid);
-        let socket = &sockets[&inode];
-        let dup = duplicate(pid, fd)?;
-        if !SockRef::from(&dup).reuse_port().unwrap_or(false) {
-            return Err(AttachError::NotReuseport {
-                pid,
-                fd,
-                addr: socket.addr,
-            });
-        }
-        found.push(FoundListener {
+        found.push(ServingListener {
             cpu,
             pid,
+            fd,
             inode,
-            addr: socket.addr,
-            fd: dup,
+            addr: sockets[&inode].addr,
         });
     }
     found.sort_by_key(|f| f.cpu);
@@ -676,6 +711,7 @@ pub struct LiveSteering<'a> {
     slots: Vec<AttachedSlot>,
     port: u16,
     member: GroupMember<'a>,
+    addr: Option<SocketAddr>,
     started: Instant,
     migrations_at_start: Migrations,
     detached: bool,
@@ -713,6 +749,11 @@ impl LiveSteering<'_> {
     /// The port steered.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The address the steered group listens on (`None` if it could not be read).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
     }
 
     /// The kernel's id of the attached program.
@@ -831,6 +872,10 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                 }
             }
             let &(_, member) = checked.first().ok_or(AttachError::NoTarget)?;
+            let addr = SockRef::from(&member)
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket());
             let slots = pairs
                 .iter()
                 .map(|&(fd, cpu)| AttachedSlot {
@@ -851,6 +896,7 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                     pinned_slots: Vec::new(),
                     slots,
                     member: GroupMember::Fd(member),
+                    addr,
                 },
                 persist,
             )
@@ -891,6 +937,7 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                     inode: f.inode,
                 })
                 .collect();
+            let addr = found.first().map(|f| f.addr);
             let steering = steer_with(found, program)?;
             finish(
                 steering,
@@ -900,6 +947,7 @@ pub fn run(request: AttachRequest<'_>) -> Result<Attached<'_>, AttachError> {
                     pinned_slots,
                     slots,
                     member: GroupMember::Tree(pids),
+                    addr,
                 },
                 persist,
             )
@@ -914,6 +962,7 @@ struct Steered<'a> {
     pinned_slots: Vec<PinnedSlot>,
     slots: Vec<AttachedSlot>,
     member: GroupMember<'a>,
+    addr: Option<SocketAddr>,
 }
 
 /// Pins `steering` under `persist`, or hands it over live.
@@ -928,6 +977,7 @@ fn finish<'a>(
         pinned_slots,
         slots,
         member,
+        addr,
     } = steered;
     let Some(root) = persist else {
         return Ok(Attached::Live(LiveSteering {
@@ -935,6 +985,7 @@ fn finish<'a>(
             slots,
             port,
             member,
+            addr,
             started: Instant::now(),
             migrations_at_start: Migrations::read(),
             detached: false,

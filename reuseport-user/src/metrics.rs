@@ -5,6 +5,9 @@
 //! `http://ADDR/metrics` from a thread of its own, so a slow or hostile scraper never holds up
 //! a worker or the steering.
 //!
+//! A snapshot without workers (`attach`: a server not ours) has no `reuseport_worker_*`
+//! series, `reuseport_worker_restarts_total` included.
+//!
 //! | metric                                          | type    | labels             |
 //! |-------------------------------------------------|---------|--------------------|
 //! | `reuseport_info`                                | gauge   | mode, protocol, listen, program_id |
@@ -258,9 +261,12 @@ pub fn render(snapshot: &Snapshot, info: &MetricsInfo) -> Result<String, Metrics
         "Workers restarted (SIGHUP restarts one worker at a time).",
         &[],
     )?;
-    restarts
-        .with_label_values(&[] as &[&str])
-        .inc_by(snapshot.restarts);
+    // A snapshot without workers is of a server not ours (`attach`): its restarts are unknown.
+    if !snapshot.workers.is_empty() {
+        restarts
+            .with_label_values(&[] as &[&str])
+            .inc_by(snapshot.restarts);
+    }
     let migrations = counter(
         "reuseport_kernel_migrations_total",
         "Requests the kernel moved from a closing listener to a live one (success) or reset \

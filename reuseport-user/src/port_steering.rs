@@ -241,7 +241,7 @@ fn program_holders() -> BTreeMap<u32, Vec<u32>> {
     held
 }
 
-fn all_pids() -> Vec<u32> {
+pub(crate) fn all_pids() -> Vec<u32> {
     fs::read_dir("/proc")
         .into_iter()
         .flatten()

@@ -38,18 +38,21 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         .flatten()
         .filter_map(|entry| {
             let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-            // The command name may contain spaces; the fields after its closing ')' are plain.
-            let ppid: u32 = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            (ppid == pid).then_some(child)
+            (parent_of(child)? == pid).then_some(child)
         })
         .collect()
+}
+
+/// The parent of `pid` (`/proc/PID/stat`, field 4), `None` if it is gone.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; the fields after its closing ')' are plain.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// `pid` and all its descendants, parents first.
@@ -184,29 +187,43 @@ pub fn listening_tcp(pid: u32, port: u16) -> Result<Vec<ProcSocket>, ProcError> 
 }
 
 /// Every listening TCP socket in `pid`'s network namespace.
+///
+/// The kernel lists its listening table first and every other socket (established, TIME_WAIT
+/// ...) after it, so reading stops at the first line that is not `LISTEN`: a host with many
+/// connections (tens of thousands of lines) costs no more than one without.
 pub fn listening_tcp_all(pid: u32) -> Result<Vec<ProcSocket>, ProcError> {
+    use std::io::BufRead as _;
+    const TCP_LISTEN: &str = "0A";
     let mut sockets = Vec::new();
     for table in ["tcp", "tcp6"] {
-        let text = read(format!("/proc/{pid}/net/{table}"))?;
-        sockets.extend(text.lines().skip(1).filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
+        let path = format!("/proc/{pid}/net/{table}");
+        let file = fs::File::open(&path).map_err(|source| ProcError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        for line in std::io::BufReader::new(file).lines().skip(1) {
+            let line = line.map_err(|source| ProcError::Read {
+                path: path.clone(),
+                source,
+            })?;
             // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            let (local, state, uid, inode) = (
-                fields.get(1)?,
-                fields.get(3)?,
-                fields.get(7)?,
-                fields.get(9)?,
-            );
-            const TCP_LISTEN: &str = "0A";
-            if *state != TCP_LISTEN {
-                return None;
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1);
+            let state = fields.nth(1);
+            if state != Some(TCP_LISTEN) {
+                break;
             }
-            Some(ProcSocket {
-                addr: parse_proc_addr(local)?,
-                uid: uid.parse().ok()?,
-                inode: inode.parse().ok()?,
-            })
-        }));
+            let uid = fields.nth(3);
+            let inode = fields.nth(1);
+            let socket = (|| {
+                Some(ProcSocket {
+                    addr: parse_proc_addr(local?)?,
+                    uid: uid?.parse().ok()?,
+                    inode: inode?.parse().ok()?,
+                })
+            })();
+            sockets.extend(socket);
+        }
     }
     Ok(sockets)
 }
@@ -284,6 +301,31 @@ mod tests {
         assert_eq!(counters["TCPMigrateReqSuccess"], 17);
         assert_eq!(counters["TCPMigrateReqFailure"], 2);
         assert!(!counters.contains_key("InNoRoutes"));
+    }
+
+    #[test]
+    fn listeners_opened_after_connections_are_all_found() {
+        use std::net::{TcpListener, TcpStream};
+        let first = TcpListener::bind("127.0.0.1:0").expect("bind");
+        // Established connections (and their TIME_WAIT later) are listed after the listeners.
+        let clients: Vec<_> = (0..50)
+            .map(|_| TcpStream::connect(first.local_addr().expect("addr")).expect("connect"))
+            .collect();
+        let accepted: Vec<_> = (0..50).map(|_| first.accept().expect("accept")).collect();
+        let second = TcpListener::bind("[::1]:0").expect("bind v6");
+        let third = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let found = listening_tcp_all(std::process::id()).expect("read /proc");
+        for listener in [&first, &second, &third] {
+            let addr = listener.local_addr().expect("addr");
+            assert!(
+                found.iter().any(|s| s.addr == addr),
+                "{addr} not among {found:?}"
+            );
+        }
+        let port = third.local_addr().expect("addr").port();
+        let on_port = listening_tcp(std::process::id(), port).expect("read /proc");
+        assert_eq!(on_port.len(), 1, "{on_port:?}");
+        drop((clients, accepted));
     }
 
     #[test]

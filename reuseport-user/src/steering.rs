@@ -457,6 +457,15 @@ impl Steering {
         Ok(self.program()?.info()?.id())
     }
 
+    /// The kernel's id of the `cpu_listeners` map. Its sockets can be put into another map only
+    /// once the kernel has freed this one (after the program is detached and this is dropped).
+    pub fn listeners_map_id(&self) -> Result<u32, SteeringError> {
+        match self.ebpf.map(names::CPU_LISTENERS) {
+            Some(aya::maps::Map::ReusePortSockArray(data)) => Ok(data.info()?.id()),
+            _ => Err(SteeringError::MissingFromObject(names::CPU_LISTENERS)),
+        }
+    }
+
     /// Detaches the program from the group `member` belongs to: the kernel goes back to hash
     /// selection for that group.
     pub fn detach(self, member: impl AsFd) -> Result<(), SteeringError> {
