@@ -50,7 +50,9 @@ fn every_service_and_socket_unit_passes_systemd_analyze_verify() {
         })
         .collect();
     assert!(
-        units.iter().any(|unit| unit.extension().is_some_and(|ext| ext == "socket")),
+        units
+            .iter()
+            .any(|unit| unit.extension().is_some_and(|ext| ext == "socket")),
         "no socket unit under contrib/systemd"
     );
     // All in one directory, so that a socket unit finds its service.
@@ -69,7 +71,7 @@ fn every_service_and_socket_unit_passes_systemd_analyze_verify() {
     for (unit, copy) in units.iter().zip(&copies) {
         let output = Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
-            .arg(&copy)
+            .arg(copy)
             .output()
             .expect("run systemd-analyze");
         let said = String::from_utf8_lossy(&output.stderr);
