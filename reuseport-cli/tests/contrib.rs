@@ -6,10 +6,8 @@ mod common;
 
 use std::{
     fs,
-    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use common::*;
@@ -108,11 +106,7 @@ fn the_serve_unit_command_with_only_cap_bpf_becomes_ready_steers_and_stops() {
         .collect();
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .expect("timeout");
+    let (path, socket) = notify_socket(dir.path());
     // The unprivileged user must be able to reach the socket, as systemd's is.
     fs::set_permissions(
         dir.path(),
@@ -138,9 +132,7 @@ fn the_serve_unit_command_with_only_cap_bpf_becomes_ready_steers_and_stops() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn setpriv");
-    let mut buf = [0u8; 4096];
-    let n = socket.recv(&mut buf).expect("READY=1 within the timeout");
-    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let ready = next_notification(&socket);
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     let addr: std::net::SocketAddr = ready
         .lines()
@@ -154,8 +146,7 @@ fn the_serve_unit_command_with_only_cap_bpf_becomes_ready_steers_and_stops() {
         }
     }
     kill_process(Pid::from_child(&child), Signal::TERM).expect("SIGTERM");
-    let n = socket.recv(&mut buf).expect("STOPPING=1");
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(next_notification(&socket).contains("STOPPING=1"));
     let output = child.wait_with_output().expect("wait");
     assert!(
         output.status.success(),

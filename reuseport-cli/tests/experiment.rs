@@ -33,21 +33,7 @@ fn lock_probe_counts_forced_contention() {
                 pin_current_thread(cpu).expect("pin");
                 let end = Instant::now() + Duration::from_millis(500);
                 while Instant::now() < end {
-                    // SAFETY: a fresh anonymous mapping, touched once and unmapped.
-                    unsafe {
-                        let len = 1 << 20;
-                        let p = libc::mmap(
-                            std::ptr::null_mut(),
-                            len,
-                            libc::PROT_READ | libc::PROT_WRITE,
-                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                            -1,
-                            0,
-                        );
-                        assert_ne!(p, libc::MAP_FAILED);
-                        *(p as *mut u8) = 1;
-                        libc::munmap(p, len);
-                    }
+                    map_touch_unmap();
                 }
             })
         })

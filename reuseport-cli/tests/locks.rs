@@ -131,21 +131,7 @@ fn mmap_lock_waits_show_as_rwsem_waits_of_the_client() {
                 pin_current_thread(cpu).expect("pin");
                 let end = Instant::now() + Duration::from_secs(25);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                    // SAFETY: a fresh anonymous mapping, touched once and unmapped.
-                    unsafe {
-                        let len = 1 << 20;
-                        let p = libc::mmap(
-                            std::ptr::null_mut(),
-                            len,
-                            libc::PROT_READ | libc::PROT_WRITE,
-                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                            -1,
-                            0,
-                        );
-                        assert_ne!(p, libc::MAP_FAILED);
-                        *(p as *mut u8) = 1;
-                        libc::munmap(p, len);
-                    }
+                    map_touch_unmap();
                 }
             })
         })

@@ -4,7 +4,6 @@
 mod common;
 
 use std::{
-    os::unix::net::UnixDatagram,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -12,23 +11,10 @@ use std::{
 use common::*;
 use rustix::process::{Pid, Signal, kill_process};
 
-/// The next notification on `socket` (one datagram, `KEY=value` lines).
-fn next_message(socket: &UnixDatagram) -> String {
-    let mut buf = [0u8; 4096];
-    let n = socket
-        .recv(&mut buf)
-        .expect("a notification within the timeout");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
 #[test]
 fn serve_notifies_ready_reloading_and_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .expect("timeout");
+    let (path, socket) = notify_socket(dir.path());
     let mut child = Command::new(BINARY)
         .args([
             "serve",
@@ -45,7 +31,7 @@ fn serve_notifies_ready_reloading_and_stopping() {
         .expect("spawn reuseport");
     let pid = Pid::from_child(&child);
 
-    let ready = next_message(&socket);
+    let ready = next_notification(&socket);
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     assert!(
         ready
@@ -55,7 +41,7 @@ fn serve_notifies_ready_reloading_and_stopping() {
     );
 
     kill_process(pid, Signal::HUP).expect("SIGHUP");
-    let reloading = next_message(&socket);
+    let reloading = next_notification(&socket);
     assert!(
         reloading.lines().any(|l| l == "RELOADING=1"),
         "{reloading:?}"
@@ -64,11 +50,11 @@ fn serve_notifies_ready_reloading_and_stopping() {
         reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
         "notify-reload needs MONOTONIC_USEC with RELOADING: {reloading:?}"
     );
-    let again = next_message(&socket);
+    let again = next_notification(&socket);
     assert!(again.lines().any(|l| l == "READY=1"), "{again:?}");
 
     kill_process(pid, Signal::TERM).expect("SIGTERM");
-    let stopping = next_message(&socket);
+    let stopping = next_notification(&socket);
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {

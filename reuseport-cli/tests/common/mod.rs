@@ -452,3 +452,46 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> Option<Duratio
         }
     }
 }
+
+/// Maps 1 MiB of anonymous memory, touches it and unmaps it: each call takes the process's mmap
+/// lock for writing twice, so threads doing this in a loop contend on it (a known lock for the
+/// probes' tests).
+pub fn map_touch_unmap() {
+    // SAFETY: a fresh anonymous mapping, touched once and unmapped.
+    unsafe {
+        let len = 1 << 20;
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        *(p as *mut u8) = 1;
+        libc::munmap(p, len);
+    }
+}
+
+/// A datagram socket at `DIR/notify.sock` to read a service's `NOTIFY_SOCKET` messages from,
+/// each read waiting at most 15 s.
+pub fn notify_socket(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::os::unix::net::UnixDatagram) {
+    let path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    (path, socket)
+}
+
+/// The next notification on `socket` (one datagram, `KEY=value` lines).
+pub fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket
+        .recv(&mut buf)
+        .expect("a notification within the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
