@@ -1,13 +1,14 @@
 //! The example units under `contrib/systemd`: each is valid for `systemd-analyze verify`, and the
-//! service's own command line, run the way the unit runs it (an unprivileged user whose only
-//! capability is an ambient CAP_BPF, a notify socket), becomes ready, steers and stops.
+//! service's own command line, run the way the units run it (the socket unit's `SO_REUSEPORT`
+//! socket passed as descriptor 3, no capability but CAP_BPF, a notify socket), becomes ready,
+//! steers and stops.
 
 mod common;
 
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use common::*;
@@ -82,64 +83,63 @@ fn every_service_and_socket_unit_passes_systemd_analyze_verify() {
 }
 
 #[test]
-fn the_serve_unit_command_with_only_cap_bpf_becomes_ready_steers_and_stops() {
+fn the_serve_unit_with_its_socket_and_only_cap_bpf_becomes_ready_steers_and_stops() {
     let unit = fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd/reuseport-serve.service"),
     )
     .expect("read the unit");
+    let socket_unit = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd/reuseport-serve.socket"),
+    )
+    .expect("read the socket unit");
+    for line in [
+        "CapabilityBoundingSet=CAP_BPF",
+        "AmbientCapabilities=CAP_BPF",
+        "User=root",
+        "Type=notify",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "no {line} in the service");
+    }
+    assert!(socket_unit.lines().any(|l| l == "ReusePort=yes"));
     let exec = unit
         .lines()
         .find_map(|line| line.strip_prefix("ExecStart="))
         .expect("ExecStart=");
-    assert!(unit.lines().any(|l| l == "AmbientCapabilities=CAP_BPF"));
-    assert!(unit.lines().any(|l| l == "CapabilityBoundingSet=CAP_BPF"));
-    assert!(unit.lines().any(|l| l == "Type=notify"));
-    // Its arguments, on free ports so the test can run beside anything else.
+    // Its arguments (the socket comes from the manager; metrics on a free port).
     let args: Vec<String> = exec
         .split_whitespace()
         .skip(1)
         .map(|arg| match arg {
-            "0.0.0.0:8080" => "127.0.0.1:0".to_owned(),
             "127.0.0.1:9464" => "127.0.0.1:0".to_owned(),
             other => other.to_owned(),
         })
         .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
     let dir = tempfile::tempdir().expect("tempdir");
     let (path, socket) = notify_socket(dir.path());
-    // The unprivileged user must be able to reach the socket, as systemd's is.
-    fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .expect("chmod");
-    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
-    // What DynamicUser=yes, AmbientCapabilities=CAP_BPF and CapabilityBoundingSet=CAP_BPF do.
-    let child = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all,+bpf",
-            "--ambient-caps=-all,+bpf",
+    // The socket unit's socket, passed as systemd passes it; the service's privileges:
+    // root's uid, no capability but CAP_BPF.
+    let (listener, addr) = reuseport_listener();
+    let child = activated(
+        &[
+            "setpriv",
             "--bounding-set=-all,+bpf",
+            "--inh-caps=-all",
             "--",
-            BINARY,
-        ])
-        .args(&args)
-        .env("NOTIFY_SOCKET", &path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn setpriv");
+        ],
+        &args,
+        &listener,
+    )
+    .env("NOTIFY_SOCKET", &path)
+    .spawn()
+    .expect("spawn setpriv");
     let ready = next_notification(&socket);
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
-    let addr: std::net::SocketAddr = ready
-        .lines()
-        .find_map(|l| l.strip_prefix("STATUS=serving on "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {ready:?}"));
+    assert!(
+        ready.contains(&format!("STATUS=serving on {addr} ")),
+        "serves the passed socket's address: {ready:?}"
+    );
     for cpu in allowed_cpus().iter() {
         for served in http_gets_from(cpu, addr, 10) {
             assert_eq!(served.worker_cpu, cpu, "steered with CAP_BPF alone");

@@ -149,27 +149,8 @@ fn a_socket_activated_without_reuseport_is_explained() {
 
 #[test]
 fn one_activated_reuseport_socket_gets_a_listener_per_cpu_added_and_survives_restarts() {
-    use std::os::fd::AsRawFd as _;
-    use std::os::unix::process::CommandExt as _;
     let cpus: Vec<u32> = allowed_cpus().iter().collect();
-    // What a .socket unit with ReusePort=yes makes: a listening SO_REUSEPORT socket.
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_reuse_port(true).expect("SO_REUSEPORT");
-    socket
-        .bind(
-            &"127.0.0.1:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .expect("bind");
-    socket.listen(128).expect("listen");
-    let addr = socket
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .expect("addr");
+    let (socket, addr) = reuseport_listener();
     // A connection the manager queued before serve started: served once it runs.
     let mut early = std::net::TcpStream::connect(addr).expect("connect before serve starts");
     {
@@ -178,31 +159,7 @@ fn one_activated_reuseport_socket_gets_a_listener_per_cpu_added_and_survives_res
             .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
             .expect("send");
     }
-    let raw = socket.as_raw_fd();
-    let mut command = Command::new("sh");
-    // LISTEN_PID is the shell's pid, which `exec` hands to serve.
-    command
-        .args([
-            "-c",
-            "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve --mode percpu",
-            BINARY,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: between fork and exec the closure only calls dup2 and fcntl, which are
-    // async-signal-safe.
-    unsafe {
-        command.pre_exec(move || {
-            if raw == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut command = activated(&[], &["serve", "--mode", "percpu"], &socket);
     let mut child = command.spawn().expect("spawn");
     let lines = stdout_lines(&mut child);
     let said = lines

@@ -495,3 +495,62 @@ pub fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
         .expect("a notification within the timeout");
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
+
+/// What a `.socket` unit with `ReusePort=yes` makes: a listening `SO_REUSEPORT` TCP socket on
+/// 127.0.0.1 (a free port), and its address.
+pub fn reuseport_listener() -> (socket2::Socket, SocketAddr) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_reuse_port(true).expect("SO_REUSEPORT");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&any.into()).expect("bind");
+    socket.listen(128).expect("listen");
+    let addr = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("addr");
+    (socket, addr)
+}
+
+/// `wrapper... reuseport ARGS...` started the way a service manager starts an activated service:
+/// `socket` as descriptor 3, `LISTEN_FDS=1` and `LISTEN_PID` its pid (set by a shell that then
+/// execs it), stdout and stderr piped.
+pub fn activated(wrapper: &[&str], args: &[&str], socket: &socket2::Socket) -> Command {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let raw = socket.as_raw_fd();
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut command = Command::new(program);
+            command.args(rest).arg("sh");
+            command
+        }
+        None => Command::new("sh"),
+    };
+    // LISTEN_PID is the shell's pid, which `exec` hands to reuseport.
+    command
+        .args([
+            "-c",
+            "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
+            BINARY,
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the closure only calls dup2 and fcntl, which are
+    // async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            let moved = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if moved < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
