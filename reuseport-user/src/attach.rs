@@ -773,6 +773,7 @@ impl LiveSteering<'_> {
             migrations: Migrations::read().since(&self.migrations_at_start),
             restarts: 0,
             spill: None,
+            spilling: Vec::new(),
         })
     }
 

@@ -27,6 +27,7 @@
 //! | `reuseport_spill_samples_total`                 | counter |                    |
 //! | `reuseport_spill_starts_total`                  | counter |                    |
 //! | `reuseport_spill_max_queue_depth`               | gauge   |                    |
+//! | `reuseport_spill_active`                        | gauge   | cpu                |
 //!
 //! `cpu` on a steering decision is the CPU that received the packet (where the program ran); on a
 //! worker metric, the worker's CPU. `decision` is one of `local`, `spilled`, `fallback`,
@@ -316,10 +317,22 @@ pub fn render(snapshot: &Snapshot, info: &MetricsInfo) -> Result<String, Metrics
         depth
             .with_label_values(&[] as &[&str])
             .set(i64::try_from(spill.max_depth).unwrap_or(i64::MAX));
+        let active = gauge(
+            "reuseport_spill_active",
+            "1 while the CPU spreads its excess new connections over other CPUs' listeners.",
+            &["cpu"],
+        )?;
+        for worker in &snapshot.workers {
+            let spilling = snapshot.spilling.contains(&worker.cpu);
+            active
+                .with_label_values(&[worker.cpu.to_string().as_str()])
+                .set(i64::from(spilling));
+        }
         collectors.extend([
             Box::new(samples) as Box<dyn Collector>,
             Box::new(starts),
             Box::new(depth),
+            Box::new(active),
         ]);
     }
 
@@ -506,6 +519,7 @@ mod tests {
             },
             restarts: 1,
             spill: None,
+            spilling: Vec::new(),
         }
     }
 
@@ -530,5 +544,29 @@ mod tests {
         // CPU 0 ran nothing: no series for it.
         assert!(!text.contains("cpu=\"0\""), "{text}");
         assert!(!text.contains("reuseport_spill"), "{text}");
+    }
+
+    #[test]
+    fn spilling_cpus_are_1_and_the_others_0() {
+        let mut snapshot = snapshot();
+        snapshot.workers.push(WorkerStats {
+            cpu: 2,
+            ..snapshot.workers[0]
+        });
+        snapshot.spill = Some(crate::spill::SpillCounters {
+            samples: 7,
+            spill_starts: 1,
+            max_depth: 12,
+        });
+        snapshot.spilling = vec![2];
+        let text = render(&snapshot, &info()).unwrap();
+        for line in [
+            "reuseport_spill_active{cpu=\"1\"} 0",
+            "reuseport_spill_active{cpu=\"2\"} 1",
+            "reuseport_spill_starts_total 1",
+            "reuseport_spill_max_queue_depth 12",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
     }
 }

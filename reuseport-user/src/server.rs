@@ -456,6 +456,7 @@ impl Server {
             migrations: Migrations::read().since(&self.migrations_at_start),
             restarts: self.restarts,
             spill: strategy.spill,
+            spilling: strategy.spilling,
         })
     }
 }

@@ -104,6 +104,8 @@ pub struct Snapshot {
     pub restarts: u64,
     /// The spill sampler's counters (`percpu-spill`).
     pub spill: Option<SpillCounters>,
+    /// The CPUs spilling at this moment (`percpu-spill`), in ascending order.
+    pub spilling: Vec<u32>,
 }
 
 /// Fraction of `local` in `total`, `None` when `total` is 0.
@@ -191,6 +193,7 @@ impl Snapshot {
             migrations: self.migrations.since(&earlier.migrations),
             restarts: self.restarts.saturating_sub(earlier.restarts),
             spill: self.spill,
+            spilling: self.spilling.clone(),
         }
     }
 
@@ -531,6 +534,7 @@ mod tests {
             migrations: Migrations::default(),
             restarts: 0,
             spill: None,
+            spilling: Vec::new(),
         }
     }
 

@@ -199,6 +199,15 @@ impl SpillSampler {
             .insert(cpu, fd);
     }
 
+    /// The CPUs spilling now (whose route in `cpu_spill` is active), in ascending order.
+    pub fn spilling_cpus(&self) -> Vec<u32> {
+        self.counters
+            .spilling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// What the sampler has seen so far.
     pub fn counters(&self) -> SpillCounters {
         SpillCounters {
@@ -240,6 +249,8 @@ struct SharedCounters {
     samples: AtomicU64,
     spill_starts: AtomicU64,
     max_depth: AtomicU64,
+    /// The CPUs whose route is active in the map now, as last written by the sampler.
+    spilling: Mutex<Vec<u32>>,
 }
 
 impl Sampler {
@@ -304,6 +315,19 @@ impl Sampler {
         self.counters
             .spill_starts
             .store(self.policy.spill_starts(), Ordering::Relaxed);
+        self.publish_spilling();
+    }
+
+    /// Makes the CPUs spilling now visible to [`SpillSampler::spilling_cpus`].
+    fn publish_spilling(&self) {
+        let mut shared = self
+            .counters
+            .spilling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !shared.iter().copied().eq(self.spilling.iter().copied()) {
+            *shared = self.spilling.iter().copied().collect();
+        }
     }
 
     /// Stops every spill (the program is steering strictly again).
@@ -314,6 +338,7 @@ impl Sampler {
             };
             let _ = self.map.set(cpu, SpillRoute::local(local), 0);
         }
+        self.publish_spilling();
     }
 }
 

@@ -132,6 +132,8 @@ pub struct StrategyCounters {
     pub program: Option<ProgramRunStats>,
     /// The spill sampler's counters (`percpu-spill`).
     pub spill: Option<SpillCounters>,
+    /// The CPUs spilling now (`percpu-spill`; empty otherwise).
+    pub spilling: Vec<u32>,
 }
 
 /// The strategy for `mode`, not yet in place (see [`Strategy::open`]). `mode` must be resolved

@@ -130,6 +130,11 @@ impl Strategy for PercpuStrategy {
                 .as_ref()
                 .map(SpillSampler::counters)
                 .or(self.last_spill),
+            spilling: self
+                .sampler
+                .as_ref()
+                .map(SpillSampler::spilling_cpus)
+                .unwrap_or_default(),
         })
     }
 
