@@ -796,6 +796,36 @@ fn an_attach_ended_by_sighup_detaches() {
 }
 
 #[test]
+fn an_attach_whose_reader_goes_away_keeps_steering_then_detaches_when_stopped() {
+    // `reuseport attach ... | head -1`: the reader closes the pipe after the first line.
+    let (_server, addr, master) = start_prefork(&[]);
+    let workers = workers_by_cpu(master);
+    assert!(workers.len() >= 2, "{workers:?}");
+    let mut attach = Command::new(BINARY)
+        .args(["attach", "--port", &addr.port().to_string()])
+        .args(["--pid", &master.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start attach");
+    {
+        let mut stdout = BufReader::new(attach.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        assert!(first.contains("reuseport: steering port"), "{first:?}");
+    }
+    // Live lines now go to a closed pipe (SIGPIPE or EPIPE) for a few seconds.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(attach.try_wait().unwrap().is_none(), "attach ended");
+    assert!(!hashed(addr, &workers), "steering stopped");
+    let pid = rustix::process::Pid::from_child(&attach);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = attach.wait().unwrap();
+    assert!(status.success(), "attach exited with {status}");
+    assert!(hashed(addr, &workers), "the program stayed attached");
+}
+
+#[test]
 fn a_persisted_attach_by_fd_is_detached_by_detach() {
     let cpus = allowed_cpus();
     let group = PerCpuListeners::bind("127.0.0.1:0".parse().unwrap(), Protocol::Tcp, &cpus, 256)
