@@ -134,7 +134,9 @@ fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout_an_active_one_
         ),
         "the idle connection closed after {idle_closed:?}, not about 1 s"
     );
-    assert!(active_requests >= 10, "{active_requests} requests");
+    // 3 s of requests 200 ms apart: about 15 on an idle machine, fewer on a loaded one; what
+    // matters is that it stayed open for three times the idle timeout (the loop's `expect`).
+    assert!(active_requests >= 5, "{active_requests} requests");
     assert_eq!(summary["total"]["timed_out"].as_u64(), Some(1), "{summary}");
 }
 
