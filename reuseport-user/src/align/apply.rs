@@ -138,6 +138,17 @@ fn write(path: &Path, value: &str) -> Result<(), AlignError> {
     })
 }
 
+/// Fails if `state` exists: an earlier [`apply`] changed settings that [`restore`] has not put
+/// back (applying again would save the changed values as the previous ones).
+pub fn ensure_not_applied(state: &Path) -> Result<(), AlignError> {
+    if state.exists() {
+        return Err(AlignError::AlreadyApplied {
+            path: state.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 /// Writes every setting of `settings` for `view`'s device, after saving the previous values to
 /// `state` (which must not exist yet). Refuses IRQ writes while irqbalance runs. If a write
 /// fails, the ones before it are put back and the state file removed.
@@ -150,11 +161,7 @@ pub fn apply(view: &DeviceView, settings: &[Setting], state: &Path) -> Result<()
             return Err(AlignError::Irqbalance { pid });
         }
     }
-    if state.exists() {
-        return Err(AlignError::AlreadyApplied {
-            path: state.to_path_buf(),
-        });
-    }
+    ensure_not_applied(state)?;
     let saved = SavedState {
         device: view.name.clone(),
         settings: settings.to_vec(),
