@@ -104,8 +104,9 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
         let settings = apply::plan(&roots, &view, &workers)?;
         if settings.is_empty() {
             println!(
-                "reuseport: {} already matches workers on CPUs {workers}",
-                view.name
+                "reuseport: {} already matches workers on {}",
+                view.name,
+                cpus(&workers.iter().collect::<Vec<_>>())
             );
             return Ok(());
         }
@@ -151,8 +152,14 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `CPU 3` or `CPUs 0-3`.
 fn cpus(cpus: &[u32]) -> String {
-    cpus.iter().copied().collect::<CpuList>().to_string()
+    let list = cpus.iter().copied().collect::<CpuList>();
+    if cpus.len() == 1 {
+        format!("CPU {list}")
+    } else {
+        format!("CPUs {list}")
+    }
 }
 
 fn irq_text(irq: &Irq) -> String {
@@ -162,7 +169,7 @@ fn irq_text(irq: &Irq) -> String {
         "allowed"
     };
     format!(
-        "IRQ {} ({}) on CPU {} ({source})",
+        "IRQ {} ({}) on {} ({source})",
         irq.number,
         irq.name,
         cpus(&irq.cpus)
@@ -178,11 +185,12 @@ fn render(view: &DeviceView, workers: &CpuList, found: &[Mismatch]) -> String {
     };
     let _ = writeln!(
         out,
-        "{}: {} rx, {} tx queues ({}); workers on CPUs {workers}; {irqbalance}",
+        "{}: {} rx, {} tx queues ({}); workers on {}; {irqbalance}",
         view.name,
         view.rx.len(),
         view.tx.len(),
-        if view.hardware { "hardware" } else { "virtual" }
+        if view.hardware { "hardware" } else { "virtual" },
+        cpus(&workers.iter().collect::<Vec<_>>())
     );
     for queue in &view.rx {
         let irq = match &queue.irq {
@@ -193,7 +201,7 @@ fn render(view: &DeviceView, workers: &CpuList, found: &[Mismatch]) -> String {
         let rps = match &queue.rps_cpus {
             None => "RPS unavailable".into(),
             Some(list) if list.is_empty() => "RPS off".into(),
-            Some(list) => format!("RPS to CPUs {}", cpus(list)),
+            Some(list) => format!("RPS to {}", cpus(list)),
         };
         let rfs = match queue.rps_flow_cnt {
             Some(0) | None => String::new(),
@@ -205,7 +213,7 @@ fn render(view: &DeviceView, workers: &CpuList, found: &[Mismatch]) -> String {
         let xps = match &queue.xps_cpus {
             None => "XPS unavailable".into(),
             Some(list) if list.is_empty() => "XPS off".into(),
-            Some(list) => format!("XPS from CPUs {}", cpus(list)),
+            Some(list) => format!("XPS from {}", cpus(list)),
         };
         let irq = queue
             .irq

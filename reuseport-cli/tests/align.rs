@@ -205,7 +205,7 @@ fn the_report_needs_no_privilege_and_changes_nothing() {
         .expect("setpriv");
     let report = stdout(&output);
     assert!(report.contains("rx-0: no IRQ (virtual"), "{report}");
-    assert!(report.contains(&format!("RPS to CPUs {b}")), "{report}");
+    assert!(report.contains(&format!("RPS to CPU {b}")), "{report}");
     assert_eq!(pair.masks(), before);
 }
 

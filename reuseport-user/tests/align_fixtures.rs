@@ -200,3 +200,27 @@ fn apply_refuses_irq_writes_while_irqbalance_runs_and_changes_nothing() {
     assert_eq!(snapshot(copy.path()), before);
     assert!(!state.exists());
 }
+
+#[test]
+fn a_failed_write_puts_the_earlier_ones_back_and_leaves_no_state_file() {
+    let copy = copy_case("misaligned");
+    let roots = roots(copy.path());
+    let view = read_device(&roots, "eth0").expect("reads");
+    let settings = plan(&roots, &view, &workers(copy.path())).expect("plan");
+    let before = snapshot(copy.path());
+    // The last setting's file becomes a directory: writing it fails after seven writes.
+    let last = &settings.last().expect("settings").path;
+    fs::remove_file(last).expect("rm");
+    fs::create_dir(last).expect("mkdir");
+    let mut expected = before.clone();
+    expected.remove(last.strip_prefix(copy.path()).expect("under"));
+    let state = state_path(&copy.path().join("run"), "eth0");
+    let err = apply(&view, &settings, &state).expect_err("the write fails");
+    assert!(matches!(err, AlignError::Write { .. }), "{err}");
+    assert_eq!(
+        snapshot(copy.path()),
+        expected,
+        "the earlier writes are undone"
+    );
+    assert!(!state.exists());
+}
