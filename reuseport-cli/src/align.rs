@@ -11,6 +11,7 @@ use reuseport::{
         apply::{self, state_path},
         mismatches,
         read::{Roots, read_device},
+        rss,
     },
     cpu_topology::CpuTopology,
     cpus::CpuError,
@@ -31,7 +32,8 @@ pub struct AlignArgs {
     /// The worker CPUs, e.g. "0-3,6" (default: every CPU this process may run on).
     #[arg(long)]
     cpus: Option<CpuList>,
-    /// Print the report as JSON: {device, workers, mismatches: [{kind, line, ...}]}.
+    /// Print the report as JSON: {device, workers, mismatches: [{kind, line, ...}]}; the
+    /// device's rss_table is null where it has none.
     #[arg(long)]
     json: bool,
     /// Change the settings to match the workers: each receive queue's IRQ affinity (RPS off on
@@ -98,7 +100,15 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
         })?,
         None => allowed,
     };
-    let view = read_device(&roots, &args.dev).map_err(bad_input)?;
+    let mut view = read_device(&roots, &args.dev).map_err(bad_input)?;
+    // The report goes on without the table when the ioctl fails, and says so.
+    let rss_note = match rss::indirection_table(&view.name) {
+        Ok(table) => {
+            view.rss_table = table;
+            None
+        }
+        Err(err) => Some(format!("{:#}", anyhow::Error::from(err))),
+    };
     if args.apply {
         apply::ensure_not_applied(&state)?;
         let settings = apply::plan(&roots, &view, &workers)?;
@@ -147,7 +157,7 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", render(&view, &workers, &found));
+        print!("{}", render(&view, &workers, &found, rss_note.as_deref()));
     }
     Ok(())
 }
@@ -177,7 +187,12 @@ fn irq_text(irq: &Irq) -> String {
 }
 
 /// The text report: one line per queue, then each mismatch.
-fn render(view: &DeviceView, workers: &CpuList, found: &[Mismatch]) -> String {
+fn render(
+    view: &DeviceView,
+    workers: &CpuList,
+    found: &[Mismatch],
+    rss_note: Option<&str>,
+) -> String {
     let mut out = String::new();
     let irqbalance = match view.irqbalance {
         Some(pid) => format!("irqbalance runs (pid {pid})"),
@@ -221,6 +236,30 @@ fn render(view: &DeviceView, workers: &CpuList, found: &[Mismatch]) -> String {
             .map(|irq| format!("{}; ", irq_text(irq)))
             .unwrap_or_default();
         let _ = writeln!(out, "  tx-{}: {irq}{xps}", queue.index);
+    }
+    match (&view.rss_table, rss_note) {
+        (_, Some(note)) => {
+            let _ = writeln!(out, "  RSS table not read: {note}");
+        }
+        (Some(table), None) => {
+            let shares: Vec<String> = view
+                .rx
+                .iter()
+                .map(|queue| {
+                    let buckets = table.iter().filter(|&&q| q == queue.index).count();
+                    format!("rx-{} {buckets}", queue.index)
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  RSS table: {} buckets: {}",
+                table.len(),
+                shares.join(", ")
+            );
+        }
+        (None, None) => {
+            let _ = writeln!(out, "  RSS table: none (the device has no RSS)");
+        }
     }
     if found.is_empty() {
         let _ = writeln!(

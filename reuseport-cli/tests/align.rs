@@ -206,6 +206,11 @@ fn the_report_needs_no_privilege_and_changes_nothing() {
     let report = stdout(&output);
     assert!(report.contains("rx-0: no IRQ (virtual"), "{report}");
     assert!(report.contains(&format!("RPS to CPU {b}")), "{report}");
+    // veth has no RSS: the ioctl answers "not supported", which is no error.
+    assert!(
+        report.contains("RSS table: none (the device has no RSS)"),
+        "{report}"
+    );
     assert_eq!(pair.masks(), before);
 }
 

@@ -5,11 +5,13 @@
 //! sysfs and procfs, [`mismatches`] names each disagreement with a set of worker CPUs and what it
 //! costs, and [`apply`] changes the settings to match (and puts them back).
 //!
-//! The RSS indirection table (which hash bucket goes to which queue, `ETHTOOL_MSG_RSS_GET`) is
-//! not read: the report assumes the NIC spreads flows over all its receive queues.
+//! [`rss::indirection_table`] reads the RSS indirection table (which flow-hash bucket goes to
+//! which queue) with the ethtool ioctl; where a device has none, the report assumes flows spread
+//! over all receive queues.
 
 pub mod apply;
 pub mod read;
+pub mod rss;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -102,6 +104,15 @@ pub enum AlignError {
         /// Its process id.
         pid: u32,
     },
+    /// The ethtool ioctl for the RSS indirection table failed.
+    #[error("reading the RSS indirection table of {dev:?} (ETHTOOL_GRXFHINDIR) failed")]
+    Rss {
+        /// The device.
+        dev: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// No worker CPU given.
     #[error("the worker CPU set is empty")]
     NoWorkers,
@@ -171,6 +182,9 @@ pub struct DeviceView {
     pub tx: Vec<TxQueue>,
     /// The pid of a running irqbalance.
     pub irqbalance: Option<u32>,
+    /// The RSS indirection table (entry `i`: the queue of hash bucket `i`), where the device has
+    /// one and it was read ([`rss::indirection_table`]).
+    pub rss_table: Option<Vec<u32>>,
 }
 
 impl DeviceView {
@@ -211,6 +225,13 @@ pub enum Mismatch {
         cpu: u32,
         /// Worker CPUs no queue is processed on.
         idle: Vec<u32>,
+    },
+    /// The RSS table sends no flow to a receive queue.
+    RssSkipsQueue {
+        /// The queue.
+        queue: u32,
+        /// The table's size.
+        buckets: usize,
     },
     /// A worker CPU no queue is processed on (fewer queues than workers).
     WorkerWithoutQueue {
@@ -310,6 +331,11 @@ impl fmt::Display for Mismatch {
                 cpus_phrase(idle),
                 if idle.len() == 1 { "gets" } else { "get" }
             ),
+            Self::RssSkipsQueue { queue, buckets } => write!(
+                f,
+                "the RSS table sends none of its {buckets} buckets to queue {queue}: the CPU \
+                 processing it receives no new flows from the NIC"
+            ),
             Self::WorkerWithoutQueue { cpu, queues } => write!(
                 f,
                 "CPU {cpu} has a worker but none of the {queues} rx queues is processed there: \
@@ -370,11 +396,26 @@ pub fn mismatches(view: &DeviceView, workers: &CpuList, topology: &CpuTopology) 
             _ => {}
         }
     }
+    if let Some(table) = view.rss_table.as_ref().filter(|table| !table.is_empty()) {
+        for queue in &view.rx {
+            if !table.contains(&queue.index) {
+                found.push(Mismatch::RssSkipsQueue {
+                    queue: queue.index,
+                    buckets: table.len(),
+                });
+            }
+        }
+    }
     // Which worker CPUs get a queue: only knowable when every queue's CPU is known (a virtual
     // device without RPS processes on whichever CPU sends).
     let processing: Option<Vec<(u32, Vec<u32>)>> = view
         .rx
         .iter()
+        .filter(|queue| {
+            view.rss_table
+                .as_ref()
+                .is_none_or(|table| table.is_empty() || table.contains(&queue.index))
+        })
         .map(|queue| queue.processing_cpus().map(|cpus| (queue.index, cpus)))
         .collect();
     if let Some(processing) = processing.filter(|p| !p.is_empty()) {
@@ -520,8 +561,21 @@ mod tests {
                 })
                 .collect(),
             irqbalance: None,
+            rss_table: Some((0..128).map(|bucket| bucket % 4).collect()),
         };
         assert_eq!(lines(&view, "0-3"), Vec::<String>::new());
+        // A table that skips queue 3: CPU 3 receives no flow, though its IRQ is right.
+        view.rss_table = Some((0..128).map(|bucket| bucket % 3).collect());
+        assert_eq!(
+            lines(&view, "0-3"),
+            [
+                "the RSS table sends none of its 128 buckets to queue 3: the CPU processing it \
+                 receives no new flows from the NIC",
+                "CPU 3 has a worker but none of the 4 rx queues is processed there: it gets \
+                 only fallback connections",
+            ]
+        );
+        view.rss_table = None;
         view.rx[3] = rx(3, &[2], &[]);
         view.rx[1] = rx(1, &[9], &[]);
         view.rx[0] = rx(0, &[0], &[4, 5, 6, 7]);
