@@ -75,6 +75,9 @@ fn bad_input(err: AlignError) -> anyhow::Error {
 /// Reports, applies or restores.
 pub fn align(args: AlignArgs) -> anyhow::Result<()> {
     let roots = Roots::system();
+    if args.dev.is_empty() || args.dev.contains('/') || args.dev == "." || args.dev == ".." {
+        return Err(BadArguments(format!("--dev: {:?} is not a device name", args.dev)).into());
+    }
     let state = state_path(Path::new(STATE_DIR), &args.dev);
     if args.restore {
         let restored = apply::restore(&state).map_err(|err| match err {

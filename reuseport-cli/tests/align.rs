@@ -252,6 +252,10 @@ fn bad_input_is_one_line_and_exit_code_2() {
         "{stderr}"
     );
 
+    let (code, stderr) = refused(&["--dev", "../x", "--restore"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is not a device name"), "{stderr}");
+
     let (code, stderr) = refused(&["--dev", "nosuchdev0", "--restore"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("nothing to restore"), "{stderr}");

@@ -224,3 +224,30 @@ fn a_failed_write_puts_the_earlier_ones_back_and_leaves_no_state_file() {
     );
     assert!(!state.exists());
 }
+
+#[test]
+fn restore_refuses_a_state_file_others_could_write_or_one_naming_other_files() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let copy = copy_case("misaligned");
+    let roots = roots(copy.path());
+    let view = read_device(&roots, "eth0").expect("reads");
+    let settings = plan(&roots, &view, &workers(copy.path())).expect("plan");
+    let state = state_path(&copy.path().join("run"), "eth0");
+    apply(&view, &settings, &state).expect("apply");
+
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o666)).expect("chmod");
+    let err = restore(&state).expect_err("group/world-writable");
+    assert!(matches!(err, AlignError::UnsafeState { .. }), "{err}");
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o644)).expect("chmod");
+
+    let text = fs::read_to_string(&state).expect("state");
+    fs::write(&state, text.replace("xps_cpus", "ifalias")).expect("rewrite");
+    let applied = snapshot(copy.path());
+    let err = restore(&state).expect_err("a file align never writes");
+    assert!(
+        err.to_string().contains("which align never writes"),
+        "{err}"
+    );
+    assert_eq!(snapshot(copy.path()), applied, "nothing was written");
+}

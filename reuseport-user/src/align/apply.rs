@@ -9,7 +9,8 @@
 //! workers, so every worker gets a queue when it can.
 
 use std::{
-    fs,
+    fs, io,
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -138,6 +139,64 @@ fn write(path: &Path, value: &str) -> Result<(), AlignError> {
     })
 }
 
+/// The only files `apply` writes (and so the only ones `restore` will write).
+const WRITABLE: [&str; 3] = ["rps_cpus", "xps_cpus", "smp_affinity_list"];
+
+/// Fails with [`AlignError::UnsafeState`] unless `path` (where it exists) is a real directory
+/// (`is_dir`) or file, owned by root or this user and writable by no one else: root writes
+/// what the state file says, so no other user may have put it there.
+fn check_private(path: &Path, is_dir: bool) -> Result<(), AlignError> {
+    let meta = match fs::symlink_metadata(path) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(AlignError::State {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+        Ok(meta) => meta,
+    };
+    let refuse = |why: String| AlignError::UnsafeState {
+        path: path.to_path_buf(),
+        why,
+    };
+    let me = rustix::process::geteuid().as_raw();
+    if meta.file_type().is_symlink() {
+        return Err(refuse("it is a symbolic link".into()));
+    }
+    if meta.is_dir() != is_dir {
+        return Err(refuse(
+            if is_dir {
+                "it is not a directory"
+            } else {
+                "it is not a file"
+            }
+            .into(),
+        ));
+    }
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(refuse(format!(
+            "it is owned by uid {}, not by root or by this user (uid {me})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "it is writable by its group or by everyone (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// [`check_private`] for the state file and its directory.
+fn check_state(state: &Path) -> Result<(), AlignError> {
+    if let Some(dir) = state.parent() {
+        check_private(dir, true)?;
+    }
+    check_private(state, false)
+}
+
 /// Fails if `state` exists: an earlier [`apply`] changed settings that [`restore`] has not put
 /// back (applying again would save the changed values as the previous ones).
 pub fn ensure_not_applied(state: &Path) -> Result<(), AlignError> {
@@ -162,6 +221,7 @@ pub fn apply(view: &DeviceView, settings: &[Setting], state: &Path) -> Result<()
         }
     }
     ensure_not_applied(state)?;
+    check_state(state)?;
     let saved = SavedState {
         device: view.name.clone(),
         settings: settings.to_vec(),
@@ -171,7 +231,11 @@ pub fn apply(view: &DeviceView, settings: &[Setting], state: &Path) -> Result<()
         source,
     };
     if let Some(dir) = state.parent() {
-        fs::create_dir_all(dir).map_err(state_error)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(state_error)?;
     }
     let json = serde_json::to_vec_pretty(&saved).map_err(|err| state_error(err.into()))?;
     let partial = state.with_extension("json.partial");
@@ -197,6 +261,7 @@ pub fn restore(state: &Path) -> Result<SavedState, AlignError> {
         path: state.to_path_buf(),
         source,
     };
+    check_state(state)?;
     let json = match fs::read(state) {
         Ok(json) => json,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -207,6 +272,21 @@ pub fn restore(state: &Path) -> Result<SavedState, AlignError> {
         Err(err) => return Err(state_error(err)),
     };
     let saved: SavedState = serde_json::from_slice(&json).map_err(|err| state_error(err.into()))?;
+    if let Some(setting) = saved.settings.iter().find(|setting| {
+        !setting
+            .path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| WRITABLE.contains(&name))
+    }) {
+        return Err(AlignError::UnsafeState {
+            path: state.to_path_buf(),
+            why: format!(
+                "it names {}, which align never writes",
+                setting.path.display()
+            ),
+        });
+    }
     for setting in saved.settings.iter().rev() {
         write(&setting.path, &setting.old)?;
     }

@@ -95,6 +95,15 @@ pub enum AlignError {
         #[source]
         source: io::Error,
     },
+    /// The state directory or file could have been written by another user, or names a file
+    /// `apply` never writes.
+    #[error("refusing {path}: {why}")]
+    UnsafeState {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// irqbalance would rewrite the IRQ affinities this would set.
     #[error(
         "irqbalance runs (pid {pid}) and would undo the IRQ affinity this sets: stop it \
