@@ -264,10 +264,20 @@ fn render(
             let _ = writeln!(out, "  RSS table: none (the device has no RSS)");
         }
     }
-    if found.is_empty() {
+    let unknown = view
+        .rx
+        .iter()
+        .any(|queue| queue.processing_cpus().is_none());
+    if found.is_empty() && unknown {
         let _ = writeln!(
             out,
-            "aligned: every known receive CPU has a worker and every worker a queue"
+            "no mismatch found: queues without an IRQ or RPS are processed on whichever CPU \
+             sends, which steering follows"
+        );
+    } else if found.is_empty() {
+        let _ = writeln!(
+            out,
+            "aligned: every receive CPU has a worker and every worker a queue"
         );
     } else {
         let _ = writeln!(out, "{} mismatch(es):", found.len());

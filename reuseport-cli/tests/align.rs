@@ -174,6 +174,11 @@ fn misaligned_rps_and_xps_are_named_applied_and_restored() {
         [vec![a], vec![b], vec![a], vec![b]],
         "one worker per queue"
     );
+    let report = stdout(&pair.align(&["--cpus", &workers]));
+    assert!(
+        report.contains("aligned: every receive CPU has a worker and every worker a queue"),
+        "{report}"
+    );
     let json = stdout(&pair.align(&["--cpus", &workers, "--json"]));
     let report: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     assert_eq!(report["mismatches"], serde_json::json!([]), "{json}");
@@ -209,6 +214,11 @@ fn the_report_needs_no_privilege_and_changes_nothing() {
     // veth has no RSS: the ioctl answers "not supported", which is no error.
     assert!(
         report.contains("RSS table: none (the device has no RSS)"),
+        "{report}"
+    );
+    // rx-1 has neither IRQ nor RPS: its CPU is the sender's, so no claim about coverage.
+    assert!(
+        report.contains("no mismatch found: queues without an IRQ or RPS"),
         "{report}"
     );
     assert_eq!(pair.masks(), before);
