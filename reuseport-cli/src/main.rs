@@ -1,10 +1,12 @@
 //! `reuseport`: steer each new connection to the SO_REUSEPORT listener of the worker pinned to the
 //! CPU that received it, and show what that does.
 //!
-//! One file per verb (`serve.rs`, `load.rs`, `ab.rs`, `attach.rs`, `detach.rs`, `status.rs`);
+//! One file per verb (`serve.rs`, `load.rs`, `ab.rs`, `attach.rs`, `detach.rs`, `status.rs`,
+//! `align.rs`);
 //! this file parses, dispatches and turns errors into exit codes.
 
 mod ab;
+mod align;
 mod args;
 mod attach;
 mod detach;
@@ -79,6 +81,11 @@ enum Command {
     /// no slot, stale pins, fallbacks, counters (--json: as data; --watch: every second).
     /// Needs root.
     Status(status::StatusArgs),
+    /// Whether the NIC delivers each flow to the CPU whose worker owns it: per queue its IRQ's
+    /// CPU, RPS and XPS masks, irqbalance, and one line per mismatch with the worker CPUs
+    /// saying what it costs. --apply changes the settings (saving the old ones), --restore puts
+    /// them back. The report needs no privilege.
+    Align(align::AlignArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,6 +104,7 @@ fn main() -> ExitCode {
         Command::Attach(args) => attach::attach(args),
         Command::Detach { port } => detach::detach(port),
         Command::Status(args) => status::status(args),
+        Command::Align(args) => align::align(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

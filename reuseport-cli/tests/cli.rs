@@ -162,6 +162,7 @@ fn help_is_plain_text_without_rustdoc_links() {
         &["attach"],
         &["detach"],
         &["status"],
+        &["align"],
     ] {
         let mut args = verb.to_vec();
         args.push("--help");

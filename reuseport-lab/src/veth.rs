@@ -126,6 +126,29 @@ pub fn create_pair(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<(), VethError> {
     })
 }
 
+/// Creates a pair whose first end, `name` with `queues` receive and transmit queues, stays in
+/// the calling thread's namespace, and whose peer is `peer`, in its own namespace. Deleting one
+/// end of a veth deletes both, so the pair goes away with the peer's namespace (when its last
+/// descriptor closes), even if the caller is killed. Both ends start down.
+pub fn create_pair_here(name: &str, queues: u32, peer: &VethEnd<'_>) -> Result<(), VethError> {
+    let mut message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(name.to_owned())
+        .append_extra_attribute(LinkAttribute::NumTxQueues(queues))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(queues))
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.message().build())))
+        .build();
+    message.header.interface_family = rtnetlink::packet_route::AddressFamily::Unspec;
+    let what = format!("creating veth {name} <-> {}", peer.name);
+    with_netlink(async |handle| {
+        handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(netlink(what))
+    })
+}
+
 /// Inside `end`'s namespace: offloads (GRO on and TSO off when `napi`, so that veth hands every
 /// packet to the receive queue's NAPI instance instead of the sending CPU's backlog), `lo` up,
 /// the address, the device up, and `extra` (sysfs work) after that.

@@ -1,0 +1,289 @@
+//! `reuseport align`: whether the device delivers each flow to the CPU whose worker owns it,
+//! and (with --apply) make it so; --restore puts the previous settings back.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Context as _;
+use reuseport::{
+    CpuList,
+    align::{
+        AlignError, DeviceView, Irq, Mismatch,
+        apply::{self, state_path},
+        mismatches,
+        read::{Roots, read_device},
+        rss,
+    },
+    cpu_topology::CpuTopology,
+    cpus::CpuError,
+};
+use serde::Serialize;
+
+use crate::error::BadArguments;
+
+/// Where `--apply` keeps the previous values.
+const STATE_DIR: &str = "/run/reuseport";
+
+/// `reuseport align`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct AlignArgs {
+    /// The network device (e.g. eth0).
+    #[arg(long)]
+    dev: String,
+    /// The worker CPUs, e.g. "0-3,6" (default: every CPU this process may run on).
+    #[arg(long)]
+    cpus: Option<CpuList>,
+    /// Print the report as JSON: {device, workers, mismatches: [{kind, line, ...}]}; the
+    /// device's rss_table is null where it has none.
+    #[arg(long)]
+    json: bool,
+    /// Change the settings to match the workers: each receive queue's IRQ affinity (RPS off on
+    /// it) or, without an IRQ, its RPS mask, and each transmit queue's XPS mask. Saves every
+    /// previous value to /run/reuseport/align-DEV.json first. Needs root; refused while
+    /// irqbalance runs and IRQs would change.
+    #[arg(long, conflicts_with = "restore")]
+    apply: bool,
+    /// Put back every value an earlier --apply changed on this device.
+    #[arg(long)]
+    restore: bool,
+}
+
+/// The JSON report.
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    device: &'a DeviceView,
+    workers: Vec<u32>,
+    mismatches: Vec<JsonMismatch<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonMismatch<'a> {
+    #[serde(flatten)]
+    mismatch: &'a Mismatch,
+    line: String,
+}
+
+/// Bad input (unknown device, no queues, CPUs outside the affinity mask) is one line and exit 2.
+fn bad_input(err: AlignError) -> anyhow::Error {
+    match err {
+        AlignError::NoDevice { .. } | AlignError::NoQueues { .. } => {
+            BadArguments(format!("--dev: {err}")).into()
+        }
+        err => err.into(),
+    }
+}
+
+/// Reports, applies or restores.
+pub fn align(args: AlignArgs) -> anyhow::Result<()> {
+    let roots = Roots::system();
+    if args.dev.is_empty() || args.dev.contains('/') || args.dev == "." || args.dev == ".." {
+        return Err(BadArguments(format!("--dev: {:?} is not a device name", args.dev)).into());
+    }
+    let state = state_path(Path::new(STATE_DIR), &args.dev);
+    if args.restore {
+        let restored = apply::restore(&state).map_err(|err| match err {
+            AlignError::NothingToRestore { .. } => BadArguments(format!("--restore: {err}")).into(),
+            err => anyhow::Error::from(err),
+        })?;
+        println!(
+            "reuseport: restored {} setting(s) of {} from {}",
+            restored.settings.len(),
+            restored.device,
+            state.display()
+        );
+        return Ok(());
+    }
+    let allowed = CpuList::allowed()?;
+    let workers = match args.cpus {
+        Some(cpus) if cpus.is_empty() => {
+            return Err(BadArguments("--cpus: the list is empty".into()).into());
+        }
+        Some(cpus) => cpus.within(&allowed).map_err(|err| match err {
+            err @ CpuError::NotAllowed { .. } => BadArguments(format!("--cpus: {err}")).into(),
+            err => anyhow::Error::from(err),
+        })?,
+        None => allowed,
+    };
+    let mut view = read_device(&roots, &args.dev).map_err(bad_input)?;
+    // The report goes on without the table when the ioctl fails, and says so.
+    let rss_note = match rss::indirection_table(&view.name) {
+        Ok(table) => {
+            view.rss_table = table;
+            None
+        }
+        Err(err) => Some(format!("{:#}", anyhow::Error::from(err))),
+    };
+    if args.apply {
+        apply::ensure_not_applied(&state)?;
+        let settings = apply::plan(&roots, &view, &workers)?;
+        if settings.is_empty() {
+            println!(
+                "reuseport: {} already matches workers on {}",
+                view.name,
+                cpus(&workers.iter().collect::<Vec<_>>())
+            );
+            return Ok(());
+        }
+        apply::apply(&view, &settings, &state)
+            .with_context(|| format!("aligning {}", view.name))?;
+        for setting in &settings {
+            println!(
+                "{}: {} -> {}",
+                setting.path.display(),
+                setting.old,
+                setting.new
+            );
+        }
+        println!(
+            "reuseport: changed {} setting(s) of {}; previous values in {} \
+             (`reuseport align --dev {} --restore` puts them back)",
+            settings.len(),
+            view.name,
+            state.display(),
+            view.name
+        );
+        return Ok(());
+    }
+    let possible = reuseport::cpus::possible_cpus()?;
+    let topology = CpuTopology::read_from(&roots.cpu_dir(), possible);
+    let found = mismatches(&view, &workers, &topology);
+    if args.json {
+        let report = JsonReport {
+            device: &view,
+            workers: workers.iter().collect(),
+            mismatches: found
+                .iter()
+                .map(|mismatch| JsonMismatch {
+                    mismatch,
+                    line: mismatch.to_string(),
+                })
+                .collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&view, &workers, &found, rss_note.as_deref()));
+    }
+    Ok(())
+}
+
+/// `CPU 3` or `CPUs 0-3`.
+fn cpus(cpus: &[u32]) -> String {
+    let list = cpus.iter().copied().collect::<CpuList>();
+    if cpus.len() == 1 {
+        format!("CPU {list}")
+    } else {
+        format!("CPUs {list}")
+    }
+}
+
+fn irq_text(irq: &Irq) -> String {
+    let source = if irq.effective {
+        "effective"
+    } else {
+        "allowed"
+    };
+    format!(
+        "IRQ {} ({}) on {} ({source})",
+        irq.number,
+        irq.name,
+        cpus(&irq.cpus)
+    )
+}
+
+/// The text report: one line per queue, then each mismatch.
+fn render(
+    view: &DeviceView,
+    workers: &CpuList,
+    found: &[Mismatch],
+    rss_note: Option<&str>,
+) -> String {
+    let mut out = String::new();
+    let irqbalance = match view.irqbalance {
+        Some(pid) => format!("irqbalance runs (pid {pid})"),
+        None => "irqbalance not running".into(),
+    };
+    let _ = writeln!(
+        out,
+        "{}: {} rx, {} tx queues ({}); workers on {}; {irqbalance}",
+        view.name,
+        view.rx.len(),
+        view.tx.len(),
+        if view.hardware { "hardware" } else { "virtual" },
+        cpus(&workers.iter().collect::<Vec<_>>())
+    );
+    for queue in &view.rx {
+        let irq = match &queue.irq {
+            Some(irq) => irq_text(irq),
+            None if view.hardware => "no IRQ of its own found".into(),
+            None => "no IRQ (virtual: processed on the sending CPU)".into(),
+        };
+        let rps = match &queue.rps_cpus {
+            None => "RPS unavailable".into(),
+            Some(list) if list.is_empty() => "RPS off".into(),
+            Some(list) => format!("RPS to {}", cpus(list)),
+        };
+        let rfs = match queue.rps_flow_cnt {
+            Some(0) | None => String::new(),
+            Some(count) => format!("; RFS {count} flows"),
+        };
+        let _ = writeln!(out, "  rx-{}: {irq}; {rps}{rfs}", queue.index);
+    }
+    for queue in &view.tx {
+        let xps = match &queue.xps_cpus {
+            None => "XPS unavailable".into(),
+            Some(list) if list.is_empty() => "XPS off".into(),
+            Some(list) => format!("XPS from {}", cpus(list)),
+        };
+        let irq = queue
+            .irq
+            .as_ref()
+            .map(|irq| format!("{}; ", irq_text(irq)))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  tx-{}: {irq}{xps}", queue.index);
+    }
+    match (&view.rss_table, rss_note) {
+        (_, Some(note)) => {
+            let _ = writeln!(out, "  RSS table not read: {note}");
+        }
+        (Some(table), None) => {
+            let shares: Vec<String> = view
+                .rx
+                .iter()
+                .map(|queue| {
+                    let buckets = table.iter().filter(|&&q| q == queue.index).count();
+                    format!("rx-{} {buckets}", queue.index)
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  RSS table: {} buckets: {}",
+                table.len(),
+                shares.join(", ")
+            );
+        }
+        (None, None) => {
+            let _ = writeln!(out, "  RSS table: none (the device has no RSS)");
+        }
+    }
+    let unknown = view
+        .rx
+        .iter()
+        .any(|queue| queue.processing_cpus().is_none());
+    if found.is_empty() && unknown {
+        let _ = writeln!(
+            out,
+            "no mismatch found: queues without an IRQ or RPS are processed on whichever CPU \
+             sends, which steering follows"
+        );
+    } else if found.is_empty() {
+        let _ = writeln!(
+            out,
+            "aligned: every receive CPU has a worker and every worker a queue"
+        );
+    } else {
+        let _ = writeln!(out, "{} mismatch(es):", found.len());
+        for mismatch in found {
+            let _ = writeln!(out, "  {mismatch}");
+        }
+    }
+    out
+}
