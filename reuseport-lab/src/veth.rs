@@ -5,7 +5,7 @@
 use std::{
     fs, io,
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -221,45 +221,14 @@ const ETHTOOL_STSO: u32 = 0x1f;
 /// `ETHTOOL_SGRO` (linux/ethtool.h): set generic receive offload.
 const ETHTOOL_SGRO: u32 = 0x2c;
 
-/// `struct ethtool_value`.
-#[repr(C)]
-struct EthtoolValue {
-    cmd: u32,
-    data: u32,
-}
-
-/// Sets one offload with the ethtool ioctl on a socket of the calling thread's namespace.
+/// Sets one offload (`struct ethtool_value`: `[cmd, data]`) with the ethtool ioctl in the
+/// calling thread's namespace.
 fn ethtool_set(dev: &str, cmd: u32, what: &'static str, on: u32) -> Result<(), VethError> {
-    let error = |source| VethError::Ethtool {
+    let mut value = [cmd, on];
+    // SAFETY: `[cmd, data]` is a whole struct ethtool_value, what ETHTOOL_S* commands read.
+    unsafe { reuseport::ethtool::ethtool(dev, &mut value) }.map_err(|source| VethError::Ethtool {
         what,
         dev: dev.to_owned(),
         source,
-    };
-    let socket: OwnedFd = rustix::net::socket(
-        rustix::net::AddressFamily::INET,
-        rustix::net::SocketType::DGRAM,
-        None,
-    )
-    .map_err(|err| error(err.into()))?;
-    let mut value = EthtoolValue { cmd, data: on };
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    let name = dev.as_bytes();
-    if name.len() >= request.ifr_name.len() {
-        return Err(error(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "device name too long",
-        )));
-    }
-    for (slot, &byte) in request.ifr_name.iter_mut().zip(name) {
-        *slot = byte as libc::c_char;
-    }
-    request.ifr_ifru.ifru_data = (&raw mut value).cast();
-    // SAFETY: SIOCETHTOOL reads the ifreq and, through ifru_data, the ethtool_value; both live
-    // until the call returns.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut request) };
-    if rc < 0 {
-        return Err(error(io::Error::last_os_error()));
-    }
-    Ok(())
+    })
 }

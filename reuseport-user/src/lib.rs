@@ -11,15 +11,22 @@
 //!   [`cpu_topology`]: which CPUs share a core, a cache, a NUMA node.
 //! - [`listeners`]: one `SO_REUSEPORT` socket per CPU ([`PerCpuListeners`]).
 //! - [`steering`]: load the BPF program, fill slot CPU → listener, attach, read counters
-//!   ([`Steering`]) — the one steering path.
+//!   ([`Steering`]) — the one steering path; [`sockarray`]: the `cpu_listeners` map's slots
+//!   through `bpf(2)` (readable socket cookies).
 //! - [`strategy`]: one type per steering mode behind the [`Strategy`] trait, and `auto`: eBPF
 //!   per-CPU (with or without spill), [`cbpf`] (classic BPF `ld cpu; ret a`), [`incoming_cpu`]
 //!   (`SO_INCOMING_CPU`, Linux >= 6.2), kernel hash.
 //! - [`attach`]: the same steering for a running server's listeners (nginx, prefork servers),
 //!   found through `/proc` ([`procfs`]) and taken with `pidfd_getfd`; [`pinned`]: such steering
-//!   left in place after the attaching process exits ([`PinnedSteering`]).
+//!   left in place after the attaching process exits ([`PinnedSteering`]); [`follow`]: steering
+//!   that follows a server across reloads and restarts.
+//! - [`port_steering`]: what steers a port, asked of the kernel (programs, slots, live
+//!   listeners: steered, partly, stale), and detaching it; [`port_report`]: the same as data.
+//! - [`align`]: whether the NIC's queues, IRQs, RSS, RPS and XPS deliver flows to the workers'
+//!   CPUs, and making them; [`ethtool`]: the `SIOCETHTOOL` ioctl it and the lab use.
 //! - [`kernel`]: the running kernel's release, for features that depend on it.
-//! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener.
+//! - [`worker`]: a pinned thread with a tokio current-thread runtime per listener;
+//!   [`connections`]: header and idle timeouts, draining and shedding of its TCP connections.
 //! - [`http`]: the demo HTTP/1.1 responder (`x-worker-cpu`, `x-incoming-cpu` headers).
 //! - [`spill`]: `percpu-spill`, per-CPU steering that spills an overloaded CPU's connections.
 //! - [`stats`]: counters, live line and JSON summary; [`metrics`]: the same counters for
@@ -47,6 +54,7 @@ pub mod cbpf;
 pub mod connections;
 pub mod cpu_topology;
 pub mod cpus;
+pub mod ethtool;
 pub mod follow;
 pub mod http;
 pub mod incoming_cpu;

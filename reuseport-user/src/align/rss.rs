@@ -2,12 +2,10 @@
 //! with the ethtool ioctl `ETHTOOL_GRXFHINDIR` (what `ethtool -x` shows; no privilege needed).
 //! Virtual devices and NICs without RSS answer "not supported".
 
-use std::{
-    io,
-    os::fd::{AsRawFd, OwnedFd},
-};
+use std::io;
 
 use super::AlignError;
+use crate::ethtool::ethtool;
 
 /// `ETHTOOL_GRXFHINDIR` (linux/ethtool.h).
 const ETHTOOL_GRXFHINDIR: u32 = 0x38;
@@ -22,14 +20,8 @@ pub fn indirection_table(dev: &str) -> Result<Option<Vec<u32>>, AlignError> {
         dev: dev.to_owned(),
         source,
     };
-    let socket: OwnedFd = rustix::net::socket(
-        rustix::net::AddressFamily::INET,
-        rustix::net::SocketType::DGRAM,
-        None,
-    )
-    .map_err(|err| error(err.into()))?;
     // Size first (size 0 asks for it), then the table.
-    let size = match ethtool_indir(&socket, dev, 0).map_err(error)? {
+    let size = match ethtool_indir(dev, 0).map_err(error)? {
         None => return Ok(None),
         Some(buffer) => buffer[1],
     };
@@ -42,7 +34,7 @@ pub fn indirection_table(dev: &str) -> Result<Option<Vec<u32>>, AlignError> {
             format!("the table claims {size} entries"),
         )));
     }
-    match ethtool_indir(&socket, dev, size).map_err(error)? {
+    match ethtool_indir(dev, size).map_err(error)? {
         None => Ok(None),
         Some(buffer) => Ok(Some(buffer[2..].to_vec())),
     }
@@ -50,35 +42,17 @@ pub fn indirection_table(dev: &str) -> Result<Option<Vec<u32>>, AlignError> {
 
 /// One `ETHTOOL_GRXFHINDIR` call with room for `size` entries: the `struct ethtool_rxfh_indir`
 /// as `[cmd, size, ring_index...]`, or `None` if the device does not support it.
-fn ethtool_indir(socket: &OwnedFd, dev: &str, size: u32) -> io::Result<Option<Vec<u32>>> {
+fn ethtool_indir(dev: &str, size: u32) -> io::Result<Option<Vec<u32>>> {
     let mut buffer = vec![0u32; 2 + size as usize];
     buffer[0] = ETHTOOL_GRXFHINDIR;
     buffer[1] = size;
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    let name = dev.as_bytes();
-    if name.len() >= request.ifr_name.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "device name too long",
-        ));
+    // SAFETY: `buffer` is a whole struct ethtool_rxfh_indir: `size` says how many entries
+    // follow its two header words, and it holds exactly that many.
+    match unsafe { ethtool(dev, &mut buffer) } {
+        Ok(()) => Ok(Some(buffer)),
+        Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(None),
+        Err(err) => Err(err),
     }
-    for (slot, &byte) in request.ifr_name.iter_mut().zip(name) {
-        *slot = byte as libc::c_char;
-    }
-    request.ifr_ifru.ifru_data = buffer.as_mut_ptr().cast();
-    // SAFETY: SIOCETHTOOL reads the ifreq and, through ifru_data, a struct ethtool_rxfh_indir
-    // whose `size` says how many entries follow; `buffer` holds exactly that many and lives
-    // until the call returns.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut request) };
-    if rc < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::EOPNOTSUPP) => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(buffer))
 }
 
 #[cfg(test)]
