@@ -308,9 +308,18 @@ fn show_recorded(out: &mut String, port: u16, root: &PinnedRoot) -> anyhow::Resu
         put!(out, "  slot cpu{cpu}: socket {}, {state}", slot.slot.inode);
     }
     for (cpu, s) in status.active_cpus() {
+        let selected = s.total() + s.errors;
+        let same_cpu = if selected > 0 {
+            format!(
+                "; {:.1}% received, accepted and served on cpu{cpu}",
+                100.0 * s.local as f64 / selected as f64
+            )
+        } else {
+            String::new()
+        };
         put!(
             out,
-            "  arrived on cpu{cpu}: local {} fallback {} hash {} errors {}",
+            "  arrived on cpu{cpu}: local {} fallback {} hash {} errors {}{same_cpu}",
             s.local,
             s.fallback,
             s.unsteered,

@@ -301,6 +301,27 @@ fn a_persistent_attach_survives_its_command_and_a_worker_exit_leaves_a_served_ho
         text.contains(&format!("live, served by pid {pid_a}")),
         "{text}"
     );
+    // CPU B's connections: served there while B lived, by A's worker since: the share that was
+    // received, accepted and served on one CPU is what the line says.
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("  arrived on cpu{cpu_b}: ")))
+        .unwrap_or_else(|| panic!("no counters for cpu{cpu_b}: {text}"));
+    let count = |name: &str| -> f64 {
+        line.split_once(&format!("{name} "))
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.trim_end_matches(';').parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    let (local, fallback) = (count("local"), count("fallback"));
+    assert!(local >= 30.0 && fallback >= 30.0, "{line}");
+    let share = 100.0 * local / (local + fallback + count("hash") + count("errors"));
+    assert!(
+        line.ends_with(&format!(
+            "; {share:.1}% received, accepted and served on cpu{cpu_b}"
+        )),
+        "{line}"
+    );
     let detach = run(&["detach", "--port", &port]);
     assert!(
         detach.status.success(),

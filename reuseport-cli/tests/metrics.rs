@@ -325,6 +325,16 @@ fn attach_metrics_show_the_steering_of_a_server_not_ours_and_pass_promtool() {
     assert!(ok, "promtool rejected attach's metrics: {said}\n{text}");
     for &cpu in &cpus {
         assert!(local(&text, cpu) >= 20.0, "cpu {cpu}:\n{text}");
+        // Pinned clients, one worker per CPU: every connection received, accepted and served
+        // on one CPU.
+        assert_eq!(
+            value(
+                &text,
+                &format!("reuseport_steering_same_cpu_ratio{{cpu=\"{cpu}\"}}")
+            ),
+            Some(1.0),
+            "cpu {cpu}:\n{text}"
+        );
     }
     assert!(
         text.contains(&format!(

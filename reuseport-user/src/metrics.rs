@@ -13,6 +13,7 @@
 //! | `reuseport_info`                                | gauge   | mode, protocol, listen, program_id |
 //! | `reuseport_uptime_seconds`                      | gauge   |                    |
 //! | `reuseport_steering_decisions_total`            | counter | cpu, decision      |
+//! | `reuseport_steering_same_cpu_ratio`             | gauge   | cpu                |
 //! | `reuseport_program_runs_total`                  | counter |                    |
 //! | `reuseport_program_run_seconds_total`           | counter |                    |
 //! | `reuseport_worker_accepted_total`               | counter | cpu                |
@@ -169,8 +170,19 @@ pub fn render(snapshot: &Snapshot, info: &MetricsInfo) -> Result<String, Metrics
              decided.",
             &["cpu", "decision"],
         )?;
+        let same_cpu = GaugeVec::new(
+            Opts::new(
+                "reuseport_steering_same_cpu_ratio",
+                "Fraction of the connections received on each CPU that the program gave to that \
+                 CPU's listener, so that the receiving, accepting and serving CPU are the same, \
+                 since the start.",
+            ),
+            &["cpu"],
+        )
+        .map_err(MetricsError::Encode)?;
         for (cpu, stats) in per_cpu.iter().enumerate() {
-            if stats.total() + stats.errors == 0 {
+            let selected = stats.total() + stats.errors;
+            if selected == 0 {
                 continue;
             }
             let cpu = cpu.to_string();
@@ -179,8 +191,12 @@ pub fn render(snapshot: &Snapshot, info: &MetricsInfo) -> Result<String, Metrics
                     .with_label_values(&[cpu.as_str(), decision])
                     .inc_by(count);
             }
+            same_cpu
+                .with_label_values(&[cpu.as_str()])
+                .set(stats.local as f64 / selected as f64);
         }
         collectors.push(Box::new(decisions));
+        collectors.push(Box::new(same_cpu));
     }
     if let Some(program) = snapshot.program {
         let runs = counter(
@@ -530,6 +546,7 @@ mod tests {
             "reuseport_info{listen=\"127.0.0.1:8080\",mode=\"percpu\",program_id=\"42\",protocol=\"tcp\"} 1",
             "reuseport_steering_decisions_total{cpu=\"1\",decision=\"local\"} 9",
             "reuseport_steering_decisions_total{cpu=\"1\",decision=\"fallback\"} 1",
+            "reuseport_steering_same_cpu_ratio{cpu=\"1\"} 0.9",
             "reuseport_program_runs_total 10",
             "reuseport_program_run_seconds_total 0.0000005",
             "reuseport_worker_accepted_total{cpu=\"1\"} 10",
