@@ -212,30 +212,30 @@ fn a_prefork_server_attached_by_pid_is_steered() {
     assert_attach_steers(addr, master, &workers_by_cpu(master));
 }
 
-#[test]
-fn sockets_passed_by_fd_are_steered_through_the_same_path() {
-    let cpus = allowed_cpus();
-    let group = PerCpuListeners::bind("127.0.0.1:0".parse().unwrap(), Protocol::Tcp, &cpus, 256)
-        .expect("bind");
-    let addr = group.local_addr();
-    let listeners: Vec<(u32, TcpListener)> = group
-        .into_inner()
-        .into_iter()
-        .map(|l| {
-            // Inherited by the attach process.
-            l.socket.set_cloexec(false).unwrap();
-            (l.cpu, TcpListener::from(l.socket))
-        })
-        .collect();
-    let mut args = vec!["--port".to_owned(), addr.port().to_string()];
+/// A reuseport group with a listener on every allowed CPU that a child `attach` inherits (no
+/// close-on-exec), and the `--fd N --cpu K` arguments naming them.
+fn inherited_group() -> (SocketAddr, Vec<(u32, TcpListener)>, Vec<String>) {
+    let cpus: Vec<u32> = allowed_cpus().iter().collect();
+    let (addr, listeners) = unsteered_group(&cpus);
+    let mut fd_args = Vec::new();
     for (cpu, listener) in &listeners {
-        args.extend([
-            "--fd".into(),
+        socket2::SockRef::from(listener).set_cloexec(false).unwrap();
+        fd_args.extend([
+            "--fd".to_owned(),
             listener.as_raw_fd().to_string(),
-            "--cpu".into(),
+            "--cpu".to_owned(),
             cpu.to_string(),
         ]);
     }
+    (addr, listeners, fd_args)
+}
+
+#[test]
+fn sockets_passed_by_fd_are_steered_through_the_same_path() {
+    let cpus = allowed_cpus();
+    let (addr, listeners, fd_args) = inherited_group();
+    let mut args = vec!["--port".to_owned(), addr.port().to_string()];
+    args.extend(fd_args);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let attach = start_attach(&args);
     for cpu in cpus.iter() {
@@ -849,17 +849,7 @@ fn an_attach_whose_reader_goes_away_keeps_steering_then_detaches_when_stopped() 
 #[test]
 fn a_persisted_attach_by_fd_is_detached_by_detach() {
     let cpus = allowed_cpus();
-    let group = PerCpuListeners::bind("127.0.0.1:0".parse().unwrap(), Protocol::Tcp, &cpus, 256)
-        .expect("bind");
-    let addr = group.local_addr();
-    let listeners: Vec<(u32, TcpListener)> = group
-        .into_inner()
-        .into_iter()
-        .map(|l| {
-            l.socket.set_cloexec(false).unwrap();
-            (l.cpu, TcpListener::from(l.socket))
-        })
-        .collect();
+    let (addr, listeners, fd_args) = inherited_group();
     let port = addr.port().to_string();
     let mut args = vec![
         "attach".to_owned(),
@@ -867,14 +857,7 @@ fn a_persisted_attach_by_fd_is_detached_by_detach() {
         port.clone(),
         "--persist".into(),
     ];
-    for (cpu, listener) in &listeners {
-        args.extend([
-            "--fd".into(),
-            listener.as_raw_fd().to_string(),
-            "--cpu".into(),
-            cpu.to_string(),
-        ]);
-    }
+    args.extend(fd_args);
     run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let first = cpus.iter().next().unwrap();
     if cpus.len() >= 2 {
