@@ -106,24 +106,7 @@ fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> VethErro
 /// Creates the pair from the calling thread's namespace, each end directly in its own
 /// namespace (`IFLA_NET_NS_FD`), with the given queue counts. Both ends start down.
 pub fn create_pair(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<(), VethError> {
-    let peer = b.message().build();
-    let mut message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-        .name(a.name.clone())
-        .setns_by_fd(a.ns.fd().as_raw_fd())
-        .append_extra_attribute(LinkAttribute::NumTxQueues(a.tx_queues))
-        .append_extra_attribute(LinkAttribute::NumRxQueues(a.rx_queues))
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .build();
-    message.header.interface_family = rtnetlink::packet_route::AddressFamily::Unspec;
-    let what = format!("creating veth {} <-> {}", a.name, b.name);
-    with_netlink(async |handle| {
-        handle
-            .link()
-            .add(message)
-            .execute()
-            .await
-            .map_err(netlink(what))
-    })
+    add_pair(&a.name, Some(a.ns), a.tx_queues, a.rx_queues, b)
 }
 
 /// Creates a pair whose first end, `name` with `queues` receive and transmit queues, stays in
@@ -131,10 +114,26 @@ pub fn create_pair(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<(), VethError> {
 /// end of a veth deletes both, so the pair goes away with the peer's namespace (when its last
 /// descriptor closes), even if the caller is killed. Both ends start down.
 pub fn create_pair_here(name: &str, queues: u32, peer: &VethEnd<'_>) -> Result<(), VethError> {
-    let mut message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-        .name(name.to_owned())
-        .append_extra_attribute(LinkAttribute::NumTxQueues(queues))
-        .append_extra_attribute(LinkAttribute::NumRxQueues(queues))
+    add_pair(name, None, queues, queues, peer)
+}
+
+/// One `RTM_NEWLINK` for a veth pair: the first end `name` (moved into `ns` if given) with its
+/// queue counts, and `peer` as its peer.
+fn add_pair(
+    name: &str,
+    ns: Option<&NetNs>,
+    tx_queues: u32,
+    rx_queues: u32,
+    peer: &VethEnd<'_>,
+) -> Result<(), VethError> {
+    let mut builder =
+        LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth).name(name.to_owned());
+    if let Some(ns) = ns {
+        builder = builder.setns_by_fd(ns.fd().as_raw_fd());
+    }
+    let mut message = builder
+        .append_extra_attribute(LinkAttribute::NumTxQueues(tx_queues))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(rx_queues))
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.message().build())))
         .build();
     message.header.interface_family = rtnetlink::packet_route::AddressFamily::Unspec;
