@@ -42,8 +42,12 @@ fn trickle_until_closed(mut stream: TcpStream, head: &[u8], limit: Duration) -> 
     None
 }
 
-#[test]
-fn a_slow_or_silent_request_head_is_closed_after_the_header_timeout() {
+/// `serve` with these header and idle timeouts, writing its summary into a scratch directory
+/// (returned, to keep it, with the summary's path).
+fn serve_with_timeouts(
+    header: &str,
+    idle: &str,
+) -> (ServeProcess, tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let stats = dir.path().join("stats.json");
     let server = ServeProcess::start(&[
@@ -51,12 +55,18 @@ fn a_slow_or_silent_request_head_is_closed_after_the_header_timeout() {
         "--listen",
         "127.0.0.1:0",
         "--header-timeout",
-        "1s",
+        header,
         "--idle-timeout",
-        "20s",
+        idle,
         "--stats-json",
         stats.to_str().unwrap(),
     ]);
+    (server, dir, stats)
+}
+
+#[test]
+fn a_slow_or_silent_request_head_is_closed_after_the_header_timeout() {
+    let (server, _dir, stats) = serve_with_timeouts("1s", "20s");
     let addr = server.addr;
     // A client that sends its head a byte every 100 ms (the head is 33 bytes: 3.3 s).
     let slow = thread::spawn(move || {
@@ -93,19 +103,7 @@ fn a_slow_or_silent_request_head_is_closed_after_the_header_timeout() {
 
 #[test]
 fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout_an_active_one_is_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats.json");
-    let server = ServeProcess::start(&[
-        "--quiet",
-        "--listen",
-        "127.0.0.1:0",
-        "--header-timeout",
-        "20s",
-        "--idle-timeout",
-        "1s",
-        "--stats-json",
-        stats.to_str().unwrap(),
-    ]);
+    let (server, _dir, stats) = serve_with_timeouts("20s", "1s");
     let addr = server.addr;
     // The active connection: a request every 200 ms for 3 s, all on one connection.
     let active = thread::spawn(move || {
