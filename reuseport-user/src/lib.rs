@@ -61,6 +61,7 @@ pub mod incoming_cpu;
 pub mod kernel;
 pub mod listeners;
 pub mod metrics;
+pub mod netdev;
 pub mod pinned;
 pub mod port_report;
 pub mod port_steering;
