@@ -9,7 +9,7 @@ use reuseport::{
     align::{
         AlignError, DeviceView, Irq, Mismatch,
         apply::{self, state_path},
-        mismatches,
+        mismatches, napi,
         read::{Roots, read_device},
         rss,
     },
@@ -36,12 +36,17 @@ pub struct AlignArgs {
     /// device's rss_table is null where it has none.
     #[arg(long)]
     json: bool,
-    /// Change the settings to match the workers: each receive queue's IRQ affinity (RPS off on
-    /// it) or, without an IRQ, its RPS mask, and each transmit queue's XPS mask. Saves every
-    /// previous value to /run/reuseport/align-DEV.json first. Needs root; refused while
-    /// irqbalance runs and IRQs would change.
+    /// Change the settings to match the workers: each receive queue's IRQ affinity and, where
+    /// NAPI is threaded, its NAPI thread's CPU affinity (RPS off on it), or, with neither, its
+    /// RPS mask; and each transmit queue's XPS mask. Saves every previous value to
+    /// /run/reuseport/align-DEV.json first. Needs root; refused while irqbalance runs and IRQs
+    /// would change, unless --stop-irqbalance.
     #[arg(long, conflicts_with = "restore")]
     apply: bool,
+    /// With --apply: stop a running irqbalance first (through systemd where it is a unit),
+    /// since it would move the IRQs back within seconds; --restore starts it again.
+    #[arg(long, requires = "apply")]
+    stop_irqbalance: bool,
     /// Put back every value an earlier --apply changed on this device.
     #[arg(long)]
     restore: bool,
@@ -80,14 +85,25 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
     }
     let state = state_path(Path::new(STATE_DIR), &args.dev);
     if args.restore {
-        let restored = apply::restore(&state).map_err(|err| match err {
+        let restored = apply::restore(&roots, &state).map_err(|err| match err {
             AlignError::NothingToRestore { .. } => BadArguments(format!("--restore: {err}")).into(),
             err => anyhow::Error::from(err),
         })?;
+        for setting in &restored.skipped {
+            println!(
+                "{}: not restored, the thread is gone (its queue's new thread never had {})",
+                setting.target, setting.new
+            );
+        }
+        let irqbalance = if restored.state.irqbalance.is_some() {
+            "; irqbalance started again"
+        } else {
+            ""
+        };
         println!(
-            "reuseport: restored {} setting(s) of {} from {}",
-            restored.settings.len(),
-            restored.device,
+            "reuseport: restored {} setting(s) of {} from {}{irqbalance}",
+            restored.state.settings.len() - restored.skipped.len(),
+            restored.state.device,
             state.display()
         );
         return Ok(());
@@ -112,6 +128,7 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
         }
         Err(err) => Some(format!("{:#}", anyhow::Error::from(err))),
     };
+    napi::read_threads(&roots, &mut view)?;
     if args.apply {
         apply::ensure_not_applied(&state)?;
         let settings = apply::plan(&roots, &view, &workers)?;
@@ -123,18 +140,17 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        apply::apply(&view, &settings, &state)
+        let stopped = apply::apply(&roots, &view, &settings, &state, args.stop_irqbalance)
             .with_context(|| format!("aligning {}", view.name))?;
         for setting in &settings {
-            println!(
-                "{}: {} -> {}",
-                setting.path.display(),
-                setting.old,
-                setting.new
-            );
+            println!("{}: {} -> {}", setting.target, setting.old, setting.new);
         }
+        let irqbalance = match stopped {
+            Some(stopped) => format!("; irqbalance (pid {}) stopped", stopped.pid),
+            None => String::new(),
+        };
         println!(
-            "reuseport: changed {} setting(s) of {}; previous values in {} \
+            "reuseport: changed {} setting(s) of {}{irqbalance}; previous values in {} \
              (`reuseport align --dev {} --restore` puts them back)",
             settings.len(),
             view.name,
@@ -211,10 +227,25 @@ fn render(
         cpus(&workers.iter().collect::<Vec<_>>())
     );
     for queue in &view.rx {
-        let irq = match &queue.irq {
-            Some(irq) => irq_text(irq),
-            None if view.hardware => "no IRQ of its own found".into(),
-            None => "no IRQ (virtual: processed on the sending CPU)".into(),
+        let irq = match (&queue.irq, &queue.napi_thread) {
+            (Some(irq), _) => irq_text(irq),
+            (None, _) if view.hardware => "no IRQ of its own found".into(),
+            (None, Some(_)) => "no IRQ (virtual)".into(),
+            (None, None) => "no IRQ (virtual: processed on the sending CPU)".into(),
+        };
+        let thread = match &queue.napi_thread {
+            None => String::new(),
+            Some(thread) => format!(
+                "; NAPI thread {} (pid {}) on {}{}",
+                thread.name,
+                thread.pid,
+                cpus(&thread.cpus),
+                if thread.linked {
+                    ""
+                } else {
+                    " (matched in id order)"
+                }
+            ),
         };
         let rps = match &queue.rps_cpus {
             None => "RPS unavailable".into(),
@@ -225,7 +256,7 @@ fn render(
             Some(0) | None => String::new(),
             Some(count) => format!("; RFS {count} flows"),
         };
-        let _ = writeln!(out, "  rx-{}: {irq}; {rps}{rfs}", queue.index);
+        let _ = writeln!(out, "  rx-{}: {irq}{thread}; {rps}{rfs}", queue.index);
     }
     for queue in &view.tx {
         let xps = match &queue.xps_cpus {
@@ -271,8 +302,8 @@ fn render(
     if found.is_empty() && unknown {
         let _ = writeln!(
             out,
-            "no mismatch found: queues without an IRQ or RPS are processed on whichever CPU \
-             sends, which steering follows"
+            "no mismatch found: queues without an IRQ, NAPI thread or RPS are processed on \
+             whichever CPU sends, which steering follows"
         );
     } else if found.is_empty() {
         let _ = writeln!(

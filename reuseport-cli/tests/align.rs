@@ -9,7 +9,7 @@ mod common;
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output},
 };
@@ -18,6 +18,7 @@ use common::{BINARY, WITHOUT_CAPABILITIES};
 use reuseport::CpuList;
 use reuseport_lab::{
     netns::NetNs,
+    topology::{Topology, TopologyKind},
     veth::{VethEnd, create_pair_here},
 };
 
@@ -218,7 +219,7 @@ fn the_report_needs_no_privilege_and_changes_nothing() {
     );
     // rx-1 has neither IRQ nor RPS: its CPU is the sender's, so no claim about coverage.
     assert!(
-        report.contains("no mismatch found: queues without an IRQ or RPS"),
+        report.contains("no mismatch found: queues without an IRQ, NAPI thread or RPS"),
         "{report}"
     );
     assert_eq!(pair.masks(), before);
@@ -269,4 +270,300 @@ fn bad_input_is_one_line_and_exit_code_2() {
     let (code, stderr) = refused(&["--dev", "nosuchdev0", "--restore"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("nothing to restore"), "{stderr}");
+}
+
+/// `count` requests from CPU `cpu` in the clients' namespace; the worker CPU of each.
+fn workers_serving(topology: &Topology, cpu: u32, addr: SocketAddr, count: usize) -> Vec<u32> {
+    topology
+        .in_client_namespace(move || {
+            reuseport::cpus::pin_current_thread(cpu).expect("pin the client");
+            (0..count)
+                .map(|_| common::http_get(addr).worker_cpu)
+                .collect()
+        })
+        .expect("a veth topology")
+        .expect("the clients' namespace")
+}
+
+/// The CPUs task `pid` may run on.
+fn affinity(pid: u32) -> Vec<u32> {
+    reuseport::align::napi::thread_cpus(Path::new("/proc"), pid).expect("the thread's affinity")
+}
+
+/// Threaded NAPI on a two-queue veth (the lab's veth-rss topology): each client CPU sends on its
+/// own queue (XPS on the clients' end), and each receive queue's NAPI thread decides where its
+/// packets, and so the steering program, run. Both threads pinned to one CPU: align names it,
+/// and the other CPU's clients are served by the wrong worker; after `--apply` every client is
+/// served by the worker on its own CPU; `--restore` puts the threads back.
+#[test]
+fn misaligned_napi_threads_are_named_and_after_apply_clients_are_served_on_their_cpu() {
+    let (a, b) = two_cpus();
+    let cpus: CpuList = [a, b].into_iter().collect();
+    let topology = Topology::create(TopologyKind::VethRss, &cpus).expect("veth-rss (needs root)");
+    let (server_dev, client_dev) = topology.devices().expect("veth");
+    let (server_dev, client_dev) = (server_dev.to_owned(), client_dev.to_owned());
+    let state = PathBuf::from(format!("/run/reuseport/align-{server_dev}.json"));
+    let _state_guard = RemoveOnDrop(state.clone());
+    // The clients' end: CPU a sends on queue 0, CPU b on queue 1.
+    topology
+        .in_client_namespace(|| {
+            let queues = Path::new("/sys/class/net").join(&client_dev).join("queues");
+            fs::write(queues.join("tx-0/xps_cpus"), mask(a)).expect("XPS tx-0");
+            fs::write(queues.join("tx-1/xps_cpus"), mask(b)).expect("XPS tx-1");
+        })
+        .expect("veth")
+        .expect("the clients' namespace");
+    // The server's end, misaligned: both receive queues' threads on CPU a.
+    let server_threads: Vec<u32> = topology
+        .napi_threads()
+        .iter()
+        .filter(|thread| thread.name.starts_with(&format!("napi/{server_dev}-")))
+        .map(|thread| thread.pid)
+        .collect();
+    assert_eq!(server_threads.len(), 2, "{:?}", topology.napi_threads());
+    for &pid in &server_threads {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(a as usize);
+        rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(pid as i32), &set)
+            .expect("pin the NAPI thread");
+    }
+    let workers = format!("{a},{b}");
+    let align = |args: &[&str]| -> Output {
+        let dev = server_dev.clone();
+        let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+        topology
+            .in_server_namespace(move || {
+                Command::new(BINARY)
+                    .args(["align", "--dev", &dev])
+                    .args(&args)
+                    .output()
+                    .expect("run reuseport align")
+            })
+            .expect("veth")
+            .expect("the server's namespace")
+    };
+
+    let report = stdout(&align(&["--cpus", &workers]));
+    for pid in &server_threads {
+        assert!(
+            report.contains(&format!("(pid {pid}) on CPU {a}")),
+            "thread {pid} in\n{report}"
+        );
+    }
+    assert!(
+        report.contains(&format!(
+            "queues 0 and 1 are both processed on CPU {a} while CPU {b} gets none"
+        )),
+        "{report}"
+    );
+
+    let server = topology
+        .in_server_namespace(|| {
+            let listen = SocketAddr::new(topology.server_ip(), 0).to_string();
+            common::ServeProcess::start(&[
+                "--mode", "percpu", "--cpus", &workers, "--listen", &listen,
+            ])
+        })
+        .expect("veth")
+        .expect("the server's namespace");
+    let addr = server.addr;
+    // Misaligned: CPU b's clients arrive on queue 1, processed on CPU a, served by a's worker.
+    let before = workers_serving(&topology, b, addr, 50);
+    assert!(before.iter().all(|&cpu| cpu == a), "{before:?}");
+
+    let applied = stdout(&align(&["--cpus", &workers, "--apply"]));
+    assert!(
+        applied.contains(&format!("CPU affinity: {a} -> {b}")),
+        "{applied}"
+    );
+    for cpu in [a, b] {
+        let served = workers_serving(&topology, cpu, addr, 50);
+        assert!(
+            served.iter().all(|&worker| worker == cpu),
+            "clients on CPU {cpu} served by {served:?}\n{applied}"
+        );
+    }
+    assert_eq!(affinity(server_threads[1]), [b], "{applied}");
+    assert_eq!(affinity(server_threads[0]), [a], "{applied}");
+    let report = stdout(&align(&["--cpus", &workers]));
+    assert!(
+        report.contains("aligned: every receive CPU has a worker and every worker a queue"),
+        "{report}"
+    );
+
+    let restored = stdout(&align(&["--restore"]));
+    assert!(restored.contains("restored"), "{restored}");
+    for &pid in &server_threads {
+        assert_eq!(affinity(pid), [a], "thread {pid} is back on CPU {a}");
+    }
+    assert!(!state.exists());
+    let mut server = server;
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+}
+
+/// Removes a file on drop (a state file, if the test stops between apply and restore).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// A device of this machine whose first receive queue has an IRQ of its own (this VM's virtio
+/// eth0; a NIC elsewhere), and that IRQ's number.
+fn device_with_an_rx_irq() -> (String, u32) {
+    let roots = reuseport::align::read::Roots::system();
+    let mut names: Vec<String> = fs::read_dir("/sys/class/net")
+        .expect("/sys/class/net")
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .find_map(|name| {
+            let view = reuseport::align::read::read_device(&roots, &name).ok()?;
+            let irq = view.rx.first()?.irq.as_ref()?.number;
+            Some((name, irq))
+        })
+        .expect("this test needs a network device with a receive IRQ (a virtio or real NIC)")
+}
+
+/// Every IRQ's allowed CPUs, written back on drop: a running irqbalance may move any of them.
+struct IrqAffinities(Vec<(PathBuf, String)>);
+
+impl IrqAffinities {
+    fn save() -> Self {
+        let mut saved = Vec::new();
+        for entry in fs::read_dir("/proc/irq").expect("/proc/irq").flatten() {
+            let path = entry.path().join("smp_affinity_list");
+            if let Ok(text) = fs::read_to_string(&path) {
+                saved.push((path, text.trim().to_owned()));
+            }
+        }
+        Self(saved)
+    }
+}
+
+impl Drop for IrqAffinities {
+    fn drop(&mut self) {
+        for (path, text) in &self.0 {
+            let _ = fs::write(path, text);
+        }
+    }
+}
+
+/// The pid of a running irqbalance.
+fn irqbalance_pid() -> Option<u32> {
+    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let comm = fs::read_to_string(entry.path().join("comm")).ok()?;
+        let state = fs::read_to_string(entry.path().join("stat")).ok()?;
+        let zombie = state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        (comm.trim() == "irqbalance" && !zombie).then_some(pid)
+    })
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A real irqbalance (Debian's) against a real IRQ: `--apply` refuses in one line and changes
+/// nothing; with `--stop-irqbalance` it stops irqbalance, then pins the IRQ; `--restore` puts
+/// the IRQ back and starts irqbalance again.
+#[test]
+fn apply_stops_irqbalance_only_when_told_and_restore_starts_it_again() {
+    let _affinities = IrqAffinities::save();
+    let (dev, irq) = device_with_an_rx_irq();
+    let irq_file = PathBuf::from(format!("/proc/irq/{irq}/smp_affinity_list"));
+    let read_irq = || {
+        fs::read_to_string(&irq_file)
+            .expect("the IRQ's affinity")
+            .trim()
+            .to_owned()
+    };
+    let state = PathBuf::from(format!("/run/reuseport/align-{dev}.json"));
+    let _state_guard = RemoveOnDrop(state.clone());
+    // One worker, on a CPU the IRQ is not pinned to alone: the plan must move the IRQ.
+    let (a, b) = two_cpus();
+    fs::write(&irq_file, format!("{a},{b}")).expect("set the IRQ's affinity");
+    let before = read_irq();
+    let worker = b.to_string();
+
+    // Debian's irqbalance, unless one runs already (a systemd machine that started it).
+    let mut ours = match irqbalance_pid() {
+        Some(_) => None,
+        None => Some(
+            Command::new("irqbalance")
+                .arg("--foreground")
+                .spawn()
+                .expect("irqbalance (Debian package irqbalance)"),
+        ),
+    };
+    wait_for("irqbalance runs", || irqbalance_pid().is_some());
+    let first = irqbalance_pid().expect("irqbalance");
+
+    let align = |args: &[&str]| -> Output {
+        Command::new(BINARY)
+            .args(["align", "--dev", &dev, "--cpus", &worker])
+            .args(args)
+            .output()
+            .expect("run reuseport align")
+    };
+    let refused = align(&["--apply"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("irqbalance runs (pid {first})"))
+            && stderr.contains("--stop-irqbalance"),
+        "{stderr}"
+    );
+    assert_eq!(read_irq(), before, "nothing changed");
+    assert!(!state.exists());
+    assert_eq!(irqbalance_pid(), Some(first));
+
+    let applied = stdout(&align(&["--apply", "--stop-irqbalance"]));
+    assert!(
+        applied.contains(&format!("irqbalance (pid {first}) stopped")),
+        "{applied}"
+    );
+    assert_eq!(irqbalance_pid(), None, "{applied}");
+    assert_eq!(read_irq(), worker, "{applied}");
+    let saved: serde_json::Value =
+        serde_json::from_slice(&fs::read(&state).expect("the state file")).expect("JSON");
+    assert_eq!(saved["irqbalance"]["pid"], first, "{saved}");
+    if let Some(child) = ours.as_mut() {
+        child.wait().expect("reap the stopped irqbalance");
+    }
+
+    let restored = stdout(
+        &Command::new(BINARY)
+            .args(["align", "--dev", &dev, "--restore"])
+            .output()
+            .expect("run reuseport align --restore"),
+    );
+    assert!(restored.contains("irqbalance started again"), "{restored}");
+    assert_eq!(read_irq(), before, "{restored}");
+    assert!(!state.exists());
+    let again = irqbalance_pid().expect("irqbalance runs again");
+    assert_ne!(again, first);
+    if ours.is_some() {
+        // The one restore started, from the command line of the one this test started.
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(again as i32).expect("a pid"),
+            rustix::process::Signal::TERM,
+        );
+        wait_for("the restarted irqbalance exits", || {
+            irqbalance_pid().is_none()
+        });
+    }
 }

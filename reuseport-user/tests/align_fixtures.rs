@@ -158,7 +158,7 @@ fn apply_sets_irq_affinity_and_xps_per_worker_and_restore_puts_every_value_back(
     let view = read_device(&roots, "eth0").expect("reads");
     let settings = plan(&roots, &view, &workers(copy.path())).expect("plan");
     let state = state_path(&copy.path().join("run"), "eth0");
-    apply(&view, &settings, &state).expect("apply");
+    apply(&roots, &view, &settings, &state, false).expect("apply");
     let read = |rel: &str| {
         fs::read_to_string(copy.path().join(rel))
             .expect("file")
@@ -175,14 +175,15 @@ fn apply_sets_irq_affinity_and_xps_per_worker_and_restore_puts_every_value_back(
         );
     }
     assert!(matches!(
-        apply(&view, &settings, &state),
+        apply(&roots, &view, &settings, &state, false),
         Err(AlignError::AlreadyApplied { .. })
     ));
-    let restored = restore(&state).expect("restore");
-    assert_eq!(restored.settings.len(), 8);
+    let restored = restore(&roots, &state).expect("restore");
+    assert_eq!(restored.state.settings.len(), 8);
+    assert!(restored.skipped.is_empty());
     assert_eq!(snapshot(copy.path()), before, "every value is back");
     assert!(matches!(
-        restore(&state),
+        restore(&roots, &state),
         Err(AlignError::NothingToRestore { .. })
     ));
 }
@@ -195,7 +196,7 @@ fn apply_refuses_irq_writes_while_irqbalance_runs_and_changes_nothing() {
     let view = read_device(&roots, "eth0").expect("reads");
     let settings = plan(&roots, &view, &workers(copy.path())).expect("plan");
     let state = state_path(&copy.path().join("run"), "eth0");
-    let err = apply(&view, &settings, &state).expect_err("refused");
+    let err = apply(&roots, &view, &settings, &state, false).expect_err("refused");
     assert!(matches!(err, AlignError::Irqbalance { pid: 812 }), "{err}");
     assert_eq!(snapshot(copy.path()), before);
     assert!(!state.exists());
@@ -209,13 +210,13 @@ fn a_failed_write_puts_the_earlier_ones_back_and_leaves_no_state_file() {
     let settings = plan(&roots, &view, &workers(copy.path())).expect("plan");
     let before = snapshot(copy.path());
     // The last setting's file becomes a directory: writing it fails after seven writes.
-    let last = &settings.last().expect("settings").path;
+    let last = settings.last().expect("settings").path().expect("a file");
     fs::remove_file(last).expect("rm");
     fs::create_dir(last).expect("mkdir");
     let mut expected = before.clone();
     expected.remove(last.strip_prefix(copy.path()).expect("under"));
     let state = state_path(&copy.path().join("run"), "eth0");
-    let err = apply(&view, &settings, &state).expect_err("the write fails");
+    let err = apply(&roots, &view, &settings, &state, false).expect_err("the write fails");
     assert!(matches!(err, AlignError::Write { .. }), "{err}");
     assert_eq!(
         snapshot(copy.path()),
@@ -234,17 +235,17 @@ fn restore_refuses_a_state_file_others_could_write_or_one_naming_other_files() {
     let view = read_device(&roots, "eth0").expect("reads");
     let settings = plan(&roots, &view, &workers(copy.path())).expect("plan");
     let state = state_path(&copy.path().join("run"), "eth0");
-    apply(&view, &settings, &state).expect("apply");
+    apply(&roots, &view, &settings, &state, false).expect("apply");
 
     fs::set_permissions(&state, fs::Permissions::from_mode(0o666)).expect("chmod");
-    let err = restore(&state).expect_err("group/world-writable");
+    let err = restore(&roots, &state).expect_err("group/world-writable");
     assert!(matches!(err, AlignError::UnsafeState { .. }), "{err}");
     fs::set_permissions(&state, fs::Permissions::from_mode(0o644)).expect("chmod");
 
     let text = fs::read_to_string(&state).expect("state");
     fs::write(&state, text.replace("xps_cpus", "ifalias")).expect("rewrite");
     let applied = snapshot(copy.path());
-    let err = restore(&state).expect_err("a file align never writes");
+    let err = restore(&roots, &state).expect_err("a file align never writes");
     assert!(
         err.to_string().contains("which align never writes"),
         "{err}"

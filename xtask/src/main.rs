@@ -126,9 +126,10 @@ fn run(cli: Cli) -> Result<()> {
                     toolchain::NGINX,
                     toolchain::PROMTOOL,
                     toolchain::SYSTEMD_ANALYZE,
+                    toolchain::IRQBALANCE,
                 ],
                 "the tests attach to a real nginx, check the metrics with promtool and the \
-                 example units with systemd-analyze",
+                 example units with systemd-analyze, and stop and restart irqbalance",
             )?;
             if !no_lint {
                 run_checked(cargo().args(["fmt", "--all", "--check"]))?;

@@ -56,6 +56,12 @@ pub const SYSTEMD_ANALYZE: Tool = Tool {
     program: "systemd-analyze",
     package: "systemd",
 };
+/// irqbalance (the daemon `align --apply --stop-irqbalance` stops and `--restore` starts again,
+/// in the tests).
+pub const IRQBALANCE: Tool = Tool {
+    program: "irqbalance",
+    package: "irqbalance",
+};
 /// wrk (the A/B cross-check).
 pub const WRK: Tool = Tool {
     program: "wrk",

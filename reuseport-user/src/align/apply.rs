@@ -2,9 +2,11 @@
 //! value goes to a state file before the first write, and [`restore`] writes them back.
 //!
 //! What is changed: each receive queue's IRQ affinity (`/proc/irq/N/smp_affinity_list`) where
-//! the queue has an IRQ, and then RPS is turned off on it (the IRQ's CPU is the worker's); on
-//! queues without an IRQ (veth and other virtual devices) the RPS mask; each transmit queue's
-//! XPS mask. Queue `i` gets the workers at positions `i, i + n, i + 2n, ...` of the worker list
+//! the queue has an IRQ, and the CPU affinity of its NAPI thread where NAPI is threaded; RPS is
+//! then turned off on it (the IRQ's or thread's CPU is the worker's). On queues with neither
+//! (veth and other virtual devices in softirq mode) the RPS mask; each transmit queue's XPS
+//! mask. irqbalance, which would move the IRQs back, is stopped only when asked, and started
+//! again by [`restore`]. Queue `i` gets the workers at positions `i, i + n, i + 2n, ...` of the worker list
 //! (`n` queues), or the worker at position `i mod workers` when there are more queues than
 //! workers, so every worker gets a queue when it can.
 
@@ -14,20 +16,72 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use rustix::thread::{CpuSet, sched_setaffinity};
 use serde::{Deserialize, Serialize};
 
-use super::{AlignError, DeviceView, format_mask, read::Roots};
+use super::{
+    AlignError, DeviceView, format_mask,
+    irqbalance::{self, StoppedIrqbalance},
+    napi::{thread_cpus, thread_name},
+    read::Roots,
+};
 use crate::CpuList;
+
+/// What one setting changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Target {
+    /// A sysfs or procfs file (an RPS or XPS mask, an IRQ's affinity).
+    File {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The CPU affinity of a NAPI kernel thread.
+    Thread {
+        /// Its pid.
+        pid: u32,
+        /// Its name (`napi/DEV-ID`): restore writes only to a thread still of that name.
+        thread: String,
+    },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File { path } => write!(f, "{}", path.display()),
+            Self::Thread { pid, thread } => write!(f, "{thread} (pid {pid}) CPU affinity"),
+        }
+    }
+}
 
 /// One setting to change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Setting {
-    /// The file.
-    pub path: PathBuf,
-    /// What it held before.
+    /// What it changes.
+    #[serde(flatten)]
+    pub target: Target,
+    /// What it held before (a thread's: a CPU list).
     pub old: String,
     /// What goes in.
     pub new: String,
+}
+
+impl Setting {
+    fn file(path: PathBuf, old: String, new: String) -> Self {
+        Self {
+            target: Target::File { path },
+            old,
+            new,
+        }
+    }
+
+    /// The file it writes, if it writes one.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.target {
+            Target::File { path } => Some(path),
+            Target::Thread { .. } => None,
+        }
+    }
 }
 
 /// The state file: the device and every setting changed, with its previous value.
@@ -37,6 +91,19 @@ pub struct SavedState {
     pub device: String,
     /// The settings, in the order they were written.
     pub settings: Vec<Setting>,
+    /// The irqbalance `apply` stopped, which `restore` starts again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irqbalance: Option<StoppedIrqbalance>,
+}
+
+/// What [`restore`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// The state it restored from.
+    pub state: SavedState,
+    /// Settings not written back because their NAPI thread is gone (the device was reset or
+    /// threaded NAPI turned off: the new threads never had the changed value).
+    pub skipped: Vec<Setting>,
 }
 
 /// The state file for `dev` under `dir` (`/run/reuseport` on a system).
@@ -84,35 +151,38 @@ pub fn plan(
     for (position, queue) in view.rx.iter().enumerate() {
         let mine = share(&workers, position, rx_count);
         let rps_path = queues.join(format!("rx-{}/rps_cpus", queue.index));
-        match &queue.irq {
-            Some(irq) => {
-                let path = roots
-                    .proc
-                    .join(format!("irq/{}/smp_affinity_list", irq.number));
-                let old = current(&path)?;
-                let new = mine[0].to_string();
-                if irq.cpus != [mine[0]] || old != new {
-                    settings.push(Setting { path, old, new });
-                }
-                if queue.rps_cpus.as_ref().is_some_and(|cpus| !cpus.is_empty()) {
-                    let old = current(&rps_path)?;
-                    settings.push(Setting {
-                        path: rps_path,
-                        old,
-                        new: "0".into(),
-                    });
-                }
+        if let Some(irq) = &queue.irq {
+            let path = roots
+                .proc
+                .join(format!("irq/{}/smp_affinity_list", irq.number));
+            let old = current(&path)?;
+            let new = mine[0].to_string();
+            if irq.cpus != [mine[0]] || old != new {
+                settings.push(Setting::file(path, old, new));
             }
-            None => {
-                if queue.rps_cpus.as_ref().is_some_and(|cpus| *cpus != mine) {
-                    let old = current(&rps_path)?;
-                    settings.push(Setting {
-                        path: rps_path,
-                        old,
-                        new: format_mask(&mine),
-                    });
-                }
+        }
+        if let Some(thread) = &queue.napi_thread
+            && thread.cpus != [mine[0]]
+        {
+            settings.push(Setting {
+                target: Target::Thread {
+                    pid: thread.pid,
+                    thread: thread.name.clone(),
+                },
+                old: thread.cpus.iter().copied().collect::<CpuList>().to_string(),
+                new: mine[0].to_string(),
+            });
+        }
+        let rps_on = queue.rps_cpus.as_ref().is_some_and(|cpus| !cpus.is_empty());
+        if queue.irq.is_some() || queue.napi_thread.is_some() {
+            // The IRQ's or thread's CPU is the worker's: RPS would only move packets away.
+            if rps_on {
+                let old = current(&rps_path)?;
+                settings.push(Setting::file(rps_path, old, "0".into()));
             }
+        } else if queue.rps_cpus.as_ref().is_some_and(|cpus| *cpus != mine) {
+            let old = current(&rps_path)?;
+            settings.push(Setting::file(rps_path, old, format_mask(&mine)));
         }
     }
     let tx_count = view.tx.len();
@@ -121,11 +191,7 @@ pub fn plan(
         if queue.xps_cpus.as_ref().is_some_and(|cpus| *cpus != mine) {
             let path = queues.join(format!("tx-{}/xps_cpus", queue.index));
             let old = current(&path)?;
-            settings.push(Setting {
-                path,
-                old,
-                new: format_mask(&mine),
-            });
+            settings.push(Setting::file(path, old, format_mask(&mine)));
         }
     }
     Ok(settings)
@@ -139,7 +205,60 @@ fn write(path: &Path, value: &str) -> Result<(), AlignError> {
     })
 }
 
-/// The only files `apply` writes (and so the only ones `restore` will write).
+/// Pins thread `pid` to `cpus` (a CPU list).
+fn pin_thread(pid: u32, thread: &str, cpus: &str) -> Result<(), AlignError> {
+    let error = |source: io::Error| AlignError::PinThread {
+        thread: thread.to_owned(),
+        pid,
+        cpus: cpus.to_owned(),
+        source,
+    };
+    let list: CpuList = cpus.parse().map_err(|_| {
+        error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a CPU list",
+        ))
+    })?;
+    let mut set = CpuSet::new();
+    for cpu in list.iter() {
+        set.set(cpu as usize);
+    }
+    let target = rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| error(io::Error::new(io::ErrorKind::InvalidInput, "pid 0")))?;
+    sched_setaffinity(Some(target), &set).map_err(|err| error(err.into()))
+}
+
+/// Writes `value` (the setting's `new` or `old`) to its target. A thread that no longer has
+/// its saved name is left alone: `Ok(false)`.
+fn write_setting(proc: &Path, setting: &Setting, value: &str) -> Result<bool, AlignError> {
+    match &setting.target {
+        Target::File { path } => write(path, value).map(|()| true),
+        Target::Thread { pid, thread } => {
+            if thread_name(proc, *pid).as_deref() != Some(thread.as_str()) {
+                return Ok(false);
+            }
+            pin_thread(*pid, thread, value)?;
+            // Read it back: the kernel refuses some masks for kernel threads silently.
+            let now = thread_cpus(proc, *pid)?;
+            let wanted: Vec<u32> = value
+                .parse::<CpuList>()
+                .map(|l| l.iter().collect())
+                .unwrap_or_default();
+            if now != wanted {
+                return Err(AlignError::PinThread {
+                    thread: thread.clone(),
+                    pid: *pid,
+                    cpus: value.to_owned(),
+                    source: io::Error::other(format!("its affinity is {now:?} after the call")),
+                });
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// The only files `apply` writes (and so the only ones `restore` will write; threads: only
+/// `napi/...` ones).
 const WRITABLE: [&str; 3] = ["rps_cpus", "xps_cpus", "smp_affinity_list"];
 
 /// Fails with [`AlignError::UnsafeState`] unless `path` (where it exists) is a real directory
@@ -209,23 +328,29 @@ pub fn ensure_not_applied(state: &Path) -> Result<(), AlignError> {
 }
 
 /// Writes every setting of `settings` for `view`'s device, after saving the previous values to
-/// `state` (which must not exist yet). Refuses IRQ writes while irqbalance runs. If a write
-/// fails, the ones before it are put back and the state file removed.
-pub fn apply(view: &DeviceView, settings: &[Setting], state: &Path) -> Result<(), AlignError> {
-    if let Some(pid) = view.irqbalance {
-        let touches_irqs = settings
-            .iter()
-            .any(|setting| setting.path.ends_with("smp_affinity_list"));
-        if touches_irqs {
-            return Err(AlignError::Irqbalance { pid });
-        }
+/// `state` (which must not exist yet). While irqbalance runs and IRQs would change, refuses,
+/// or, with `stop_irqbalance`, stops it first (and saves how to start it again). If a write
+/// fails, the ones before it are put back, irqbalance started again and the state file removed.
+/// Returns the irqbalance it stopped.
+pub fn apply(
+    roots: &Roots,
+    view: &DeviceView,
+    settings: &[Setting],
+    state: &Path,
+    stop_irqbalance: bool,
+) -> Result<Option<StoppedIrqbalance>, AlignError> {
+    let irqbalance_in_the_way = view.irqbalance.filter(|_| {
+        settings.iter().any(|setting| {
+            setting
+                .path()
+                .is_some_and(|p| p.ends_with("smp_affinity_list"))
+        })
+    });
+    if let Some(pid) = irqbalance_in_the_way.filter(|_| !stop_irqbalance) {
+        return Err(AlignError::Irqbalance { pid });
     }
     ensure_not_applied(state)?;
     check_state(state)?;
-    let saved = SavedState {
-        device: view.name.clone(),
-        settings: settings.to_vec(),
-    };
     let state_error = |source| AlignError::State {
         path: state.to_path_buf(),
         source,
@@ -237,26 +362,58 @@ pub fn apply(view: &DeviceView, settings: &[Setting], state: &Path) -> Result<()
             .create(dir)
             .map_err(state_error)?;
     }
-    let json = serde_json::to_vec_pretty(&saved).map_err(|err| state_error(err.into()))?;
+    let mut saved = SavedState {
+        device: view.name.clone(),
+        settings: settings.to_vec(),
+        irqbalance: None,
+    };
+    if let Some(pid) = irqbalance_in_the_way {
+        saved.irqbalance = Some(irqbalance::stop(&roots.proc, pid)?);
+    }
+    // Undoes what this call did, best effort: the error that got us here is the one to report.
+    let undo = |written: &[Setting], saved: &SavedState| {
+        for setting in written.iter().rev() {
+            let _ = write_setting(&roots.proc, setting, &setting.old);
+        }
+        let _ = fs::remove_file(state);
+        if let Some(stopped) = &saved.irqbalance {
+            let _ = irqbalance::start(&roots.proc, stopped);
+        }
+    };
+    let json = serde_json::to_vec_pretty(&saved).map_err(|err| state_error(err.into()));
     let partial = state.with_extension("json.partial");
-    fs::write(&partial, json).map_err(state_error)?;
-    fs::rename(&partial, state).map_err(state_error)?;
+    let written = json.and_then(|json| {
+        fs::write(&partial, json).map_err(state_error)?;
+        fs::rename(&partial, state).map_err(state_error)
+    });
+    if let Err(err) = written {
+        undo(&[], &saved);
+        return Err(err);
+    }
     for (done, setting) in settings.iter().enumerate() {
-        if let Err(err) = write(&setting.path, &setting.new) {
-            for undo in settings[..done].iter().rev() {
-                // Best effort: the write that failed is the error to report.
-                let _ = fs::write(&undo.path, &undo.old);
+        let result = write_setting(&roots.proc, setting, &setting.new).and_then(|written| {
+            if written {
+                Ok(())
+            } else {
+                Err(AlignError::PinThread {
+                    thread: setting.target.to_string(),
+                    pid: 0,
+                    cpus: setting.new.clone(),
+                    source: io::Error::other("the thread is gone"),
+                })
             }
-            let _ = fs::remove_file(state);
+        });
+        if let Err(err) = result {
+            undo(&settings[..done], &saved);
             return Err(err);
         }
     }
-    Ok(())
+    Ok(saved.irqbalance)
 }
 
-/// Writes back every value saved in `state`, last change first, then removes it. Returns what
-/// was restored.
-pub fn restore(state: &Path) -> Result<SavedState, AlignError> {
+/// Writes back every value saved in `state`, last change first, starts irqbalance again if
+/// `apply` stopped it, then removes the state file.
+pub fn restore(roots: &Roots, state: &Path) -> Result<Restored, AlignError> {
     let state_error = |source| AlignError::State {
         path: state.to_path_buf(),
         source,
@@ -272,24 +429,31 @@ pub fn restore(state: &Path) -> Result<SavedState, AlignError> {
         Err(err) => return Err(state_error(err)),
     };
     let saved: SavedState = serde_json::from_slice(&json).map_err(|err| state_error(err.into()))?;
-    if let Some(setting) = saved.settings.iter().find(|setting| {
-        !setting
-            .path
+    let unsafe_setting = saved.settings.iter().find(|setting| match &setting.target {
+        Target::File { path } => !path
             .file_name()
             .and_then(|name| name.to_str())
-            .is_some_and(|name| WRITABLE.contains(&name))
-    }) {
+            .is_some_and(|name| WRITABLE.contains(&name)),
+        Target::Thread { thread, .. } => !thread.starts_with("napi/"),
+    });
+    if let Some(setting) = unsafe_setting {
         return Err(AlignError::UnsafeState {
             path: state.to_path_buf(),
-            why: format!(
-                "it names {}, which align never writes",
-                setting.path.display()
-            ),
+            why: format!("it names {}, which align never writes", setting.target),
         });
     }
+    let mut skipped = Vec::new();
     for setting in saved.settings.iter().rev() {
-        write(&setting.path, &setting.old)?;
+        if !write_setting(&roots.proc, setting, &setting.old)? {
+            skipped.push(setting.clone());
+        }
+    }
+    if let Some(stopped) = &saved.irqbalance {
+        irqbalance::start(&roots.proc, stopped)?;
     }
     fs::remove_file(state).map_err(state_error)?;
-    Ok(saved)
+    Ok(Restored {
+        state: saved,
+        skipped,
+    })
 }

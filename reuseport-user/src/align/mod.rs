@@ -5,11 +5,17 @@
 //! sysfs and procfs, [`mismatches`] names each disagreement with a set of worker CPUs and what it
 //! costs, and [`apply`] changes the settings to match (and puts them back).
 //!
+//! Where a queue's NAPI runs in a kernel thread, that thread's CPU affinity decides where its
+//! packets are processed, not its IRQ's: [`napi::read_threads`] finds the threads through the
+//! kernel's `netdev` netlink family.
+//!
 //! [`rss::indirection_table`] reads the RSS indirection table (which flow-hash bucket goes to
 //! which queue) with the ethtool ioctl; where a device has none, the report assumes flows spread
 //! over all receive queues.
 
 pub mod apply;
+pub mod irqbalance;
+pub mod napi;
 pub mod read;
 pub mod rss;
 
@@ -106,12 +112,42 @@ pub enum AlignError {
     },
     /// irqbalance would rewrite the IRQ affinities this would set.
     #[error(
-        "irqbalance runs (pid {pid}) and would undo the IRQ affinity this sets: stop it \
-         (systemctl stop irqbalance) or ban these IRQs from it, then apply again"
+        "irqbalance runs (pid {pid}) and would undo the IRQ affinity this sets: add \
+         --stop-irqbalance (restore starts it again), or ban these IRQs from it"
     )]
     Irqbalance {
         /// Its process id.
         pid: u32,
+    },
+    /// Stopping or starting irqbalance failed.
+    #[error("{what} irqbalance failed: {detail}")]
+    IrqbalanceControl {
+        /// `stopping` or `starting`.
+        what: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Asking the kernel's `netdev` netlink family for the device's NAPI instances failed.
+    #[error("reading the NAPI instances of {dev:?} failed")]
+    Netdev {
+        /// The device.
+        dev: String,
+        /// Why.
+        #[source]
+        source: crate::netdev::NetdevError,
+    },
+    /// Setting a NAPI thread's CPU affinity failed.
+    #[error("pinning {thread} (pid {pid}) to CPUs {cpus} failed (needs root)")]
+    PinThread {
+        /// The thread's name.
+        thread: String,
+        /// Its pid.
+        pid: u32,
+        /// The CPU list.
+        cpus: String,
+        /// Why.
+        #[source]
+        source: io::Error,
     },
     /// The ethtool ioctl for the RSS indirection table failed.
     #[error("reading the RSS indirection table of {dev:?} (ETHTOOL_GRXFHINDIR) failed")]
@@ -152,17 +188,49 @@ pub struct RxQueue {
     pub rps_cpus: Option<Vec<u32>>,
     /// `rps_flow_cnt` (RFS flow table size; 0: RFS off).
     pub rps_flow_cnt: Option<u64>,
+    /// The kernel thread its NAPI runs in, where NAPI is threaded ([`napi::read_threads`]).
+    #[serde(default)]
+    pub napi_thread: Option<napi::NapiThread>,
+}
+
+/// What decides where a receive queue's packets reach the socket layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Processing<'a> {
+    /// RPS moves them to these CPUs.
+    Rps(&'a [u32]),
+    /// A NAPI thread, wherever it runs.
+    Thread(&'a napi::NapiThread),
+    /// The CPUs its IRQ fires on (NAPI in softirq).
+    Irq(&'a Irq),
+}
+
+impl Processing<'_> {
+    /// The CPUs it names.
+    pub fn cpus(&self) -> &[u32] {
+        match self {
+            Self::Rps(cpus) => cpus,
+            Self::Thread(thread) => &thread.cpus,
+            Self::Irq(irq) => &irq.cpus,
+        }
+    }
 }
 
 impl RxQueue {
-    /// The CPUs where this queue's packets reach the socket layer: the RPS CPUs when RPS is on,
-    /// else the IRQ's; `None` when neither is known (a virtual device without RPS).
-    pub fn processing_cpus(&self) -> Option<Vec<u32>> {
-        match (&self.rps_cpus, &self.irq) {
-            (Some(rps), _) if !rps.is_empty() => Some(rps.clone()),
-            (_, Some(irq)) if !irq.cpus.is_empty() => Some(irq.cpus.clone()),
+    /// What decides where this queue's packets reach the socket layer: RPS when it is on, else
+    /// the NAPI thread when NAPI is threaded, else the IRQ; `None` when none is known (a
+    /// virtual device in softirq mode processes on the sending CPU).
+    pub fn processing(&self) -> Option<Processing<'_>> {
+        match (&self.rps_cpus, &self.napi_thread, &self.irq) {
+            (Some(rps), _, _) if !rps.is_empty() => Some(Processing::Rps(rps)),
+            (_, Some(thread), _) if !thread.cpus.is_empty() => Some(Processing::Thread(thread)),
+            (_, _, Some(irq)) if !irq.cpus.is_empty() => Some(Processing::Irq(irq)),
             _ => None,
         }
+    }
+
+    /// The CPUs where this queue's packets reach the socket layer ([`Self::processing`]).
+    pub fn processing_cpus(&self) -> Option<Vec<u32>> {
+        self.processing().map(|how| how.cpus().to_vec())
     }
 }
 
@@ -218,6 +286,18 @@ pub enum Mismatch {
         without: Vec<u32>,
         /// Where steering sends their connections instead (the nearest worker CPU).
         fallback: Option<u32>,
+    },
+    /// A queue's NAPI thread may run on several CPUs: which worker gets its flows is the
+    /// scheduler's choice, and changes as it moves the thread.
+    NapiThreadUnpinned {
+        /// The rx queue.
+        queue: u32,
+        /// The thread's name.
+        thread: String,
+        /// Its pid.
+        pid: u32,
+        /// The CPUs it may run on.
+        cpus: Vec<u32>,
     },
     /// RPS moves a queue's packets to CPUs without a worker.
     RpsToCpusWithoutWorker {
@@ -321,6 +401,17 @@ impl fmt::Display for Mismatch {
                     None => write!(f, ": its flows go to another CPU's worker"),
                 }
             }
+            Self::NapiThreadUnpinned {
+                queue,
+                thread,
+                pid,
+                cpus,
+            } => write!(
+                f,
+                "queue {queue} is processed by {thread} (pid {pid}), which may run on {}: its \
+                 flows go to whichever worker's CPU the scheduler picks, and move with it",
+                cpus_phrase(cpus)
+            ),
             Self::RpsToCpusWithoutWorker { queue, without } => write!(
                 f,
                 "RPS on rx-{queue} sends flows to {} without {}: their connections are accepted \
@@ -380,8 +471,8 @@ pub fn mismatches(view: &DeviceView, workers: &CpuList, topology: &CpuTopology) 
         table.get(cpu as usize).copied().filter(|&to| to != cpu)
     };
     for queue in &view.rx {
-        match (&queue.rps_cpus, &queue.irq) {
-            (Some(rps), _) if !rps.is_empty() => {
+        match queue.processing() {
+            Some(Processing::Rps(rps)) => {
                 let without: Vec<u32> = rps.iter().copied().filter(|c| !is_worker(c)).collect();
                 if !without.is_empty() {
                     found.push(Mismatch::RpsToCpusWithoutWorker {
@@ -390,19 +481,31 @@ pub fn mismatches(view: &DeviceView, workers: &CpuList, topology: &CpuTopology) 
                     });
                 }
             }
-            (_, Some(irq)) if !irq.cpus.is_empty() => {
-                let without: Vec<u32> =
-                    irq.cpus.iter().copied().filter(|c| !is_worker(c)).collect();
+            Some(how) => {
+                let cpus = how.cpus();
+                let without: Vec<u32> = cpus.iter().copied().filter(|c| !is_worker(c)).collect();
+                match how {
+                    Processing::Thread(thread) if cpus.len() > 1 => {
+                        found.push(Mismatch::NapiThreadUnpinned {
+                            queue: queue.index,
+                            thread: thread.name.clone(),
+                            pid: thread.pid,
+                            cpus: cpus.to_vec(),
+                        });
+                        continue;
+                    }
+                    _ => {}
+                }
                 if !without.is_empty() {
                     found.push(Mismatch::QueueOnCpuWithoutWorker {
                         queue: queue.index,
-                        cpus: irq.cpus.clone(),
+                        cpus: cpus.to_vec(),
                         fallback: fallback(without[0]),
                         without,
                     });
                 }
             }
-            _ => {}
+            None => {}
         }
     }
     if let Some(table) = view.rss_table.as_ref().filter(|table| !table.is_empty()) {
@@ -545,6 +648,7 @@ mod tests {
             }),
             rps_cpus: Some(rps.to_vec()),
             rps_flow_cnt: Some(0),
+            napi_thread: None,
         }
     }
 
@@ -601,5 +705,47 @@ mod tests {
                  only fallback connections",
             ]
         );
+    }
+
+    #[test]
+    fn a_napi_thread_decides_where_its_queue_is_processed_unless_rps_is_on() {
+        let thread = |queue: u32, cpus: &[u32]| napi::NapiThread {
+            napi_id: 8192 + queue,
+            pid: 900 + queue,
+            name: format!("napi/eth0-{}", 8192 + queue),
+            cpus: cpus.to_vec(),
+            linked: true,
+        };
+        let mut view = DeviceView {
+            name: "eth0".into(),
+            hardware: true,
+            rx: (0..2).map(|q| rx(q, &[q], &[])).collect(),
+            tx: Vec::new(),
+            irqbalance: None,
+            rss_table: None,
+        };
+        // Threads on the IRQs' CPUs: aligned.
+        view.rx[0].napi_thread = Some(thread(0, &[0]));
+        view.rx[1].napi_thread = Some(thread(1, &[1]));
+        assert_eq!(lines(&view, "0-1"), Vec::<String>::new());
+        // Queue 1's thread runs on CPU 0 although its IRQ fires on CPU 1: the thread counts.
+        view.rx[1].napi_thread = Some(thread(1, &[0]));
+        assert_eq!(
+            lines(&view, "0-1"),
+            ["queues 0 and 1 are both processed on CPU 0 while CPU 1 gets none"]
+        );
+        // A thread free to run anywhere.
+        view.rx[1].napi_thread = Some(thread(1, &[0, 1, 2, 3]));
+        assert_eq!(
+            lines(&view, "0-1"),
+            [
+                "queue 1 is processed by napi/eth0-8193 (pid 901), which may run on CPUs 0-3: \
+                 its flows go to whichever worker's CPU the scheduler picks, and move with it"
+            ]
+        );
+        // RPS moves the packets on after NAPI: it wins.
+        view.rx[1] = rx(1, &[1], &[0]);
+        view.rx[1].napi_thread = Some(thread(1, &[3]));
+        assert_eq!(view.rx[1].processing_cpus(), Some(vec![0]));
     }
 }

@@ -166,13 +166,27 @@ fn irq_cpus(proc: &Path, number: u32) -> Result<(Vec<u32>, bool), AlignError> {
     Ok((cpus.iter().collect(), effective))
 }
 
-/// The pid of a process named `irqbalance`, if one runs.
-fn irqbalance_pid(proc: &Path) -> Option<u32> {
+/// The pid of a process named `irqbalance`, if one runs (an exited one its parent has not
+/// reaped yet does not count).
+pub(crate) fn irqbalance_pid(proc: &Path) -> Option<u32> {
     fs::read_dir(proc).ok()?.flatten().find_map(|entry| {
         let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
         let comm = read_optional(&entry.path().join("comm"))?;
-        (comm == "irqbalance").then_some(pid)
+        (comm == "irqbalance" && !exited(proc, pid)).then_some(pid)
     })
+}
+
+/// Whether task `pid` is gone or a zombie (exited, not yet reaped by its parent).
+pub(crate) fn exited(proc: &Path, pid: u32) -> bool {
+    match fs::read_to_string(proc.join(pid.to_string()).join("stat")) {
+        Err(_) => true,
+        // `PID (comm) STATE ...`: comm may hold spaces and parentheses; the state follows the
+        // last `)`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
 }
 
 fn mask_file(path: &Path) -> Result<Option<Vec<u32>>, AlignError> {
@@ -244,6 +258,7 @@ pub fn read_device(roots: &Roots, dev: &str) -> Result<DeviceView, AlignError> {
                 irq: rx_irqs.remove(&index),
                 rps_cpus: mask_file(&queue.join("rps_cpus"))?,
                 rps_flow_cnt,
+                napi_thread: None,
             })
         })
         .collect::<Result<_, AlignError>>()?;
