@@ -73,6 +73,7 @@ fn bad_input(err: AlignError) -> anyhow::Error {
         AlignError::NoDevice { .. } | AlignError::NoQueues { .. } => {
             BadArguments(format!("--dev: {err}")).into()
         }
+        AlignError::NoPrivilege { .. } => BadArguments(format!("--apply: {err}")).into(),
         err => err.into(),
     }
 }
@@ -86,7 +87,9 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
     let state = state_path(Path::new(STATE_DIR), &args.dev);
     if args.restore {
         let restored = apply::restore(&roots, &state).map_err(|err| match err {
-            AlignError::NothingToRestore { .. } => BadArguments(format!("--restore: {err}")).into(),
+            AlignError::NothingToRestore { .. } | AlignError::NoPrivilege { .. } => {
+                BadArguments(format!("--restore: {err}")).into()
+            }
             err => anyhow::Error::from(err),
         })?;
         for setting in &restored.skipped {
@@ -140,6 +143,7 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        apply::check_privilege(&settings).map_err(bad_input)?;
         let stopped = apply::apply(&roots, &view, &settings, &state, args.stop_irqbalance)
             .with_context(|| format!("aligning {}", view.name))?;
         for setting in &settings {

@@ -223,6 +223,22 @@ fn the_report_needs_no_privilege_and_changes_nothing() {
         "{report}"
     );
     assert_eq!(pair.masks(), before);
+
+    // --apply without the privilege: one line, exit 2, nothing changed, no state file.
+    let output = Command::new("setpriv")
+        .args(WITHOUT_CAPABILITIES)
+        .args([BINARY, "align", "--dev", &pair.name, "--apply"])
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("needs CAP_NET_ADMIN, which this process lacks"),
+        "{stderr}"
+    );
+    assert_eq!(pair.masks(), before);
+    assert!(!pair.state().exists());
 }
 
 /// Runs `reuseport align ARGS` and returns its exit code and stderr.

@@ -1,7 +1,8 @@
 //! What `/proc` says about other processes: their children, their socket file descriptors, the
 //! sockets registered in their epoll instances, their listening sockets and their CPU affinity.
 //! Used to find a running server's listeners (`reuseport attach`) and a peer's threads. Also the
-//! kernel's TCP counters (`/proc/net/netstat`) and a process's open fds and resident memory.
+//! kernel's TCP counters (`/proc/net/netstat`), a process's open fds and resident memory, and
+//! this process's effective capabilities.
 
 use std::{collections::BTreeSet, fs, io, net::SocketAddr};
 
@@ -285,6 +286,17 @@ pub fn rss_kib(pid: u32) -> Result<u64, ProcError> {
             path,
             source: io::Error::other("no VmRSS line"),
         })
+}
+
+/// This process's effective capability set (`CapEff` in `/proc/self/status`): bit `n` is
+/// capability `n` of linux/capability.h.
+pub fn effective_capabilities() -> io::Result<u64> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))
 }
 
 #[cfg(test)]

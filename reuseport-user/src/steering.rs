@@ -596,14 +596,7 @@ const CAP_BPF: u32 = 39;
 /// they know no CAP_BPF). CAP_NET_ADMIN is not needed: `SK_REUSEPORT` is not one of the kernel's
 /// net-admin program types, and attaching is a plain `setsockopt` on a socket we own.
 fn check_capabilities() -> Result<(), SteeringError> {
-    let status = fs::read_to_string("/proc/self/status").map_err(SteeringError::Capabilities)?;
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or_else(|| {
-            SteeringError::Capabilities(io::Error::other("no CapEff line in /proc/self/status"))
-        })?;
+    let effective = crate::procfs::effective_capabilities().map_err(SteeringError::Capabilities)?;
     if effective & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN) == 0 {
         return Err(SteeringError::MissingCapabilities);
     }

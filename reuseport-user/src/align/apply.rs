@@ -316,6 +316,57 @@ fn check_state(state: &Path) -> Result<(), AlignError> {
     check_private(state, false)
 }
 
+/// Capability bits (linux/capability.h).
+const CAP_DAC_OVERRIDE: u32 = 1;
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_NICE: u32 = 23;
+
+/// Fails with [`AlignError::NoPrivilege`] unless this process may make every change of
+/// `settings` and write the state file: RPS and XPS masks need CAP_NET_ADMIN, another task's
+/// affinity CAP_SYS_NICE, every file (root's, mode 0644) write access, and `/run/reuseport`
+/// root or CAP_DAC_OVERRIDE. Checked before anything is written, so that a refusal changes
+/// nothing.
+pub fn check_privilege(settings: &[Setting]) -> Result<(), AlignError> {
+    let effective = crate::procfs::effective_capabilities().unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    let root = rustix::process::geteuid().is_root();
+    for setting in settings {
+        let refuse = |needs| AlignError::NoPrivilege {
+            what: format!("changing {}", setting.target),
+            needs,
+        };
+        match &setting.target {
+            Target::File { path } => {
+                let mask = path.ends_with("rps_cpus") || path.ends_with("xps_cpus");
+                if mask && !has(CAP_NET_ADMIN) {
+                    return Err(refuse("CAP_NET_ADMIN"));
+                }
+                let writable = rustix::fs::accessat(
+                    rustix::fs::CWD,
+                    path,
+                    rustix::fs::Access::WRITE_OK,
+                    rustix::fs::AtFlags::EACCESS,
+                )
+                .is_ok();
+                if !writable {
+                    return Err(refuse("write access"));
+                }
+            }
+            Target::Thread { .. } if !has(CAP_SYS_NICE) => {
+                return Err(refuse("CAP_SYS_NICE"));
+            }
+            Target::Thread { .. } => {}
+        }
+    }
+    if !settings.is_empty() && !root && !has(CAP_DAC_OVERRIDE) {
+        return Err(AlignError::NoPrivilege {
+            what: "saving the previous values under /run/reuseport".into(),
+            needs: "root",
+        });
+    }
+    Ok(())
+}
+
 /// Fails if `state` exists: an earlier [`apply`] changed settings that [`restore`] has not put
 /// back (applying again would save the changed values as the previous ones).
 pub fn ensure_not_applied(state: &Path) -> Result<(), AlignError> {
@@ -349,6 +400,7 @@ pub fn apply(
     if let Some(pid) = irqbalance_in_the_way.filter(|_| !stop_irqbalance) {
         return Err(AlignError::Irqbalance { pid });
     }
+    check_privilege(settings)?;
     ensure_not_applied(state)?;
     check_state(state)?;
     let state_error = |source| AlignError::State {
@@ -442,6 +494,7 @@ pub fn restore(roots: &Roots, state: &Path) -> Result<Restored, AlignError> {
             why: format!("it names {}, which align never writes", setting.target),
         });
     }
+    check_privilege(&saved.settings)?;
     let mut skipped = Vec::new();
     for setting in saved.settings.iter().rev() {
         if !write_setting(&roots.proc, setting, &setting.old)? {

@@ -80,6 +80,14 @@ pub enum AlignError {
         #[source]
         source: io::Error,
     },
+    /// This process may not change what `apply` would change.
+    #[error("{what} needs {needs}, which this process lacks (run it as root)")]
+    NoPrivilege {
+        /// The setting.
+        what: String,
+        /// The privilege it needs.
+        needs: &'static str,
+    },
     /// The state file of an earlier `apply` is still there.
     #[error("{path} exists: settings were already changed; restore them first")]
     AlreadyApplied {
