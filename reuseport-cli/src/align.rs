@@ -33,7 +33,8 @@ pub struct AlignArgs {
     #[arg(long)]
     cpus: Option<CpuList>,
     /// Print the report as JSON: {device, workers, mismatches: [{kind, line, ...}]}; the
-    /// device's rss_table is null where it has none.
+    /// device's rss_table and rss_hash are null where it has no RSS, a queue's napi_thread where
+    /// its NAPI is not threaded.
     #[arg(long)]
     json: bool,
     /// Change the settings to match the workers: each receive queue's IRQ affinity and, where
@@ -124,9 +125,12 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
     };
     let mut view = read_device(&roots, &args.dev).map_err(bad_input)?;
     // The report goes on without the table when the ioctl fails, and says so.
-    let rss_note = match rss::indirection_table(&view.name) {
-        Ok(table) => {
+    let rss_note = match rss::indirection_table(&view.name)
+        .and_then(|table| Ok((table, rss::hash_fields(&view.name)?)))
+    {
+        Ok((table, hash)) => {
             view.rss_table = table;
+            view.rss_hash = hash;
             None
         }
         Err(err) => Some(format!("{:#}", anyhow::Error::from(err))),
@@ -298,6 +302,18 @@ fn render(
         (None, None) => {
             let _ = writeln!(out, "  RSS table: none (the device has no RSS)");
         }
+    }
+    if let Some(hash) = &view.rss_hash {
+        let flows: Vec<String> = hash
+            .iter()
+            .map(|fields| format!("{} {}", fields.flow, fields.letters()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  RSS hash fields: {} (s/d: source/destination address, f/n: source/destination \
+             port)",
+            flows.join(", ")
+        );
     }
     let unknown = view
         .rx

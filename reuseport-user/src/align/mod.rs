@@ -270,6 +270,10 @@ pub struct DeviceView {
     /// The RSS indirection table (entry `i`: the queue of hash bucket `i`), where the device has
     /// one and it was read ([`rss::indirection_table`]).
     pub rss_table: Option<Vec<u32>>,
+    /// The fields the RSS hash covers per flow type, where the device has RSS and they were
+    /// read ([`rss::hash_fields`]).
+    #[serde(default)]
+    pub rss_hash: Option<Vec<rss::HashFields>>,
 }
 
 impl DeviceView {
@@ -329,6 +333,13 @@ pub enum Mismatch {
         queue: u32,
         /// The table's size.
         buckets: usize,
+    },
+    /// The RSS hash of a TCP flow type leaves out the ports.
+    RssHashSkipsPorts {
+        /// The flow type (`tcp4`, `tcp6`).
+        flow: String,
+        /// ethtool's letters for the fields it does cover (`sd`).
+        letters: String,
     },
     /// A worker CPU no queue is processed on (fewer queues than workers).
     WorkerWithoutQueue {
@@ -444,6 +455,12 @@ impl fmt::Display for Mismatch {
                 "the RSS table sends none of its {buckets} buckets to queue {queue}: the CPU \
                  processing it receives no new flows from the NIC"
             ),
+            Self::RssHashSkipsPorts { flow, letters } => write!(
+                f,
+                "the RSS hash of {flow} flows covers {letters:?}, not both ports: every \
+                 connection between two addresses lands on one queue, so a few clients (or a \
+                 load balancer) load one CPU"
+            ),
             Self::WorkerWithoutQueue { cpu, queues } => write!(
                 f,
                 "CPU {cpu} has a worker but none of the {queues} rx queues is processed there: \
@@ -524,6 +541,14 @@ pub fn mismatches(view: &DeviceView, workers: &CpuList, topology: &CpuTopology) 
                     buckets: table.len(),
                 });
             }
+        }
+    }
+    for hash in view.rss_hash.iter().flatten() {
+        if hash.flow.starts_with("tcp") && !hash.covers_ports() {
+            found.push(Mismatch::RssHashSkipsPorts {
+                flow: hash.flow.clone(),
+                letters: hash.letters(),
+            });
         }
     }
     // Which worker CPUs get a queue: only knowable when every queue's CPU is known (a virtual
@@ -683,8 +708,28 @@ mod tests {
                 .collect(),
             irqbalance: None,
             rss_table: Some((0..128).map(|bucket| bucket % 4).collect()),
+            rss_hash: None,
         };
         assert_eq!(lines(&view, "0-3"), Vec::<String>::new());
+        // A TCP hash on addresses only; UDP's is not judged (many NICs leave its ports out).
+        let fields = |flow: &str, fields: u64| rss::HashFields {
+            flow: flow.into(),
+            fields,
+        };
+        view.rss_hash = Some(vec![
+            fields("tcp4", 0x30),
+            fields("udp4", 0x30),
+            fields("tcp6", 0xf0),
+        ]);
+        assert_eq!(
+            lines(&view, "0-3"),
+            [
+                "the RSS hash of tcp4 flows covers \"sd\", not both ports: every connection \
+                 between two addresses lands on one queue, so a few clients (or a load \
+                 balancer) load one CPU"
+            ]
+        );
+        view.rss_hash = None;
         // A table that skips queue 3: CPU 3 receives no flow, though its IRQ is right.
         view.rss_table = Some((0..128).map(|bucket| bucket % 3).collect());
         assert_eq!(
@@ -731,6 +776,7 @@ mod tests {
             tx: Vec::new(),
             irqbalance: None,
             rss_table: None,
+            rss_hash: None,
         };
         // Threads on the IRQs' CPUs: aligned.
         view.rx[0].napi_thread = Some(thread(0, &[0]));

@@ -199,8 +199,9 @@ fn mask_file(path: &Path) -> Result<Option<Vec<u32>>, AlignError> {
 }
 
 /// Reads `dev`'s queues, their IRQs (where it has any), RPS and XPS masks, and whether
-/// irqbalance runs. Needs no privilege. The RSS table is left out (`rss_table: None`): it comes
-/// from an ioctl on the live device, [`super::rss::indirection_table`].
+/// irqbalance runs. Needs no privilege. The RSS table and hash fields are left out (`None`):
+/// they come from ioctls on the live device ([`super::rss`]), and NAPI threads from netlink
+/// ([`super::napi::read_threads`]).
 pub fn read_device(roots: &Roots, dev: &str) -> Result<DeviceView, AlignError> {
     let dir = roots.device_dir(dev);
     if dev.is_empty() || dev.contains('/') || !dir.is_dir() {
@@ -280,6 +281,7 @@ pub fn read_device(roots: &Roots, dev: &str) -> Result<DeviceView, AlignError> {
         irqbalance: irqbalance_pid(&roots.proc),
         // An ioctl, not a file: the caller reads it where the device is live (rss.rs).
         rss_table: None,
+        rss_hash: None,
     })
 }
 

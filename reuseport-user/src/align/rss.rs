@@ -1,11 +1,106 @@
-//! The NIC's RSS indirection table (which receive queue each flow-hash bucket goes to), read
-//! with the ethtool ioctl `ETHTOOL_GRXFHINDIR` (what `ethtool -x` shows; no privilege needed).
-//! Virtual devices and NICs without RSS answer "not supported".
+//! The NIC's RSS: its indirection table (which receive queue each flow-hash bucket goes to), read
+//! with the ethtool ioctl `ETHTOOL_GRXFHINDIR` (what `ethtool -x` shows), and which header fields
+//! it hashes per flow type, `ETHTOOL_GRXFH` (what `ethtool -n DEV rx-flow-hash tcp4` shows). No
+//! privilege is needed. Virtual devices and NICs without RSS answer "not supported".
 
 use std::io;
 
+use serde::{Deserialize, Serialize};
+
 use super::AlignError;
 use crate::ethtool::ethtool;
+
+/// `ETHTOOL_GRXFH` (linux/ethtool.h): the fields a flow type's hash covers.
+const ETHTOOL_GRXFH: u32 = 0x29;
+
+/// The flow types asked about, with ethtool's names for them (`TCP_V4_FLOW`, ...).
+const FLOW_TYPES: [(u32, &str); 4] = [
+    (0x01, "tcp4"),
+    (0x02, "udp4"),
+    (0x05, "tcp6"),
+    (0x06, "udp6"),
+];
+
+/// `RXH_*` bits of the hash fields, with ethtool's letters for them, in ethtool's order.
+const FIELD_LETTERS: [(u64, char); 8] = [
+    (1 << 1, 'm'),  // RXH_L2DA: destination MAC
+    (1 << 2, 'v'),  // RXH_VLAN
+    (1 << 3, 't'),  // RXH_L3_PROTO
+    (1 << 4, 's'),  // RXH_IP_SRC
+    (1 << 5, 'd'),  // RXH_IP_DST
+    (1 << 6, 'f'),  // RXH_L4_B_0_1: source port
+    (1 << 7, 'n'),  // RXH_L4_B_2_3: destination port
+    (1 << 31, 'r'), // RXH_DISCARD
+];
+
+/// The header fields a NIC's RSS hash covers for one flow type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashFields {
+    /// The flow type, as ethtool names it (`tcp4`, `udp4`, `tcp6`, `udp6`).
+    pub flow: String,
+    /// The `RXH_*` bits.
+    pub fields: u64,
+}
+
+impl HashFields {
+    /// Whether the hash covers both ports (`f` and `n`): otherwise every connection between two
+    /// addresses hashes to one queue.
+    pub fn covers_ports(&self) -> bool {
+        self.fields & (1 << 6 | 1 << 7) == (1 << 6 | 1 << 7)
+    }
+
+    /// ethtool's letters for the fields (`sdfn`), `none` for none.
+    pub fn letters(&self) -> String {
+        let letters: String = FIELD_LETTERS
+            .iter()
+            .filter(|(bit, _)| self.fields & bit != 0)
+            .map(|(_, letter)| letter)
+            .collect();
+        if letters.is_empty() {
+            "none".into()
+        } else {
+            letters
+        }
+    }
+}
+
+/// `dev`'s RSS hash fields for TCP and UDP over IPv4 and IPv6 in the calling thread's network
+/// namespace; `None` when the device has no RSS. A flow type the driver does not answer for is
+/// left out.
+pub fn hash_fields(dev: &str) -> Result<Option<Vec<HashFields>>, AlignError> {
+    let mut found = Vec::new();
+    for (flow_type, flow) in FLOW_TYPES {
+        // struct ethtool_rxnfc is 192 bytes on 64-bit: cmd, flow_type, data (u64), the flow
+        // spec and rule count the kernel may copy for this command.
+        let mut rxnfc = [0u32; 48];
+        rxnfc[0] = ETHTOOL_GRXFH;
+        rxnfc[1] = flow_type;
+        // SAFETY: `rxnfc` is a whole, zeroed struct ethtool_rxnfc (192 bytes, 4-byte aligned;
+        // the kernel copies it with copy_{from,to}_user, which need no alignment).
+        match unsafe { ethtool(dev, &mut rxnfc) } {
+            Ok(()) => {
+                let mut data = [0u8; 8];
+                data[..4].copy_from_slice(&rxnfc[2].to_ne_bytes());
+                data[4..].copy_from_slice(&rxnfc[3].to_ne_bytes());
+                found.push(HashFields {
+                    flow: flow.to_owned(),
+                    fields: u64::from_ne_bytes(data),
+                });
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) && found.is_empty() => {
+                return Ok(None);
+            }
+            Err(err) if matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {}
+            Err(source) => {
+                return Err(AlignError::Rss {
+                    dev: dev.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(Some(found).filter(|found| !found.is_empty()))
+}
 
 /// `ETHTOOL_GRXFHINDIR` (linux/ethtool.h).
 const ETHTOOL_GRXFHINDIR: u32 = 0x38;
@@ -58,6 +153,23 @@ fn ethtool_indir(dev: &str, size: u32) -> io::Result<Option<Vec<u32>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_fields_read_as_ethtool_writes_them() {
+        let tcp = HashFields {
+            flow: "tcp4".into(),
+            fields: 1 << 4 | 1 << 5 | 1 << 6 | 1 << 7,
+        };
+        assert_eq!(tcp.letters(), "sdfn");
+        assert!(tcp.covers_ports());
+        let udp = HashFields {
+            flow: "udp4".into(),
+            fields: 1 << 4 | 1 << 5,
+        };
+        assert_eq!(udp.letters(), "sd");
+        assert!(!udp.covers_ports());
+        assert_eq!(hash_fields("lo").expect("lo answers"), None);
+    }
 
     #[test]
     fn devices_without_rss_have_no_table_and_unknown_devices_fail() {
