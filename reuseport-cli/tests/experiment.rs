@@ -504,3 +504,47 @@ fn ab_refuses_nonsense_in_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("reps must be at least 1"), "{stderr}");
 }
+
+/// The peer rows: Debian's nginx on hash selection, then the same nginx steered by `reuseport
+/// attach`, measured once the kernel says every listener of its port is in a slot: its
+/// connections are then all served on the CPU that received them.
+#[test]
+fn ab_with_the_nginx_attach_peer_measures_nginx_plain_and_steered() {
+    let (results, stdout, _) = quick_ab_with(
+        &[
+            "--topology",
+            "loopback",
+            "--modes",
+            "hash",
+            "--peer",
+            "nginx-attach",
+        ],
+        |_| (),
+    );
+    let rows: Vec<&str> = results["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .filter_map(|run| run["row"].as_str())
+        .collect();
+    for row in ["hash", "nginx", "nginx+attach"] {
+        assert_eq!(
+            rows.iter().filter(|&&r| r == row).count(),
+            2,
+            "{row}: {rows:?}\n{stdout}"
+        );
+    }
+    let steered = &results["summary"]["nginx+attach"];
+    assert!(
+        steered["locality"]["min"].as_f64().expect("locality") >= 0.99,
+        "{steered}"
+    );
+    assert_eq!(steered["errors"]["max"].as_f64(), Some(0.0), "{steered}");
+    if allowed_cpus().len() > 1 {
+        let plain = &results["summary"]["nginx"];
+        assert!(
+            plain["locality"]["median"].as_f64().expect("locality") < 0.9,
+            "nginx on hash selection: {plain}"
+        );
+    }
+}

@@ -14,7 +14,7 @@ use std::{
         mpsc,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use reuseport::{
@@ -361,16 +361,10 @@ fn start_server(
                     .args(["--duration", &format!("{}s", limit.as_secs())])
                     .arg("--quiet")
                     .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
+                    .stdout(Stdio::null())
                     .stderr(Stdio::piped());
                 let mut attach = ChildGuard::spawn(command, "reuseport attach (nginx)")?;
-                let line = first_line(&mut attach)?;
-                if !line.contains("steering port") {
-                    return Err(RunnerError::Child {
-                        what: "reuseport attach (nginx)".into(),
-                        detail: format!("unexpected first line {line:?}"),
-                    });
-                }
+                wait_until_steered(&mut attach, addr.port())?;
                 Some(attach)
             } else {
                 None
@@ -430,6 +424,40 @@ fn start_server(
 
 /// Reads a child's first stdout line (within 15 s), and keeps draining the rest so the child
 /// never blocks on a full pipe.
+/// Waits until the kernel says every listener of `port` is in a slot of a steering program
+/// (what `reuseport status` checks), or fails with the attach's stderr if it exits first or
+/// that takes 15 s.
+fn wait_until_steered(attach: &mut ChildGuard, port: u16) -> Result<(), RunnerError> {
+    let root = reuseport::pinned::PinnedRoot::system();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let last = match reuseport::port_steering::PortSteering::inspect(port, &root) {
+            Ok(steering) => match steering.verdict() {
+                reuseport::port_steering::Verdict::Steered => return Ok(()),
+                verdict => format!("{verdict:?}"),
+            },
+            Err(err) => err.to_string(),
+        };
+        let exited = matches!(attach.child_mut().try_wait(), Ok(Some(_)));
+        if exited || Instant::now() > deadline {
+            let stderr = attach.kill_and_read_stderr();
+            return Err(RunnerError::Child {
+                what: attach.what().to_owned(),
+                detail: format!(
+                    "port {port} not steered ({last}){}: {}",
+                    if exited {
+                        ", attach exited"
+                    } else {
+                        " after 15 s"
+                    },
+                    stderr.trim()
+                ),
+            });
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn first_line(guard: &mut ChildGuard) -> Result<String, RunnerError> {
     let stdout = guard
         .child_mut()
@@ -490,9 +518,9 @@ impl Restarter {
                 every.mul_f64(0.5 + fraction)
             };
             let mut restarts = 0;
-            let mut next = std::time::Instant::now() + jittered(restarts);
+            let mut next = Instant::now() + jittered(restarts);
             while !thread_stop.load(Ordering::Relaxed) {
-                if std::time::Instant::now() >= next {
+                if Instant::now() >= next {
                     let _ = rustix::process::kill_process(pid, rustix::process::Signal::HUP);
                     restarts += 1;
                     next += jittered(restarts);
