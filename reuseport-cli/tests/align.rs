@@ -413,6 +413,29 @@ fn misaligned_napi_threads_are_named_and_after_apply_clients_are_served_on_their
         assert_eq!(affinity(pid), [a], "thread {pid} is back on CPU {a}");
     }
     assert!(!state.exists());
+
+    // Threads gone by --restore (threaded NAPI turned off and on again: new threads) are named
+    // and skipped; the files are restored.
+    stdout(&align(&["--cpus", &workers, "--apply"]));
+    let dev = server_dev.clone();
+    topology
+        .in_server_namespace(move || {
+            let threaded = Path::new("/sys/class/net").join(&dev).join("threaded");
+            fs::write(&threaded, "0").expect("threaded off");
+            fs::write(&threaded, "1").expect("threaded on");
+        })
+        .expect("veth")
+        .expect("the server's namespace");
+    let restored = stdout(&align(&["--restore"]));
+    assert!(
+        restored.contains(&format!(
+            "(pid {}) CPU affinity: not restored, the thread is gone",
+            server_threads[1]
+        )),
+        "{restored}"
+    );
+    assert!(restored.contains("restored 2 setting(s)"), "{restored}");
+    assert!(!state.exists());
     let mut server = server;
     let _ = server.child.kill();
     let _ = server.child.wait();

@@ -444,15 +444,12 @@ pub fn apply(
     }
     for (done, setting) in settings.iter().enumerate() {
         let result = write_setting(&roots.proc, setting, &setting.new).and_then(|written| {
-            if written {
-                Ok(())
-            } else {
-                Err(AlignError::PinThread {
-                    thread: setting.target.to_string(),
-                    pid: 0,
-                    cpus: setting.new.clone(),
-                    source: io::Error::other("the thread is gone"),
-                })
+            match (&setting.target, written) {
+                (Target::Thread { pid, thread }, false) => Err(AlignError::ThreadGone {
+                    thread: thread.clone(),
+                    pid: *pid,
+                }),
+                _ => Ok(()),
             }
         });
         if let Err(err) = result {

@@ -144,6 +144,15 @@ pub enum AlignError {
         #[source]
         source: crate::netdev::NetdevError,
     },
+    /// A NAPI thread seen when the plan was made has exited since (the device was reset or
+    /// threaded NAPI turned off).
+    #[error("{thread} (pid {pid}) is gone: read the device again and apply again")]
+    ThreadGone {
+        /// The thread's name.
+        thread: String,
+        /// Its pid.
+        pid: u32,
+    },
     /// Setting a NAPI thread's CPU affinity failed.
     #[error("pinning {thread} (pid {pid}) to CPUs {cpus} failed (needs root)")]
     PinThread {
