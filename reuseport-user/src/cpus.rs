@@ -88,6 +88,50 @@ impl CpuList {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The set as a kernel CPU bitmap ([`format_mask`]: `3`, `1,00000000`), as `rps_cpus` and
+    /// `xps_cpus` take it.
+    pub fn to_mask(&self) -> String {
+        format_mask(&self.iter().collect::<Vec<_>>())
+    }
+}
+
+/// Parses a kernel CPU bitmap as `rps_cpus` and `xps_cpus` show it: hex, in 32-bit groups
+/// separated by commas, most significant first (`00000000,00000003`).
+pub fn parse_mask(text: &str) -> Option<Vec<u32>> {
+    let mut cpus = Vec::new();
+    for (group_index, group) in text.trim().split(',').rev().enumerate() {
+        let bits = u32::from_str_radix(group.trim(), 16).ok()?;
+        let base = u32::try_from(group_index).ok()?.checked_mul(32)?;
+        cpus.extend(
+            (0..32)
+                .filter(|bit| bits & (1 << bit) != 0)
+                .map(|bit| base + bit),
+        );
+    }
+    cpus.sort_unstable();
+    Some(cpus)
+}
+
+/// Writes `cpus` as a kernel CPU bitmap (`3`, `1,00000000`); `0` for none.
+pub fn format_mask(cpus: &[u32]) -> String {
+    let groups = cpus.iter().max().map_or(1, |max| max / 32 + 1);
+    (0..groups)
+        .rev()
+        .enumerate()
+        .map(|(position, group)| {
+            let bits = cpus
+                .iter()
+                .filter(|&&cpu| cpu / 32 == group)
+                .fold(0u32, |bits, cpu| bits | 1 << (cpu % 32));
+            if position == 0 {
+                format!("{bits:x}")
+            } else {
+                format!("{bits:08x}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl FromIterator<u32> for CpuList {
@@ -201,6 +245,19 @@ pub fn current_cpu() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_round_trip_in_the_kernels_format() {
+        assert_eq!(parse_mask("00000000,00000003"), Some(vec![0, 1]));
+        assert_eq!(parse_mask("0"), Some(vec![]));
+        assert_eq!(parse_mask("1,00000000"), Some(vec![32]));
+        assert_eq!(parse_mask("f0\n"), Some(vec![4, 5, 6, 7]));
+        assert_eq!(parse_mask("zz"), None);
+        assert_eq!(format_mask(&[0, 1]), "3");
+        assert_eq!(format_mask(&[]), "0");
+        assert_eq!(format_mask(&[32]), "1,00000000");
+        assert_eq!(format_mask(&[1, 33]), "2,00000002");
+    }
 
     #[test]
     fn parses_and_prints_kernel_cpu_lists() {
