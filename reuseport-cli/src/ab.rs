@@ -12,10 +12,11 @@ use reuseport_lab::{
     cpu_split::CpuSplit,
     report::Report,
     runner::{AbConfig, Progress},
+    topology::{ClientRx, TopologyKind},
 };
 
 use crate::{
-    args::{LoadKindArg, ModeArg, SpillArgs, TopologyArg},
+    args::{ClientRxArg, LoadKindArg, ModeArg, SpillArgs, TopologyArg},
     error::BadArguments,
     live,
 };
@@ -36,6 +37,12 @@ pub struct AbArgs {
     /// loopback: clients pinned round-robin to CPUs.
     #[arg(long, value_enum, default_value_t = TopologyArg::VethRps)]
     topology: TopologyArg,
+    /// veth-rss only: how the clients' end processes the server's replies. napi-thread (the
+    /// default): a queue and pinned NAPI thread per client CPU, as on a separate client machine;
+    /// softirq: GRO off and no NAPI threads there, replies processed in the softirq of the server
+    /// CPU that sent them, as on loopback, without the NAPI thread wakeups.
+    #[arg(long, value_enum)]
+    client_rx: Option<ClientRxArg>,
     /// CPUs for the server under test and its receive processing, e.g. `0-7` (default: with 8
     /// or more CPUs across veth, the first half by core; otherwise every CPU, shared with the
     /// clients).
@@ -126,7 +133,13 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
         (args.duration, args.warmup, args.reps)
     };
     let allowed = CpuList::allowed()?;
-    let topology = args.topology.into();
+    let topology: TopologyKind = args.topology.into();
+    if args.client_rx.is_some() && topology != TopologyKind::VethRss {
+        return Err(BadArguments(format!(
+            "--client-rx applies to --topology veth-rss only, not {topology}: drop it or use veth-rss"
+        ))
+        .into());
+    }
     let cpus = CpuSplit::resolve(
         topology,
         &allowed,
@@ -143,6 +156,7 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
         cross_check_wrk: args.cross_check.is_some(),
         calibrate: args.calibrate,
         topology,
+        client_rx: args.client_rx.map(ClientRx::from).unwrap_or_default(),
         cpus,
         skew: args.skew,
         spill: args.spill.into(),

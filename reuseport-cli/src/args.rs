@@ -13,7 +13,10 @@ use reuseport::{
     spill::SpillConfig,
     steering::{SteeringMode, SteeringProgram},
 };
-use reuseport_lab::{load::LoadKind, topology::TopologyKind};
+use reuseport_lab::{
+    load::LoadKind,
+    topology::{ClientRx, TopologyKind},
+};
 
 /// [`SteeringMode`] on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -143,6 +146,26 @@ impl From<TopologyArg> for TopologyKind {
     }
 }
 
+/// How the clients' end of a veth-rss pair processes the server's replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientRxArg {
+    /// One queue per client CPU, its NAPI instance in a thread pinned there: replies processed
+    /// on the client CPUs, as on a separate client machine.
+    NapiThread,
+    /// GRO off, no NAPI threads: replies processed in the softirq of the server CPU that sent
+    /// them, as on loopback (no NAPI thread wakeups at the clients' end).
+    Softirq,
+}
+
+impl From<ClientRxArg> for ClientRx {
+    fn from(client_rx: ClientRxArg) -> Self {
+        match client_rx {
+            ClientRxArg::NapiThread => Self::NapiThread,
+            ClientRxArg::Softirq => Self::Softirq,
+        }
+    }
+}
+
 /// Longest `--duration`, `--timeout` or `--warmup` taken: a year. Longer ones would overflow the
 /// clock arithmetic, and no run is meant to last that long.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -240,10 +263,14 @@ mod tests {
             names::<ProtoArg, Protocol>(|p| json(serde_json::json!(p))),
             names::<LoadKindArg, LoadKind>(|k| json(serde_json::json!(k))),
             names::<TopologyArg, TopologyKind>(|k| json(serde_json::json!(k))),
+            names::<ClientRxArg, ClientRx>(|c| json(serde_json::json!(c))),
         ];
         for (accepted, library) in pairs.iter().flatten() {
             assert_eq!(accepted, library);
         }
-        assert_eq!(pairs.iter().map(Vec::len).sum::<usize>(), 6 + 4 + 2 + 3 + 3);
+        assert_eq!(
+            pairs.iter().map(Vec::len).sum::<usize>(),
+            6 + 4 + 2 + 3 + 3 + 2
+        );
     }
 }

@@ -259,6 +259,8 @@ fn quick_ab_on_veth_rss_writes_valid_results() {
         let conn = results["summary"][mode]["conn_per_s"]["min"].as_f64();
         assert!(conn > Some(0.0), "{mode}: {conn:?}");
     }
+    assert_eq!(results["machine"]["client_rx"], "napi-thread");
+    assert!(stdout.contains("(client rx napi-thread)"), "{stdout}");
     // Fewer than 8 CPUs: server and clients share them, and the report says so.
     if allowed_cpus().len() < 8 {
         let all = allowed_cpus().to_string();
@@ -270,6 +272,49 @@ fn quick_ab_on_veth_rss_writes_valid_results() {
         );
     }
     assert_no_napi_threads_left(pid);
+}
+
+#[test]
+fn quick_ab_on_veth_rss_with_softirq_client_rx_records_it() {
+    let (results, stdout, pid) = quick_ab_with(
+        &[
+            "--topology",
+            "veth-rss",
+            "--client-rx",
+            "softirq",
+            "--modes",
+            "hash",
+        ],
+        |_| (),
+    );
+    assert_eq!(results["machine"]["topology"], "veth-rss");
+    assert_eq!(results["machine"]["client_rx"], "softirq");
+    assert!(
+        stdout.contains("topology veth-rss (client rx softirq)"),
+        "{stdout}"
+    );
+    let conn = results["summary"]["hash"]["conn_per_s"]["min"].as_f64();
+    assert!(conn > Some(0.0), "{conn:?}");
+    assert_no_napi_threads_left(pid);
+}
+
+#[test]
+fn ab_refuses_client_rx_off_veth_rss_in_one_line_with_exit_code_2() {
+    for topology in ["loopback", "veth-rps"] {
+        let output = Command::new(BINARY)
+            .args(["ab", "--client-rx", "softirq", "--topology", topology])
+            .arg("--out")
+            .arg(std::env::temp_dir().join("reuseport-ab-refused-client-rx"))
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{topology}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("--client-rx applies to --topology veth-rss only"),
+            "{topology}: {stderr}"
+        );
+    }
 }
 
 #[test]

@@ -1,13 +1,15 @@
 //! The harness's topologies on the real kernel: the multi-queue veth has one receive queue per
 //! requested CPU, each with a NAPI thread pinned there and no RPS/XPS; the one-queue veth has its
-//! RPS mask; and nothing of either (namespaces, veth, NAPI threads) outlives the topology, its
+//! RPS mask; with the clients' end in softirq mode that end has GRO off, no threaded NAPI and no
+//! NAPI thread while TCP still flows both ways; and nothing of either (namespaces, veth, NAPI threads) outlives the topology, its
 //! dropping, a panic, or the SIGKILL of its process. Needs root; no `ip` binary is used.
 
 mod common;
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::{Command, Stdio},
     thread,
@@ -18,7 +20,7 @@ use common::*;
 use reuseport::cpus::CpuList;
 use reuseport_lab::{
     netns::namespace_held,
-    topology::{Topology, TopologyKind, napi_threads_of},
+    topology::{ClientRx, Topology, TopologyKind, napi_threads_of},
 };
 
 /// Waits (up to 20 s: the kernel deletes namespaces from a work queue) until none of
@@ -151,6 +153,122 @@ fn veth_rss_has_one_pinned_napi_queue_per_cpu_and_no_rps_or_xps() {
     drop(topology);
     assert_all_gone(&namespaces, &server_dev);
     assert!(napi_threads_of(&client_dev).is_empty());
+}
+
+/// An offload's state (`ETHTOOL_G*`, `struct ethtool_value`) in the calling thread's namespace.
+fn ethtool_get(dev: &str, cmd: u32) -> u32 {
+    let mut value = [cmd, u32::MAX];
+    // SAFETY: `[cmd, data]` is a whole struct ethtool_value, what ETHTOOL_G* commands write.
+    unsafe { reuseport::ethtool::ethtool(dev, &mut value) }.expect("ethtool get");
+    value[1]
+}
+
+/// `ETHTOOL_GGRO` and `ETHTOOL_GTSO` (linux/ethtool.h).
+const ETHTOOL_GGRO: u32 = 0x2b;
+const ETHTOOL_GTSO: u32 = 0x1e;
+
+#[test]
+fn veth_rss_with_softirq_client_rx_has_no_client_napi_and_carries_tcp() {
+    let cpus = allowed_cpus();
+    let client: CpuList = cpus.iter().last().into_iter().collect();
+    let topology = Topology::create_with(TopologyKind::VethRss, &cpus, &client, ClientRx::Softirq)
+        .expect("create");
+    assert_eq!(topology.client_rx(), ClientRx::Softirq);
+    let (server_dev, client_dev) = topology.devices().expect("devices");
+    let (server_dev, client_dev) = (server_dev.to_owned(), client_dev.to_owned());
+    let namespaces = topology.namespaces();
+
+    let state = |dev: &str| {
+        let threaded = fs::read_to_string(Path::new("/sys/class/net").join(dev).join("threaded"))
+            .expect("threaded");
+        (
+            threaded.trim().to_owned(),
+            ethtool_get(dev, ETHTOOL_GGRO),
+            ethtool_get(dev, ETHTOOL_GTSO),
+        )
+    };
+    let client_state = topology
+        .in_client_namespace(|| state(&client_dev))
+        .expect("client namespace")
+        .expect("in the client namespace");
+    assert_eq!(
+        client_state,
+        ("0".to_owned(), 0, 0),
+        "client end: threaded, GRO, TSO"
+    );
+    // The server's end is as with NAPI threads at the clients' end.
+    let server_state = topology
+        .in_server_namespace(|| state(&server_dev))
+        .expect("server namespace")
+        .expect("in the server namespace");
+    assert_eq!(
+        server_state,
+        ("1".to_owned(), 1, 0),
+        "server end: threaded, GRO, TSO"
+    );
+
+    assert!(
+        napi_threads_of(&client_dev).is_empty(),
+        "no client NAPI threads"
+    );
+    let server_threads = napi_threads_of(&server_dev);
+    assert_eq!(server_threads.len(), cpus.len(), "{server_threads:?}");
+    for ((pid, name), cpu) in server_threads.iter().zip(cpus.iter()) {
+        assert_eq!(affinity(*pid), [cpu].into_iter().collect(), "{name}");
+    }
+    assert_eq!(
+        topology
+            .napi_threads()
+            .iter()
+            .map(|t| (t.pid, t.cpu))
+            .collect::<Vec<_>>(),
+        server_threads
+            .iter()
+            .map(|(pid, _)| *pid)
+            .zip(cpus.iter())
+            .collect::<Vec<_>>(),
+        "only the server's NAPI threads are recorded"
+    );
+
+    // A TCP connection from the clients' namespace to a listener in the server's, with enough
+    // data each way for several segments: SYNs and data through the server's NAPI queues,
+    // replies through the sending CPU's backlog at the clients' end.
+    let server_ip = topology.server_ip();
+    let listener = topology
+        .in_server_namespace(move || {
+            TcpListener::bind(SocketAddr::new(server_ip, 0)).expect("bind")
+        })
+        .expect("server namespace")
+        .expect("in the server namespace");
+    let server_addr = listener.local_addr().expect("local address");
+    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let echo = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut received = vec![0; 256 * 1024];
+        stream.read_exact(&mut received).expect("server read");
+        stream.write_all(&received).expect("server write");
+    });
+    let mut stream = topology
+        .in_client_namespace(|| {
+            TcpStream::connect_timeout(&server_addr, Duration::from_secs(10)).expect("connect")
+        })
+        .expect("client namespace")
+        .expect("in the client namespace");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream.write_all(&payload).expect("client write");
+    let mut echoed = vec![0; payload.len()];
+    stream.read_exact(&mut echoed).expect("client read");
+    assert!(echoed == payload, "the echo differs from what was sent");
+    echo.join().expect("echo thread");
+    drop(stream);
+
+    drop(topology);
+    assert_all_gone(&namespaces, &server_dev);
 }
 
 #[test]

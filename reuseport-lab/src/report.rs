@@ -18,6 +18,7 @@ use crate::{
     metrics::{Metric, MetricId, Raw, median, unsupported},
     runner::{AbConfig, AbResults, CrossCheck, RunRecord},
     significance::ratio_interval,
+    topology::{ClientRx, TopologyKind},
 };
 
 /// Errors from writing or reading the report.
@@ -154,6 +155,10 @@ pub struct Machine {
     /// The load generators' CPUs: the same list when they shared the server's.
     #[serde(default)]
     pub client_cpus: Option<String>,
+    /// How the clients' end of a veth-rss pair processed the server's replies (`napi-thread` or
+    /// `softirq`; absent for other topologies and in files written before it could be chosen).
+    #[serde(default)]
+    pub client_rx: Option<ClientRx>,
     /// Whether every SYN was processed on one CPU (`--skew`).
     pub skew: bool,
     /// `crr`, `rr` or `udp`.
@@ -227,6 +232,7 @@ impl Report {
                 topology: config.topology.to_string(),
                 server_cpus: Some(config.cpus.server.to_string()),
                 client_cpus: Some(config.cpus.client.to_string()),
+                client_rx: (config.topology == TopologyKind::VethRss).then_some(config.client_rx),
                 skew: config.skew,
                 load: format!("{:?}", config.load).to_lowercase(),
                 connections: config.connections,
@@ -271,8 +277,13 @@ impl Report {
             (Some(server), Some(client)) => format!(" (server {server}, clients {client})"),
             _ => String::new(),
         };
+        let client_rx = self
+            .machine
+            .client_rx
+            .map(|client_rx| format!(" (client rx {client_rx})"))
+            .unwrap_or_default();
         let mut out = format!(
-            "{} CPUs{split}, kernel {}, topology {}, load {} x{} for {}s, {} reps (median [min-max])\n",
+            "{} CPUs{split}, kernel {}, topology {}{client_rx}, load {} x{} for {}s, {} reps (median [min-max])\n",
             self.machine.cpus,
             self.machine.kernel,
             self.machine.topology,
@@ -617,6 +628,7 @@ mod tests {
             cross_check_wrk: false,
             calibrate: false,
             topology: crate::topology::TopologyKind::Loopback,
+            client_rx: crate::topology::ClientRx::default(),
             cpus: crate::cpu_split::CpuSplit::shared(&"0-1".parse().unwrap()),
             skew: false,
             spill: reuseport::spill::SpillConfig::default(),
@@ -688,6 +700,24 @@ mod tests {
     }
 
     #[test]
+    fn the_table_header_names_the_client_rx_beside_the_topology() {
+        let mut report = fixed_report();
+        assert_eq!(report.machine.client_rx, None, "loopback has none");
+        assert!(report.table().contains("topology loopback, load"));
+        report.machine.topology = "veth-rss".to_owned();
+        report.machine.client_rx = Some(ClientRx::Softirq);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["machine"]["client_rx"], "softirq");
+        assert!(
+            report
+                .table()
+                .contains("topology veth-rss (client rx softirq), load"),
+            "{}",
+            report.table()
+        );
+    }
+
+    #[test]
     fn a_report_survives_json_and_redraws_the_same_table() {
         let report = fixed_report();
         let json = serde_json::to_string_pretty(&report).unwrap();
@@ -716,6 +746,13 @@ mod tests {
         }
         fs::write(&path, old.to_string()).unwrap();
         assert_eq!(Report::read(&path).unwrap().table(), report.table());
+
+        // A file from before --client-rx: none recorded, the same table.
+        old["machine"].as_object_mut().unwrap().remove("client_rx");
+        fs::write(&path, old.to_string()).unwrap();
+        let without_client_rx = Report::read(&path).unwrap();
+        assert_eq!(without_client_rx.machine.client_rx, None);
+        assert_eq!(without_client_rx.table(), report.table());
 
         // A file from before lock sites: no lock table, everything else as before.
         old.as_object_mut().unwrap().remove("locks");

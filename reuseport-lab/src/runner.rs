@@ -32,7 +32,7 @@ use crate::{
     load::{LoadKind, LoadReport},
     metrics::{Metric, MetricId, median},
     probes::{ProbeTotals, Probes, ipi_count},
-    topology::{Topology, TopologyKind},
+    topology::{ClientRx, Topology, TopologyKind},
 };
 
 pub use crate::error::RunnerError;
@@ -82,6 +82,9 @@ pub struct AbConfig {
     pub calibrate: bool,
     /// Where server and clients run.
     pub topology: TopologyKind,
+    /// How the clients' end of a veth-rss pair processes the server's replies (ignored by the
+    /// other topologies).
+    pub client_rx: ClientRx,
     /// The server's CPUs and the load generators' (see [`crate::cpu_split`]).
     pub cpus: CpuSplit,
     /// Process every SYN on the first CPU only (RPS mask or client pinning), as with a NIC with
@@ -212,7 +215,8 @@ pub fn run(
         TopologyKind::Loopback => skewed(&config.cpus.client),
         TopologyKind::VethRss | TopologyKind::VethRps => config.cpus.client.clone(),
     };
-    let topology = Topology::create_receiving_on(config.topology, &rx_cpus, &client_cpus)?;
+    let topology =
+        Topology::create_with(config.topology, &rx_cpus, &client_cpus, config.client_rx)?;
     let mut rows: Vec<Row> = config.modes.iter().copied().map(Row::Mode).collect();
     if config.peer_nginx {
         rows.push(Row::Nginx);

@@ -7,8 +7,10 @@
 //!   (`napi/DEV-ID`, threaded NAPI) pinned to one server CPU, where the SYN is processed; it
 //!   runs at normal priority (measured: at SCHED_FIFO, preempting per packet, it got half the
 //!   connections per second, and interrupt coalescing with `gro_flush_timeout` fewer still). The
-//!   return path is the same with the client's queues pinned to the client CPUs. Needs GRO on and
-//!   TSO off on both ends (veth only uses its per-queue NAPI for GRO-eligible packets).
+//!   return path is the same with the client's queues pinned to the client CPUs
+//!   ([`ClientRx::NapiThread`]), or, with [`ClientRx::Softirq`], the server's replies are
+//!   processed in the backlog of the server CPU that sent them. Needs GRO on at each end that
+//!   uses NAPI and TSO off on both (veth only uses its per-queue NAPI for GRO-eligible packets).
 //! - [`TopologyKind::VethRps`]: the same two namespaces joined by a veth pair with one queue and
 //!   no NAPI: each packet is queued on the sending CPU's backlog and RPS (`rx-0/rps_cpus` over the
 //!   receiving server CPUs) moves it to a CPU picked by flow hash, with an IPI. Software steering
@@ -36,12 +38,12 @@ use rustix::{
     process::Pid,
     thread::{CpuSet, sched_setaffinity},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
     netns::{NetNs, NetNsError},
-    veth::{VethEnd, VethError, configure, create_pair, write_sysfs},
+    veth::{Offloads, VethEnd, VethError, configure, create_pair, write_sysfs},
 };
 
 /// Errors from creating a topology.
@@ -115,6 +117,39 @@ impl std::fmt::Display for TopologyKind {
     }
 }
 
+/// How the clients' end of a [`TopologyKind::VethRss`] pair processes what it receives (the
+/// server's replies). The server's end is the same either way: a queue and a pinned NAPI thread
+/// per receiving server CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientRx {
+    /// One receive queue per client CPU, each with its NAPI instance in a kernel thread pinned to
+    /// that CPU (GRO on, TSO off, threaded NAPI): replies are processed on the client CPUs, as on
+    /// a separate client machine with a multi-queue NIC. Each packet wakes a NAPI thread.
+    #[default]
+    NapiThread,
+    /// GRO off, TSO off, no threaded NAPI: veth queues each reply on the backlog of the CPU that
+    /// sent it (a server CPU) and processes it in that CPU's softirq, as loopback does. No client
+    /// NAPI thread exists, so none is woken; the server CPUs do the clients' receive work.
+    Softirq,
+}
+
+impl ClientRx {
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NapiThread => "napi-thread",
+            Self::Softirq => "softirq",
+        }
+    }
+}
+
+impl std::fmt::Display for ClientRx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Server and client addresses on the veth pair (link-local: never routed off the machine).
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 2);
@@ -146,6 +181,7 @@ pub struct Topology {
     pair: Option<VethPair>,
     rx_cpus: CpuList,
     client_cpus: CpuList,
+    client_rx: ClientRx,
     napi_threads: Vec<NapiThread>,
 }
 
@@ -165,11 +201,27 @@ impl Topology {
         rx_cpus: &CpuList,
         client_cpus: &CpuList,
     ) -> Result<Self, TopologyError> {
+        Self::create_with(kind, rx_cpus, client_cpus, ClientRx::default())
+    }
+
+    /// [`Topology::create_receiving_on`], with the clients' end of a veth-rss pair processing
+    /// what it receives as `client_rx` says (other kinds ignore it).
+    pub fn create_with(
+        kind: TopologyKind,
+        rx_cpus: &CpuList,
+        client_cpus: &CpuList,
+        client_rx: ClientRx,
+    ) -> Result<Self, TopologyError> {
+        let client_rx = match kind {
+            TopologyKind::VethRss => client_rx,
+            TopologyKind::VethRps | TopologyKind::Loopback => ClientRx::default(),
+        };
         let mut topology = Self {
             kind,
             pair: None,
             rx_cpus: rx_cpus.clone(),
             client_cpus: client_cpus.clone(),
+            client_rx,
             napi_threads: Vec::new(),
         };
         if !kind.is_veth() {
@@ -183,6 +235,8 @@ impl Topology {
             server_dev: format!("rps{suffix}"),
             client_dev: format!("rpc{suffix}"),
         };
+        // With ClientRx::Softirq the client's receive queues are kept (the server end is
+        // unchanged), though a reply's backlog is the sending CPU's, whichever queue it names.
         let (server_queues, client_queues) = match kind {
             TopologyKind::VethRss => (count(rx_cpus), count(client_cpus)),
             _ => (1, 1),
@@ -218,10 +272,19 @@ impl Topology {
                     }
                     Ok(())
                 };
-                configure(&server, true, |sysfs| clear(sysfs, &server))?;
-                configure(&client, true, |sysfs| clear(sysfs, &client))?;
+                configure(&server, Offloads::Napi, |sysfs| clear(sysfs, &server))?;
+                let mut napi_ends = vec![(&server, rx_cpus)];
+                match client_rx {
+                    ClientRx::NapiThread => {
+                        configure(&client, Offloads::Napi, |sysfs| clear(sysfs, &client))?;
+                        napi_ends.push((&client, client_cpus));
+                    }
+                    ClientRx::Softirq => {
+                        configure(&client, Offloads::Backlog, |sysfs| clear(sysfs, &client))?;
+                    }
+                }
                 // Threaded NAPI once both ends are up (NAPI exists while the device is up).
-                for (end, cpus) in [(&server, rx_cpus), (&client, client_cpus)] {
+                for (end, cpus) in napi_ends {
                     configure_threaded(end)?;
                     topology
                         .napi_threads
@@ -231,10 +294,10 @@ impl Topology {
             _ => {
                 // RPS: hash each received flow to one of the receiving CPUs.
                 let mask = cpu_mask(rx_cpus);
-                configure(&server, false, |sysfs| {
+                configure(&server, Offloads::Defaults, |sysfs| {
                     write_sysfs(&sysfs.join("queues/rx-0/rps_cpus"), &mask)
                 })?;
-                configure(&client, false, |_| Ok(()))?;
+                configure(&client, Offloads::Defaults, |_| Ok(()))?;
             }
         }
         topology.pair = Some(pair);
@@ -244,6 +307,11 @@ impl Topology {
     /// The topology's kind.
     pub fn kind(&self) -> TopologyKind {
         self.kind
+    }
+
+    /// How the clients' end processes what it receives (always the default but for veth-rss).
+    pub fn client_rx(&self) -> ClientRx {
+        self.client_rx
     }
 
     /// The address the server should listen on (the port is the caller's).
@@ -301,7 +369,8 @@ impl Topology {
             .map(|pair| (pair.server_dev.as_str(), pair.client_dev.as_str()))
     }
 
-    /// The NAPI threads of both ends and their CPUs (veth-rss only), server's first.
+    /// The NAPI threads of both ends and their CPUs (veth-rss only), server's first; none of the
+    /// clients' end with [`ClientRx::Softirq`].
     pub fn napi_threads(&self) -> &[NapiThread] {
         &self.napi_threads
     }

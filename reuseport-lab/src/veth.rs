@@ -148,22 +148,43 @@ fn add_pair(
     })
 }
 
-/// Inside `end`'s namespace: offloads (GRO on and TSO off when `napi`, so that veth hands every
-/// packet to the receive queue's NAPI instance instead of the sending CPU's backlog), `lo` up,
-/// the address, the device up, and `extra` (sysfs work) after that.
+/// The offloads of one end, which decide where veth processes what that end receives and
+/// whether what it sends can use the peer's NAPI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offloads {
+    /// The kernel's defaults (GRO off, TSO on): received packets are queued on the sending CPU's
+    /// backlog, and a NAPI peer would not take this end's TCP segments.
+    Defaults,
+    /// GRO on, TSO off: veth hands every packet this end receives to the receive queue's NAPI
+    /// instance, and this end's TCP segments are GRO-eligible at a NAPI peer.
+    Napi,
+    /// GRO off, TSO off: received packets are queued on the sending CPU's backlog (processed in
+    /// its softirq), while this end's TCP segments stay GRO-eligible at a NAPI peer.
+    Backlog,
+}
+
+/// Inside `end`'s namespace: `offloads` (see [`Offloads`]), `lo` up, the address, the device
+/// up, and `extra` (sysfs work) after that.
 pub fn configure<T: Send>(
     end: &VethEnd<'_>,
-    napi: bool,
+    offloads: Offloads,
     extra: impl FnOnce(&Path) -> Result<T, VethError> + Send,
 ) -> Result<T, VethError> {
     let dev = end.name.clone();
     let addr = end.addr;
     end.ns.run(move || {
-        if napi {
-            // veth_xmit only queues to NAPI skbs it deems GRO-eligible: with TSO on the sender,
-            // TCP's are not (veth_skb_is_eligible_for_gro).
-            ethtool_set(&dev, ETHTOOL_SGRO, "gro", 1)?;
-            ethtool_set(&dev, ETHTOOL_STSO, "tso", 0)?;
+        // veth_xmit only queues to the peer's NAPI skbs it deems GRO-eligible: with TSO on the
+        // sender, TCP's are not (veth_skb_is_eligible_for_gro).
+        match offloads {
+            Offloads::Defaults => {}
+            Offloads::Napi => {
+                ethtool_set(&dev, ETHTOOL_SGRO, "gro", 1)?;
+                ethtool_set(&dev, ETHTOOL_STSO, "tso", 0)?;
+            }
+            Offloads::Backlog => {
+                ethtool_set(&dev, ETHTOOL_SGRO, "gro", 0)?;
+                ethtool_set(&dev, ETHTOOL_STSO, "tso", 0)?;
+            }
         }
         let sysfs = Path::new("/sys/class/net").join(&dev);
         let index: u32 =
