@@ -293,7 +293,7 @@ impl Topology {
             }
             _ => {
                 // RPS: hash each received flow to one of the receiving CPUs.
-                let mask = cpu_mask(rx_cpus);
+                let mask = rx_cpus.to_mask();
                 configure(&server, Offloads::Defaults, |sysfs| {
                     write_sysfs(&sysfs.join("queues/rx-0/rps_cpus"), &mask)
                 })?;
@@ -481,38 +481,4 @@ fn pin_napi_threads(dev: &str, cpus: &CpuList) -> Result<Vec<NapiThread>, Topolo
             Ok(NapiThread { name, pid, cpu })
         })
         .collect()
-}
-
-/// The kernel's hex CPU mask format (`3`, or `ffffffff,00000001` for more than 32 CPUs).
-pub fn cpu_mask(cpus: &CpuList) -> String {
-    let words = cpus.iter().last().map_or(1, |last| last as usize / 32 + 1);
-    let mut mask = vec![0u32; words];
-    for cpu in cpus.iter() {
-        mask[cpu as usize / 32] |= 1 << (cpu % 32);
-    }
-    let mut text: Vec<String> = mask
-        .iter()
-        .rev()
-        .map(|word| format!("{word:08x}"))
-        .collect();
-    if let Some(first) = text.first_mut() {
-        *first = first.trim_start_matches('0').to_owned();
-        if first.is_empty() {
-            *first = "0".to_owned();
-        }
-    }
-    text.join(",")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_masks_use_the_kernel_format() {
-        let list = |s: &str| s.parse::<CpuList>().unwrap();
-        assert_eq!(cpu_mask(&list("0-1")), "3");
-        assert_eq!(cpu_mask(&list("0,5")), "21");
-        assert_eq!(cpu_mask(&list("0,32-33")), "3,00000001");
-    }
 }
