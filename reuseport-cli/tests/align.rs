@@ -338,9 +338,7 @@ fn misaligned_napi_threads_are_named_and_after_apply_clients_are_served_on_their
         .collect();
     assert_eq!(server_threads.len(), 2, "{:?}", topology.napi_threads());
     for &pid in &server_threads {
-        let mut set = rustix::thread::CpuSet::new();
-        set.set(a as usize);
-        rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(pid as i32), &set)
+        reuseport::cpus::set_task_affinity(pid, &std::iter::once(a).collect())
             .expect("pin the NAPI thread");
     }
     let workers = format!("{a},{b}");

@@ -34,10 +34,6 @@ use std::{
 };
 
 use reuseport::cpus::CpuList;
-use rustix::{
-    process::Pid,
-    thread::{CpuSet, sched_setaffinity},
-};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -78,7 +74,7 @@ pub enum TopologyError {
         cpu: u32,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: reuseport::cpus::CpuError,
     },
 }
 
@@ -463,21 +459,14 @@ fn pin_napi_threads(dev: &str, cpus: &CpuList) -> Result<Vec<NapiThread>, Topolo
         .into_iter()
         .zip(cpus.iter())
         .map(|((pid, name), cpu)| {
-            let mut set = CpuSet::new();
-            set.set(cpu as usize);
-            let error = |source: std::io::Error| TopologyError::Pin {
-                name: name.clone(),
-                pid,
-                cpu,
-                source,
-            };
-            let target = Pid::from_raw(pid as i32).ok_or_else(|| {
-                error(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "pid 0",
-                ))
-            })?;
-            sched_setaffinity(Some(target), &set).map_err(|err| error(err.into()))?;
+            reuseport::cpus::set_task_affinity(pid, &std::iter::once(cpu).collect()).map_err(
+                |source| TopologyError::Pin {
+                    name: name.clone(),
+                    pid,
+                    cpu,
+                    source,
+                },
+            )?;
             Ok(NapiThread { name, pid, cpu })
         })
         .collect()

@@ -1,5 +1,6 @@
-//! Which CPUs the server runs on: parsing lists such as `0-3,6`, the process's affinity mask,
-//! and pinning a thread to one CPU.
+//! Which CPUs the server runs on: parsing lists such as `0-3,6` and the kernel's hex CPU
+//! bitmaps, the process's affinity mask, and pinning a thread (this one, or another task such as
+//! a NAPI kernel thread) to CPUs.
 
 use std::{collections::BTreeSet, fmt, fs, io, str::FromStr};
 
@@ -233,6 +234,24 @@ pub fn pin_current_thread(cpu: u32) -> Result<(), CpuError> {
         call: "sched_setaffinity",
         source: err.into(),
     })
+}
+
+/// Sets the CPU affinity of task `pid` (a thread id; another process's thread needs
+/// CAP_SYS_NICE) to `cpus`.
+pub fn set_task_affinity(pid: u32, cpus: &CpuList) -> Result<(), CpuError> {
+    let error = |source: io::Error| CpuError::Affinity {
+        call: "sched_setaffinity",
+        source,
+    };
+    let target = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| error(io::Error::new(io::ErrorKind::InvalidInput, "not a task id")))?;
+    let mut mask = AffinityMask::new();
+    for cpu in cpus.iter() {
+        mask.set(cpu as usize);
+    }
+    sched_setaffinity(Some(target), &mask).map_err(|err| error(err.into()))
 }
 
 /// The CPU the calling thread is running on right now.

@@ -16,7 +16,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use rustix::thread::{CpuSet, sched_setaffinity};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -219,13 +218,10 @@ fn pin_thread(pid: u32, thread: &str, cpus: &str) -> Result<(), AlignError> {
             "not a CPU list",
         ))
     })?;
-    let mut set = CpuSet::new();
-    for cpu in list.iter() {
-        set.set(cpu as usize);
-    }
-    let target = rustix::process::Pid::from_raw(pid as i32)
-        .ok_or_else(|| error(io::Error::new(io::ErrorKind::InvalidInput, "pid 0")))?;
-    sched_setaffinity(Some(target), &set).map_err(|err| error(err.into()))
+    crate::cpus::set_task_affinity(pid, &list).map_err(|err| match err {
+        crate::cpus::CpuError::Affinity { source, .. } => error(source),
+        other => error(io::Error::other(other.to_string())),
+    })
 }
 
 /// Writes `value` (the setting's `new` or `old`) to its target. A thread that no longer has
