@@ -14,7 +14,7 @@ use std::{
     process::{Command, Output},
 };
 
-use common::{BINARY, WITHOUT_CAPABILITIES};
+use common::{BINARY, WITHOUT_CAPABILITIES, assert_one_line_error};
 use reuseport::CpuList;
 use reuseport_lab::{
     netns::NetNs,
@@ -230,13 +230,7 @@ fn the_report_needs_no_privilege_and_changes_nothing() {
         .args([BINARY, "align", "--dev", &pair.name, "--apply"])
         .output()
         .expect("setpriv");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("needs CAP_NET_ADMIN, which this process lacks"),
-        "{stderr}"
-    );
+    assert_one_line_error(&output, 2, "needs CAP_NET_ADMIN, which this process lacks");
     assert_eq!(pair.masks(), before);
     assert!(!pair.state().exists());
 }
@@ -556,13 +550,10 @@ fn apply_stops_irqbalance_only_when_told_and_restore_starts_it_again() {
             .expect("run reuseport align")
     };
     let refused = align(&["--apply"]);
-    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_one_line_error(&refused, 1, &format!("irqbalance runs (pid {first})"));
     assert!(
-        stderr.contains(&format!("irqbalance runs (pid {first})"))
-            && stderr.contains("--stop-irqbalance"),
-        "{stderr}"
+        String::from_utf8_lossy(&refused.stderr).contains("add --stop-irqbalance"),
+        "{refused:?}"
     );
     assert_eq!(read_irq(), before, "nothing changed");
     assert!(!state.exists());

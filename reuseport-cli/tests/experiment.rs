@@ -307,12 +307,10 @@ fn ab_refuses_client_rx_off_veth_rss_in_one_line_with_exit_code_2() {
             .arg(std::env::temp_dir().join("reuseport-ab-refused-client-rx"))
             .output()
             .expect("run");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{topology}: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-        assert!(
-            stderr.contains("--client-rx applies to --topology veth-rss only"),
-            "{topology}: {stderr}"
+        assert_one_line_error(
+            &output,
+            2,
+            "--client-rx applies to --topology veth-rss only",
         );
     }
 }
