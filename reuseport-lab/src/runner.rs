@@ -426,8 +426,6 @@ fn start_server(
     })
 }
 
-/// Reads a child's first stdout line (within 15 s), and keeps draining the rest so the child
-/// never blocks on a full pipe.
 /// Waits until the kernel says every listener of `port` is in a slot of a steering program
 /// (what `reuseport status` checks), or fails with the attach's stderr if it exits first or
 /// that takes 15 s.
@@ -462,6 +460,8 @@ fn wait_until_steered(attach: &mut ChildGuard, port: u16) -> Result<(), RunnerEr
     }
 }
 
+/// Reads a child's first stdout line (within 15 s), and keeps draining the rest so the child
+/// never blocks on a full pipe.
 fn first_line(guard: &mut ChildGuard) -> Result<String, RunnerError> {
     let stdout = guard
         .child_mut()
