@@ -251,4 +251,17 @@ fn restore_refuses_a_state_file_others_could_write_or_one_naming_other_files() {
         "{err}"
     );
     assert_eq!(snapshot(copy.path()), applied, "nothing was written");
+
+    // A state file that would have root start something else than irqbalance.
+    let mut json: serde_json::Value = serde_json::from_str(&text).expect("state JSON");
+    json["irqbalance"] = serde_json::json!({
+        "pid": 812,
+        "unit": null,
+        "command": ["/bin/sh", "-c", "touch /tmp/reuseport-should-not-exist"],
+    });
+    fs::write(&state, json.to_string()).expect("rewrite");
+    let rewritten = snapshot(copy.path());
+    let err = restore(&roots, &state).expect_err("not irqbalance");
+    assert!(err.to_string().contains("which is not irqbalance"), "{err}");
+    assert_eq!(snapshot(copy.path()), rewritten, "nothing was written");
 }

@@ -6,9 +6,9 @@
 //! then turned off on it (the IRQ's or thread's CPU is the worker's). On queues with neither
 //! (veth and other virtual devices in softirq mode) the RPS mask; each transmit queue's XPS
 //! mask. irqbalance, which would move the IRQs back, is stopped only when asked, and started
-//! again by [`restore`]. Queue `i` gets the workers at positions `i, i + n, i + 2n, ...` of the worker list
-//! (`n` queues), or the worker at position `i mod workers` when there are more queues than
-//! workers, so every worker gets a queue when it can.
+//! again by [`restore`]. Queue `i` gets the workers at positions `i, i + n, i + 2n, ...` of the
+//! worker list (`n` queues), or the worker at position `i mod workers` when there are more
+//! queues than workers, so every worker gets a queue when it can.
 
 use std::{
     fs, io,
@@ -486,6 +486,24 @@ pub fn restore(roots: &Roots, state: &Path) -> Result<Restored, AlignError> {
             path: state.to_path_buf(),
             why: format!("it names {}, which align never writes", setting.target),
         });
+    }
+    if let Some(stopped) = &saved.irqbalance {
+        // Root runs what the file says: only irqbalance, as a unit or by a program of that name.
+        let program = stopped.command.first().map(Path::new);
+        let named_irqbalance =
+            program.is_some_and(|p| p.file_name().is_some_and(|name| name == "irqbalance"));
+        let unit_ok = stopped.unit.as_deref().is_none_or(|unit| {
+            unit.ends_with(".service") && !unit.contains('/') && unit.contains("irqbalance")
+        });
+        if !named_irqbalance || !unit_ok {
+            return Err(AlignError::UnsafeState {
+                path: state.to_path_buf(),
+                why: format!(
+                    "it would start {:?} (unit {:?}), which is not irqbalance",
+                    stopped.command, stopped.unit
+                ),
+            });
+        }
     }
     check_privilege(&saved.settings)?;
     let mut skipped = Vec::new();
