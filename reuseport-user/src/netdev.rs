@@ -221,7 +221,7 @@ impl GenlSocket {
         }
     }
 
-    /// The `netdev` family's id, `None` where the kernel has no such family (before 6.8... or
+    /// The `netdev` family's id, `None` where the kernel has no such family (before 6.8, or
     /// built without it).
     fn netdev_family(&mut self) -> Result<Option<u16>, NetdevError> {
         let ask = GenlMessage::from_payload(GenlCtrl {
@@ -304,14 +304,24 @@ impl DeviceNapis {
 
 /// The NAPI instances of the device with index `ifindex` in the calling thread's network
 /// namespace, and the receive queues they serve. `None` where the kernel has no `netdev`
-/// family.
+/// family or one without `napi-get` and `queue-get` (before 6.8).
 pub fn device_napis(ifindex: u32) -> Result<Option<DeviceNapis>, NetdevError> {
     let mut socket = GenlSocket::open()?;
     let Some(family) = socket.netdev_family()? else {
         return Ok(None);
     };
-    let napis = socket
-        .dump(family, "napi-get", CMD_NAPI_GET, NAPI_IFINDEX, ifindex)?
+    // A kernel whose family predates queue-get and napi-get (6.5 to 6.7) answers EOPNOTSUPP.
+    let unsupported = |err: &NetdevError| matches!(err, NetdevError::Refused { errno, .. } if *errno == libc::EOPNOTSUPP);
+    let napi_answers = match socket.dump(family, "napi-get", CMD_NAPI_GET, NAPI_IFINDEX, ifindex) {
+        Err(err) if unsupported(&err) => return Ok(None),
+        answers => answers?,
+    };
+    let queue_answers =
+        match socket.dump(family, "queue-get", CMD_QUEUE_GET, QUEUE_IFINDEX, ifindex) {
+            Err(err) if unsupported(&err) => return Ok(None),
+            answers => answers?,
+        };
+    let napis = napi_answers
         .into_iter()
         .filter(|attrs| attrs.get(&NAPI_IFINDEX) == Some(&ifindex))
         .filter_map(|attrs| {
@@ -326,8 +336,7 @@ pub fn device_napis(ifindex: u32) -> Result<Option<DeviceNapis>, NetdevError> {
             ))
         })
         .collect();
-    let rx_queues = socket
-        .dump(family, "queue-get", CMD_QUEUE_GET, QUEUE_IFINDEX, ifindex)?
+    let rx_queues = queue_answers
         .into_iter()
         .filter(|attrs| {
             attrs.get(&QUEUE_IFINDEX) == Some(&ifindex)
