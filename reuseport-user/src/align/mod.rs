@@ -494,9 +494,9 @@ impl fmt::Display for Mismatch {
     }
 }
 
-/// Each way `view` disagrees with workers on `workers`, in the order: per-queue CPUs, shared
-/// CPUs and idle workers, XPS, irqbalance. `topology` picks the fallback CPU the way the steering
-/// program does.
+/// Each way `view` disagrees with workers on `workers`, in the order: per-queue CPUs (RPS,
+/// NAPI thread or IRQ), the RSS table, the RSS hash fields, shared CPUs and idle workers, XPS,
+/// irqbalance. `topology` picks the fallback CPU the way the steering program does.
 pub fn mismatches(view: &DeviceView, workers: &CpuList, topology: &CpuTopology) -> Vec<Mismatch> {
     let mut found = Vec::new();
     let is_worker = |cpu: &u32| workers.contains(*cpu);
