@@ -1,8 +1,9 @@
 //! The harness's topologies on the real kernel: the multi-queue veth has one receive queue per
 //! requested CPU, each with a NAPI thread pinned there and no RPS/XPS; the one-queue veth has its
 //! RPS mask; with the clients' end in softirq mode that end has GRO off, no threaded NAPI and no
-//! NAPI thread while TCP still flows both ways; and nothing of either (namespaces, veth, NAPI threads) outlives the topology, its
-//! dropping, a panic, or the SIGKILL of its process. Needs root; no `ip` binary is used.
+//! NAPI thread while TCP still flows both ways; and nothing of either (namespaces, veth, NAPI
+//! threads) outlives the topology, its dropping, a panic, or the SIGKILL of its process. Needs
+//! root; no `ip` binary is used.
 
 mod common;
 
