@@ -374,7 +374,8 @@ fn misaligned_napi_threads_are_named_and_after_apply_clients_are_served_on_their
         })
         .expect("veth")
         .expect("the server's namespace");
-    let addr = server.addr;
+    let server = StopOnDrop(server);
+    let addr = server.0.addr;
     // Misaligned: CPU b's clients arrive on queue 1, processed on CPU a, served by a's worker.
     let before = workers_serving(&topology, b, addr, 50);
     assert!(before.iter().all(|&cpu| cpu == a), "{before:?}");
@@ -428,9 +429,17 @@ fn misaligned_napi_threads_are_named_and_after_apply_clients_are_served_on_their
     );
     assert!(restored.contains("restored 2 setting(s)"), "{restored}");
     assert!(!state.exists());
-    let mut server = server;
-    let _ = server.child.kill();
-    let _ = server.child.wait();
+    drop(server);
+}
+
+/// Stops the server when the test ends, also when an assertion fails first.
+struct StopOnDrop(common::ServeProcess);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.child.kill();
+        let _ = self.0.child.wait();
+    }
 }
 
 /// Removes a file on drop (a state file, if the test stops between apply and restore).
