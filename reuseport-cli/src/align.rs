@@ -15,6 +15,8 @@ use reuseport::{
     },
     cpu_topology::CpuTopology,
     cpus::CpuError,
+    pinned::PinnedRoot,
+    port_steering::{PortSteering, Verdict},
 };
 use serde::Serialize;
 
@@ -30,8 +32,12 @@ pub struct AlignArgs {
     #[arg(long)]
     dev: String,
     /// The worker CPUs, e.g. "0-3,6" (default: every CPU this process may run on).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "port")]
     cpus: Option<CpuList>,
+    /// Take the worker CPUs from the steering of this port: the CPUs whose slot holds one of its
+    /// listeners now (a running `serve`, or a server steered by `attach`). Needs root.
+    #[arg(long)]
+    port: Option<u16>,
     /// Print the report as JSON: {device, workers, mismatches: [{kind, line, ...}]}; the
     /// device's rss_table and rss_hash are null where it has no RSS, a queue's napi_thread where
     /// its NAPI is not threaded.
@@ -121,7 +127,10 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
             err @ CpuError::NotAllowed { .. } => BadArguments(format!("--cpus: {err}")).into(),
             err => anyhow::Error::from(err),
         })?,
-        None => allowed,
+        None => match args.port {
+            Some(port) => serving_cpus(port)?,
+            None => allowed,
+        },
     };
     let mut view = read_device(&roots, &args.dev).map_err(bad_input)?;
     // The report goes on without the table when the ioctl fails, and says so.
@@ -187,6 +196,26 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
         print!("{}", render(&view, &workers, &found, rss_note.as_deref()));
     }
     Ok(())
+}
+
+/// The worker CPUs of the server steered on `port`; a port nothing steers is a usage error.
+fn serving_cpus(port: u16) -> anyhow::Result<CpuList> {
+    let steering = PortSteering::inspect(port, &PinnedRoot::system())
+        .with_context(|| format!("reading the steering of port {port}"))?;
+    let cpus = steering.steered_cpus();
+    if cpus.is_empty() {
+        return Err(BadArguments(format!(
+            "--port: no steering program holds a listener of port {port} ({}): start the \
+             server with `reuseport serve` or `reuseport attach`, or give --cpus",
+            match steering.verdict() {
+                Verdict::Stale => "its steering is stale: the group it steered is gone",
+                Verdict::Unknown => "a program pinned by an earlier version may steer it",
+                _ => "nothing steers it",
+            }
+        ))
+        .into());
+    }
+    Ok(cpus)
 }
 
 /// `CPU 3` or `CPUs 0-3`.

@@ -604,3 +604,35 @@ fn apply_stops_irqbalance_only_when_told_and_restore_starts_it_again() {
         });
     }
 }
+
+/// `--port`: the worker CPUs are those whose slot holds a listener of the port: a percpu server
+/// on one CPU gives that CPU alone; a port nothing steers is one line and exit 2.
+#[test]
+fn the_workers_of_a_steered_port_are_its_serving_cpus() {
+    let (_, b) = two_cpus();
+    let pair = Pair::create("p");
+    let server = StopOnDrop(common::ServeProcess::start(&[
+        "--mode",
+        "percpu",
+        "--cpus",
+        &b.to_string(),
+        "--listen",
+        "127.0.0.1:0",
+    ]));
+    let port = server.0.addr.port().to_string();
+    let report = stdout(&pair.align(&["--port", &port]));
+    let first = report.lines().next().unwrap_or_default().to_owned();
+    assert!(
+        first.contains(&format!("; workers on CPU {b};")),
+        "{first}\n{report}"
+    );
+    drop(server);
+
+    let unsteered = std::net::TcpListener::bind("127.0.0.1:0").expect("a plain listener");
+    let port = unsteered.local_addr().expect("address").port().to_string();
+    assert_one_line_error(
+        &pair.align(&["--port", &port]),
+        2,
+        &format!("no steering program holds a listener of port {port} (nothing steers it)"),
+    );
+}

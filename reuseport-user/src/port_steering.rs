@@ -435,6 +435,17 @@ impl PortSteering {
         }
     }
 
+    /// The CPUs whose slot holds a listener of the port now: the worker CPUs of the server it
+    /// steers.
+    pub fn steered_cpus(&self) -> crate::CpuList {
+        self.programs
+            .iter()
+            .flat_map(|p| p.slot_listeners.iter())
+            .filter(|(_, inode)| inode.is_some())
+            .map(|(slot, _)| slot.cpu)
+            .collect()
+    }
+
     /// The listeners in no program's slot.
     pub fn unsteered(&self) -> impl Iterator<Item = &Listener> {
         let steered: BTreeSet<u64> = self
