@@ -224,6 +224,10 @@ fn assert_results(results: &serde_json::Value, topology: &str) {
             "listener_lock_contended_per_conn",
             "listener_lock_wait_ns_per_conn",
             "ipis_per_conn",
+            "retrans_per_conn",
+            "loss_probes_per_conn",
+            "listen_drops_per_conn",
+            "backlog_drops_per_conn",
             "cpus_per_conn",
             "cross_cpu_conn_fraction",
         ] {
@@ -590,4 +594,53 @@ fn ab_with_the_nginx_attach_peer_measures_nginx_plain_and_steered() {
             "nginx on hash selection: {plain}"
         );
     }
+}
+
+/// The loss counters read the namespaces' own TCP counters: a listener in the server's
+/// namespace whose accept queue is full drops further SYNs from the clients' namespace, and
+/// `Losses` sees those drops.
+#[test]
+fn losses_count_the_syns_a_full_listen_queue_drops_in_the_servers_namespace() {
+    use reuseport_lab::{
+        losses::Losses,
+        topology::{Topology, TopologyKind},
+    };
+    let topology = Topology::create(TopologyKind::VethRps, &allowed_cpus()).expect("veth-rps");
+    let server_ip = topology.server_ip();
+    // Backlog 0: the accept queue holds one connection; nothing accepts.
+    let listener = topology
+        .in_server_namespace(move || {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .expect("socket");
+            socket
+                .bind(&std::net::SocketAddr::new(server_ip, 0).into())
+                .expect("bind");
+            socket.listen(0).expect("listen");
+            socket
+        })
+        .expect("veth")
+        .expect("the server's namespace");
+    let addr = listener
+        .local_addr()
+        .expect("address")
+        .as_socket()
+        .expect("inet");
+    let before = Losses::read(&topology).expect("counters");
+    let _clients: Vec<_> = topology
+        .in_client_namespace(move || {
+            (0..6)
+                .filter_map(|_| {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("veth")
+        .expect("the clients' namespace");
+    let lost = Losses::read(&topology).expect("counters").since(before);
+    assert!(lost.listen_drops >= 1, "{lost:?}");
+    drop(listener);
 }

@@ -30,6 +30,7 @@ pub mod kallsyms;
 pub mod load;
 pub mod lock_report;
 pub mod locks;
+pub mod losses;
 pub mod metrics;
 pub mod netns;
 pub mod peers;

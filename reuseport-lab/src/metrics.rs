@@ -47,6 +47,14 @@ pub enum MetricId {
     ListenerLockWaitNsPerConn,
     /// IPIs per connection.
     IpisPerConn,
+    /// TCP segments retransmitted per connection (server's and clients' namespaces).
+    RetransPerConn,
+    /// TCP tail-loss probes per connection (each one a lost segment waited for, 10 ms at least).
+    LossProbesPerConn,
+    /// SYNs or handshake ACKs dropped by a listener, per connection.
+    ListenDropsPerConn,
+    /// Packets dropped from full per-CPU receive backlogs (machine-wide), per connection.
+    BacklogDropsPerConn,
     /// Distinct CPUs touching a connection.
     CpusPerConn,
     /// Connections touched by more than one CPU.
@@ -84,7 +92,7 @@ pub struct MetricDef {
 
 impl MetricId {
     /// Every metric, in table order.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 25] = [
         Self::ConnPerS,
         Self::ReqPerS,
         Self::P50Us,
@@ -97,6 +105,10 @@ impl MetricId {
         Self::ListenerLockContendedPerConn,
         Self::ListenerLockWaitNsPerConn,
         Self::IpisPerConn,
+        Self::RetransPerConn,
+        Self::LossProbesPerConn,
+        Self::ListenDropsPerConn,
+        Self::BacklogDropsPerConn,
         Self::CpusPerConn,
         Self::CrossCpuConnFraction,
         Self::CacheMissesPerConn,
@@ -183,6 +195,34 @@ impl MetricId {
                 Lower,
                 "IPIs (RES + CAL)",
                 Some("IPIs/conn"),
+            ),
+            Self::RetransPerConn => (
+                "retrans_per_conn",
+                "1",
+                Lower,
+                "TCP segments retransmitted (both namespaces)",
+                None,
+            ),
+            Self::LossProbesPerConn => (
+                "loss_probes_per_conn",
+                "1",
+                Lower,
+                "TCP tail-loss probes (a lost segment waited for, >= 10 ms)",
+                None,
+            ),
+            Self::ListenDropsPerConn => (
+                "listen_drops_per_conn",
+                "1",
+                Lower,
+                "SYNs or handshake ACKs a listener dropped",
+                None,
+            ),
+            Self::BacklogDropsPerConn => (
+                "backlog_drops_per_conn",
+                "1",
+                Lower,
+                "packets dropped from full per-CPU receive backlogs (machine-wide)",
+                None,
             ),
             Self::CpusPerConn => (
                 "cpus_per_conn",

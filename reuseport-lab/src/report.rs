@@ -612,6 +612,7 @@ mod tests {
                 },
                 ipis: 3,
                 hw,
+                losses: Default::default(),
             }
         };
         let runs = vec![

@@ -30,6 +30,7 @@ use crate::{
     cpu_split::{CpuSplit, confine_on_spawn},
     hw_counters::{HwCount, HwCounters},
     load::{LoadKind, LoadReport},
+    losses::Losses,
     metrics::{Metric, MetricId, median},
     probes::{ProbeTotals, Probes, ipi_count},
     topology::{ClientRx, Topology, TopologyKind},
@@ -127,6 +128,9 @@ pub struct RunRecord {
     pub ipis: u64,
     /// Hardware counters during the run.
     pub hw: BTreeMap<String, HwCount>,
+    /// Packets lost during the run (zero in files written before it was counted).
+    #[serde(default)]
+    pub losses: Losses,
 }
 
 /// Progress events for a progress bar.
@@ -596,6 +600,7 @@ fn measure(
     };
     let hw = probed.then(|| HwCounters::start(cpus));
     let ipis_before = ipi_count()?;
+    let losses_before = Losses::read(topology)?;
 
     let load_json = files.join("load.json");
     let mut load = Command::new(&config.binary);
@@ -630,6 +635,7 @@ fn measure(
     waited?;
 
     let ipis = ipi_count()?.saturating_sub(ipis_before);
+    let losses = Losses::read(topology)?.since(losses_before);
     let hw = hw.map(HwCounters::stop).unwrap_or_default();
     let totals = probes.as_ref().map(Probes::totals).transpose()?;
     drop(probes);
@@ -642,7 +648,15 @@ fn measure(
         Some(path) => Some(read_json(path)?),
         None => None,
     };
-    let metrics = derive_metrics(config.load, &load, server_json.as_ref(), &probes, ipis, &hw);
+    let metrics = derive_metrics(
+        config.load,
+        &load,
+        server_json.as_ref(),
+        &probes,
+        ipis,
+        &hw,
+        &losses,
+    );
     Ok(Some(RunRecord {
         row: row.to_string(),
         rep,
@@ -652,6 +666,7 @@ fn measure(
         probes,
         ipis,
         hw,
+        losses,
     }))
 }
 
@@ -683,6 +698,7 @@ pub fn derive_metrics(
     probes: &ProbeTotals,
     ipis: u64,
     hw: &BTreeMap<String, HwCount>,
+    losses: &Losses,
 ) -> BTreeMap<MetricId, Metric> {
     let units = units(kind, load);
     let per = |count: u64| Metric::from_option(reuseport::stats::fraction(count, units));
@@ -727,6 +743,10 @@ pub fn derive_metrics(
                 MetricId::ListenerLockContendedPerConn => per(listener_waits),
                 MetricId::ListenerLockWaitNsPerConn => per(listener_ns),
                 MetricId::IpisPerConn => per(ipis),
+                MetricId::RetransPerConn => per(losses.retrans_segs),
+                MetricId::LossProbesPerConn => per(losses.loss_probes),
+                MetricId::ListenDropsPerConn => per(losses.listen_drops),
+                MetricId::BacklogDropsPerConn => per(losses.backlog_drops),
                 MetricId::CpusPerConn => Metric::from_option(probes.cpus_per_conn()),
                 MetricId::CrossCpuConnFraction => {
                     Metric::from_option(probes.cross_cpu_conn_fraction())

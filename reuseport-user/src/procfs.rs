@@ -254,8 +254,14 @@ pub fn tcp_ext_counters() -> std::collections::BTreeMap<String, u64> {
 }
 
 fn parse_tcp_ext(text: &str) -> std::collections::BTreeMap<String, u64> {
-    // Two lines per group: `TcpExt: Name1 Name2 ...` then `TcpExt: 1 2 ...`.
-    let mut lines = text.lines().filter(|line| line.starts_with("TcpExt:"));
+    parse_group(text, "TcpExt")
+}
+
+/// The counters of one group of a `/proc/net/netstat` or `/proc/net/snmp` text: two lines,
+/// `GROUP: Name1 Name2 ...` then `GROUP: 1 2 ...`, by name.
+fn parse_group(text: &str, group: &str) -> std::collections::BTreeMap<String, u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|line| line.starts_with(&prefix));
     let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
         return Default::default();
     };
@@ -265,6 +271,34 @@ fn parse_tcp_ext(text: &str) -> std::collections::BTreeMap<String, u64> {
         .skip(1)
         .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
         .collect()
+}
+
+/// The `Tcp` and `TcpExt` counters of the calling thread's network namespace
+/// (`/proc/thread-self/net/snmp` and `netstat`), named as `nstat` names them (`TcpRetransSegs`,
+/// `TcpExtListenDrops`); empty where unreadable.
+pub fn tcp_counters() -> std::collections::BTreeMap<String, u64> {
+    let mut counters = std::collections::BTreeMap::new();
+    for (file, group) in [("snmp", "Tcp"), ("netstat", "TcpExt")] {
+        let text = fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default();
+        counters.extend(
+            parse_group(&text, group)
+                .into_iter()
+                .map(|(name, value)| (format!("{group}{name}"), value)),
+        );
+    }
+    counters
+}
+
+/// Packets the kernel dropped from full per-CPU receive backlogs (`/proc/net/softnet_stat`,
+/// second column, summed over CPUs; machine-wide, not per namespace); `None` where unreadable.
+pub fn backlog_drops() -> Option<u64> {
+    let text = fs::read_to_string("/proc/net/softnet_stat").ok()?;
+    text.lines()
+        .map(|line| {
+            let dropped = line.split_whitespace().nth(1)?;
+            u64::from_str_radix(dropped, 16).ok()
+        })
+        .sum()
 }
 
 /// How many file descriptors `pid` has open (`/proc/PID/fd`).
@@ -302,6 +336,20 @@ pub fn effective_capabilities() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_namespace_has_tcp_counters_and_the_machine_backlog_drops() {
+        let counters = tcp_counters();
+        for name in [
+            "TcpRetransSegs",
+            "TcpActiveOpens",
+            "TcpExtListenDrops",
+            "TcpExtTCPLossProbes",
+        ] {
+            assert!(counters.contains_key(name), "{name} in {counters:?}");
+        }
+        assert!(backlog_drops().is_some());
+    }
 
     #[test]
     fn tcp_ext_counters_pair_names_with_values() {
