@@ -127,10 +127,18 @@ fn start_prefork_by(mut command: Command, flags: &[&str]) -> (Guard, SocketAddr,
 /// `reuseport attach ARGS` running until stopped; returns once it is steering, with its stdout
 /// (kept open: it prints again when it detaches).
 fn start_attach(args: &[&str]) -> (Guard, BufReader<std::process::ChildStdout>) {
+    let (child, stdout) = spawn_steering_attach(&[args, &["--quiet"]].concat());
+    (Guard(child), stdout)
+}
+
+/// Spawns `reuseport attach ARGS` and returns once its first line says it steers, with its
+/// stdout.
+fn spawn_steering_attach(
+    args: &[&str],
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(BINARY)
         .arg("attach")
         .args(args)
-        .arg("--quiet")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -139,7 +147,7 @@ fn start_attach(args: &[&str]) -> (Guard, BufReader<std::process::ChildStdout>) 
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
     assert!(first.contains("reuseport: steering port"), "{first:?}");
-    (Guard(child), stdout)
+    (child, stdout)
 }
 
 /// Stops an attach with SIGTERM: it detaches, says so and exits successfully.
@@ -822,19 +830,13 @@ fn an_attach_whose_reader_goes_away_keeps_steering_then_detaches_when_stopped() 
     let (_server, addr, master) = start_prefork(&[]);
     let workers = workers_by_cpu(master);
     assert!(workers.len() >= 2, "{workers:?}");
-    let mut attach = Command::new(BINARY)
-        .args(["attach", "--port", &addr.port().to_string()])
-        .args(["--pid", &master.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start attach");
-    {
-        let mut stdout = BufReader::new(attach.stdout.take().unwrap());
-        let mut first = String::new();
-        stdout.read_line(&mut first).unwrap();
-        assert!(first.contains("reuseport: steering port"), "{first:?}");
-    }
+    let (mut attach, stdout) = spawn_steering_attach(&[
+        "--port",
+        &addr.port().to_string(),
+        "--pid",
+        &master.to_string(),
+    ]);
+    drop(stdout);
     // Live lines now go to a closed pipe (SIGPIPE or EPIPE) for a few seconds.
     std::thread::sleep(Duration::from_millis(2500));
     assert!(attach.try_wait().unwrap().is_none(), "attach ended");
