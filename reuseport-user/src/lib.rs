@@ -65,6 +65,7 @@ pub mod netdev;
 pub mod pinned;
 pub mod port_report;
 pub mod port_steering;
+pub mod private_path;
 pub mod procfs;
 pub mod server;
 pub mod sockarray;

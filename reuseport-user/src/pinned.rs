@@ -376,7 +376,6 @@ impl PinnedRoot {
     /// no one else: under a world-writable `/sys/fs/bpf` another user could otherwise have created it
     /// first, and could rename or fill it.
     pub fn check_dirs(&self, port: u16) -> Result<(), PinnedError> {
-        let me = rustix::process::geteuid().as_raw();
         let paths = [
             (self.pins.clone(), true),
             (self.pin_dir(port), true),
@@ -384,32 +383,13 @@ impl PinnedRoot {
             (self.state_path(port), false),
         ];
         for (path, is_dir) in paths {
-            let meta = match fs::symlink_metadata(&path) {
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                other => other.map_err(PinnedError::io("reading", &path))?,
-            };
-            let unsafe_because = |why: String| PinnedError::Unsafe {
-                path: path.display().to_string(),
-                why,
-            };
-            if meta.file_type().is_symlink() {
-                return Err(unsafe_because("it is a symbolic link".to_owned()));
-            }
-            if is_dir != meta.is_dir() {
-                let what = if is_dir { "a directory" } else { "a file" };
-                return Err(unsafe_because(format!("it is not {what}")));
-            }
-            if meta.uid() != 0 && meta.uid() != me {
-                return Err(unsafe_because(format!(
-                    "it is owned by uid {}, not by root or by this user (uid {me})",
-                    meta.uid()
-                )));
-            }
-            if meta.mode() & 0o022 != 0 {
-                return Err(unsafe_because(format!(
-                    "it is writable by its group or by everyone (mode {:o})",
-                    meta.mode() & 0o7777
-                )));
+            let why = crate::private_path::why_not_private(&path, is_dir)
+                .map_err(PinnedError::io("reading", &path))?;
+            if let Some(why) = why {
+                return Err(PinnedError::Unsafe {
+                    path: path.display().to_string(),
+                    why,
+                });
             }
         }
         Ok(())

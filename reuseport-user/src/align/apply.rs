@@ -12,7 +12,7 @@
 
 use std::{
     fs, io,
-    os::unix::fs::{DirBuilderExt as _, MetadataExt as _},
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
 };
 
@@ -261,47 +261,17 @@ const WRITABLE: [&str; 3] = ["rps_cpus", "xps_cpus", "smp_affinity_list"];
 /// (`is_dir`) or file, owned by root or this user and writable by no one else: root writes
 /// what the state file says, so no other user may have put it there.
 fn check_private(path: &Path, is_dir: bool) -> Result<(), AlignError> {
-    let meta = match fs::symlink_metadata(path) {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(AlignError::State {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-        Ok(meta) => meta,
-    };
-    let refuse = |why: String| AlignError::UnsafeState {
-        path: path.to_path_buf(),
-        why,
-    };
-    let me = rustix::process::geteuid().as_raw();
-    if meta.file_type().is_symlink() {
-        return Err(refuse("it is a symbolic link".into()));
+    match crate::private_path::why_not_private(path, is_dir) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(AlignError::UnsafeState {
+            path: path.to_path_buf(),
+            why,
+        }),
+        Err(source) => Err(AlignError::State {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
-    if meta.is_dir() != is_dir {
-        return Err(refuse(
-            if is_dir {
-                "it is not a directory"
-            } else {
-                "it is not a file"
-            }
-            .into(),
-        ));
-    }
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(refuse(format!(
-            "it is owned by uid {}, not by root or by this user (uid {me})",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(refuse(format!(
-            "it is writable by its group or by everyone (mode {:o})",
-            meta.mode() & 0o7777
-        )));
-    }
-    Ok(())
 }
 
 /// [`check_private`] for the state file and its directory.
