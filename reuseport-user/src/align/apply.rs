@@ -22,7 +22,7 @@ use super::{
     AlignError, DeviceView, format_mask,
     irqbalance::{self, StoppedIrqbalance},
     napi::{thread_cpus, thread_name},
-    read::Roots,
+    read::{Roots, read_text},
 };
 use crate::CpuList;
 
@@ -125,15 +125,6 @@ fn share(workers: &[u32], index: usize, count: usize) -> Vec<u32> {
     }
 }
 
-fn current(path: &Path) -> Result<String, AlignError> {
-    fs::read_to_string(path)
-        .map(|text| text.trim().to_owned())
-        .map_err(|source| AlignError::Read {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
 /// The settings that would align `view` with `workers`, leaving out those already right.
 pub fn plan(
     roots: &Roots,
@@ -154,7 +145,7 @@ pub fn plan(
             let path = roots
                 .proc
                 .join(format!("irq/{}/smp_affinity_list", irq.number));
-            let old = current(&path)?;
+            let old = read_text(&path)?;
             let new = mine[0].to_string();
             if irq.cpus != [mine[0]] || old != new {
                 settings.push(Setting::file(path, old, new));
@@ -176,11 +167,11 @@ pub fn plan(
         if queue.irq.is_some() || queue.napi_thread.is_some() {
             // The IRQ's or thread's CPU is the worker's: RPS would only move packets away.
             if rps_on {
-                let old = current(&rps_path)?;
+                let old = read_text(&rps_path)?;
                 settings.push(Setting::file(rps_path, old, "0".into()));
             }
         } else if queue.rps_cpus.as_ref().is_some_and(|cpus| *cpus != mine) {
-            let old = current(&rps_path)?;
+            let old = read_text(&rps_path)?;
             settings.push(Setting::file(rps_path, old, format_mask(&mine)));
         }
     }
@@ -189,7 +180,7 @@ pub fn plan(
         let mine = share(&workers, position, tx_count);
         if queue.xps_cpus.as_ref().is_some_and(|cpus| *cpus != mine) {
             let path = queues.join(format!("tx-{}/xps_cpus", queue.index));
-            let old = current(&path)?;
+            let old = read_text(&path)?;
             settings.push(Setting::file(path, old, format_mask(&mine)));
         }
     }

@@ -8,11 +8,14 @@
 //! exactly one NAPI instance per receive queue gets them matched in id order, the order veth
 //! creates them in; [`NapiThread::linked`] says which way it was found.
 
-use std::{fs, path::Path};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{AlignError, DeviceView, read::Roots};
+use super::{
+    AlignError, DeviceView,
+    read::{Roots, read_optional, read_text},
+};
 use crate::{CpuList, netdev};
 
 /// The kernel thread that processes one receive queue.
@@ -33,10 +36,7 @@ pub struct NapiThread {
 /// The CPU affinity of task `pid` from `/proc/PID/status` under `proc`.
 pub fn thread_cpus(proc: &Path, pid: u32) -> Result<Vec<u32>, AlignError> {
     let path = proc.join(pid.to_string()).join("status");
-    let text = fs::read_to_string(&path).map_err(|source| AlignError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let text = read_text(&path)?;
     let list = text
         .lines()
         .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
@@ -52,9 +52,7 @@ pub fn thread_cpus(proc: &Path, pid: u32) -> Result<Vec<u32>, AlignError> {
 
 /// The name of task `pid` (`/proc/PID/comm`), `None` if it is gone.
 pub fn thread_name(proc: &Path, pid: u32) -> Option<String> {
-    fs::read_to_string(proc.join(pid.to_string()).join("comm"))
-        .ok()
-        .map(|name| name.trim().to_owned())
+    read_optional(&proc.join(pid.to_string()).join("comm"))
 }
 
 /// Fills in each receive queue's NAPI thread of the live device `view` describes (in the calling
@@ -62,13 +60,10 @@ pub fn thread_name(proc: &Path, pid: u32) -> Option<String> {
 /// has no `netdev` netlink family.
 pub fn read_threads(roots: &Roots, view: &mut DeviceView) -> Result<(), AlignError> {
     let path = roots.device_dir(&view.name).join("ifindex");
-    let text = fs::read_to_string(&path).map_err(|source| AlignError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    let ifindex: u32 = text.trim().parse().map_err(|_| AlignError::Parse {
+    let text = read_text(&path)?;
+    let ifindex: u32 = text.parse().map_err(|_| AlignError::Parse {
         path,
-        text: text.trim().to_owned(),
+        text,
         expected: "an interface index",
     })?;
     let Some(device) = netdev::device_napis(ifindex).map_err(|source| AlignError::Netdev {

@@ -68,7 +68,8 @@ fn irq_role(name: &str) -> Option<IrqRole> {
     }
 }
 
-fn read_text(path: &Path) -> Result<String, AlignError> {
+/// A sysfs or procfs file's text, trimmed.
+pub(crate) fn read_text(path: &Path) -> Result<String, AlignError> {
     fs::read_to_string(path)
         .map(|text| text.trim().to_owned())
         .map_err(|source| AlignError::Read {
@@ -79,7 +80,7 @@ fn read_text(path: &Path) -> Result<String, AlignError> {
 
 /// A file that may be absent or unreadable on some kernels and devices (`xps_cpus` of a
 /// single-queue device answers ENOENT).
-fn read_optional(path: &Path) -> Option<String> {
+pub(crate) fn read_optional(path: &Path) -> Option<String> {
     fs::read_to_string(path)
         .ok()
         .map(|text| text.trim().to_owned())
