@@ -329,37 +329,11 @@ impl HttpConnection {
         self.stream.write_all(request).await?;
         self.buffer.clear();
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut response = httparse::Response::new(&mut headers);
-            let status = response
-                .parse(&self.buffer)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            if let httparse::Status::Complete(head_len) = status {
-                if response.code != Some(200) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "status is not 200",
-                    ));
-                }
-                let header = |name: &str| {
-                    response
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| h.value)
-                };
-                let body_len: usize = header("content-length")
-                    .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
-                    .ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::InvalidData, "no content-length")
-                    })?;
-                let keep_alive =
-                    !header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
-                let total = head_len + body_len;
-                while self.buffer.len() < total {
+            if let Some(head) = parse_response_head(&self.buffer)? {
+                while self.buffer.len() < head.total() {
                     self.read_more().await?;
                 }
-                return Ok(keep_alive);
+                return Ok(head.keep_alive);
             }
             self.read_more().await?;
         }
@@ -417,6 +391,59 @@ async fn udp(target: SocketAddr, shared: &Shared) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The head of an HTTP/1.1 response at the start of a buffer, once all of it has arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// The head's length, up to the blank line.
+    pub head_len: usize,
+    /// The body's length (`Content-Length`).
+    pub body_len: usize,
+    /// Whether the server keeps the connection open (no `Connection: close`).
+    pub keep_alive: bool,
+}
+
+impl ResponseHead {
+    /// How many bytes the whole response takes.
+    pub fn total(&self) -> usize {
+        self.head_len + self.body_len
+    }
+}
+
+/// Parses the response head at the start of `buffer`: `Ok(None)` while it is incomplete, an
+/// error for a status other than 200 or a response without `Content-Length`.
+pub fn parse_response_head(buffer: &[u8]) -> io::Result<Option<ResponseHead>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let status = response
+        .parse(buffer)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let httparse::Status::Complete(head_len) = status else {
+        return Ok(None);
+    };
+    if response.code != Some(200) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "status is not 200",
+        ));
+    }
+    let header = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let body_len: usize = header("content-length")
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no content-length"))?;
+    let keep_alive = !header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
+    Ok(Some(ResponseHead {
+        head_len,
+        body_len,
+        keep_alive,
+    }))
 }
 
 #[cfg(test)]

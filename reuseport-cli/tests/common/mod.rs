@@ -383,42 +383,22 @@ pub fn keep_alive_request(stream: &mut TcpStream) -> std::io::Result<bool> {
     stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
     let mut buffer = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        let status = response
-            .parse(&buffer)
-            .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
-        if let httparse::Status::Complete(head_len) = status {
-            if response.code != Some(200) {
-                return Err(std::io::Error::new(ErrorKind::InvalidData, "not 200"));
-            }
-            let header = |name: &str| {
-                response
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case(name))
-                    .map(|h| h.value)
-            };
-            let body: usize = header("content-length")
-                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-                .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "no length"))?;
-            let keep_alive =
-                !header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
-            while buffer.len() < head_len + body {
-                let n = stream.read(&mut chunk)?;
-                if n == 0 {
-                    return Err(ErrorKind::UnexpectedEof.into());
-                }
-                buffer.extend_from_slice(&chunk[..n]);
-            }
-            return Ok(keep_alive);
-        }
+    let mut read_more = |buffer: &mut Vec<u8>| {
         let n = stream.read(&mut chunk)?;
         if n == 0 {
-            return Err(ErrorKind::UnexpectedEof.into());
+            return Err(std::io::Error::from(ErrorKind::UnexpectedEof));
         }
         buffer.extend_from_slice(&chunk[..n]);
+        Ok(())
+    };
+    loop {
+        if let Some(head) = reuseport_lab::load::parse_response_head(&buffer)? {
+            while buffer.len() < head.total() {
+                read_more(&mut buffer)?;
+            }
+            return Ok(head.keep_alive);
+        }
+        read_more(&mut buffer)?;
     }
 }
 
