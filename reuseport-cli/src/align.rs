@@ -156,9 +156,11 @@ pub fn align(args: AlignArgs) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        apply::check_privilege(&settings).map_err(bad_input)?;
         let stopped = apply::apply(&roots, &view, &settings, &state, args.stop_irqbalance)
-            .with_context(|| format!("aligning {}", view.name))?;
+            .map_err(|err| match err {
+                AlignError::NoPrivilege { .. } => bad_input(err),
+                err => anyhow::Error::from(err).context(format!("aligning {}", view.name)),
+            })?;
         for setting in &settings {
             println!("{}: {} -> {}", setting.target, setting.old, setting.new);
         }

@@ -335,9 +335,10 @@ pub fn ensure_not_applied(state: &Path) -> Result<(), AlignError> {
     Ok(())
 }
 
-/// Writes every setting of `settings` for `view`'s device, after saving the previous values to
-/// `state` (which must not exist yet). While irqbalance runs and IRQs would change, refuses,
-/// or, with `stop_irqbalance`, stops it first (and saves how to start it again). If a write
+/// Writes every setting of `settings` for `view`'s device, after checking the privilege they
+/// need ([`check_privilege`]) and saving the previous values to `state` (which must not exist
+/// yet). While irqbalance runs and IRQs would change, refuses, or, with `stop_irqbalance`,
+/// stops it first (and saves how to start it again). If a write
 /// fails, the ones before it are put back, irqbalance started again and the state file removed.
 /// Returns the irqbalance it stopped.
 pub fn apply(
@@ -347,6 +348,7 @@ pub fn apply(
     state: &Path,
     stop_irqbalance: bool,
 ) -> Result<Option<StoppedIrqbalance>, AlignError> {
+    check_privilege(settings)?;
     let irqbalance_in_the_way = view.irqbalance.filter(|_| {
         settings.iter().any(|setting| {
             setting
@@ -357,7 +359,6 @@ pub fn apply(
     if let Some(pid) = irqbalance_in_the_way.filter(|_| !stop_irqbalance) {
         return Err(AlignError::Irqbalance { pid });
     }
-    check_privilege(settings)?;
     ensure_not_applied(state)?;
     check_state(state)?;
     let state_error = |source| AlignError::State {
