@@ -1,8 +1,9 @@
 //! The built-in load generator (`reuseport load`): real clients against a server, every loop
 //! bounded by a duration and a request count.
 //!
-//! - [`LoadKind::Crr`]: connect, one HTTP/1.1 request, close (like netperf `TCP_CRR` or neper
-//!   `tcp_crr`): every request is a new connection, so it measures accept-path behaviour.
+//! - [`LoadKind::Crr`]: connect, one HTTP/1.1 request with `Connection: close`, wait for the
+//!   server to close, close (like netperf `TCP_CRR` or neper `tcp_crr`): every request is a new
+//!   connection, so it measures accept-path behaviour.
 //! - [`LoadKind::Rr`]: keep-alive HTTP/1.1 requests over long-lived connections.
 //! - [`LoadKind::Udp`]: one datagram and its reply, each from a new socket (a new 4-tuple, so
 //!   each is a new reuseport selection).
@@ -339,6 +340,25 @@ impl HttpConnection {
         }
     }
 
+    /// Waits for the server to close the connection (its FIN), after a response that ends it.
+    ///
+    /// The client closes only then, so the server is always the side that closes first and
+    /// keeps the TIME_WAIT entry. A client that closed as soon as it had the response would
+    /// race the server's FIN and, each time it won, hold its port in TIME_WAIT for a minute;
+    /// outside loopback (`tcp_tw_reuse = 2`, the default, reuses those on loopback only) such
+    /// ports cannot connect to the same server again, so every `connect` searched longer for a
+    /// free port, under the port table's bucket locks, and a run slowed as they filled.
+    async fn await_close(&mut self) -> io::Result<()> {
+        let mut chunk = [0u8; 512];
+        match self.stream.read(&mut chunk).await? {
+            0 => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bytes after a response that closes the connection",
+            )),
+        }
+    }
+
     async fn read_more(&mut self) -> io::Result<()> {
         let mut chunk = [0u8; 4096];
         let n = self.stream.read(&mut chunk).await?;
@@ -352,8 +372,10 @@ impl HttpConnection {
 
 async fn crr(target: SocketAddr, shared: &Shared) -> io::Result<()> {
     let mut connection = HttpConnection::open(target, shared).await?;
+    // The request said `Connection: close`, so the server closes after its response whatever
+    // the response says (RFC 9112, 9.6).
     connection.exchange(REQUEST_CLOSE).await?;
-    Ok(())
+    connection.await_close().await
 }
 
 async fn rr(
@@ -367,8 +389,10 @@ async fn rr(
     };
     if connection.exchange(REQUEST_KEEP_ALIVE).await? {
         *kept_alive = Some(connection);
+        Ok(())
+    } else {
+        connection.await_close().await
     }
-    Ok(())
 }
 
 async fn udp(target: SocketAddr, shared: &Shared) -> io::Result<()> {
