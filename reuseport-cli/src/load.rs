@@ -14,7 +14,8 @@ pub struct LoadArgs {
     /// The server to load.
     #[arg(long, default_value = "127.0.0.1:8080")]
     target: SocketAddr,
-    /// crr: connect, one request, close; rr: keep-alive requests; udp: datagram request/reply.
+    /// crr: connect, one request, wait for the server to close, close; rr: keep-alive requests;
+    /// udp: datagram request/reply.
     #[arg(long, value_enum, default_value_t = LoadKindArg::Crr)]
     kind: LoadKindArg,
     /// Concurrent clients.
