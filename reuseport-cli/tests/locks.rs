@@ -8,6 +8,7 @@ mod common;
 
 use std::{
     io::Write as _,
+    net::UdpSocket,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -157,4 +158,77 @@ fn mmap_lock_waits_show_as_rwsem_waits_of_the_client() {
             .all(|s| !reuseport_lab::locks::is_lock_primitive(&s.site)),
         "{sites:#?}"
     );
+}
+
+/// Two threads of this process on two CPUs flood one UDP socket over loopback while a third
+/// drains it: each datagram is delivered in the sender's softirq, which takes the receiving
+/// socket's queue lock against the other sender's softirq and the reader. Those waits are softirq
+/// waits, and their stacks end at the softirq handler loop: what it interrupted (here, the
+/// sender's own `sendto`) is cut, so that such stacks do not fill the maps.
+#[test]
+fn softirq_wait_stacks_end_at_the_softirq_entry() {
+    let Some((a, b)) = two_cpus() else { return };
+    let probes = Probes::attach(1).expect("attach probes");
+    let receiver = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let target = receiver.local_addr().expect("local address");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads: Vec<_> = [a, b]
+        .into_iter()
+        .map(|cpu| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                pin_current_thread(cpu).expect("pin");
+                let sender = UdpSocket::bind("127.0.0.1:0").expect("bind");
+                let end = Instant::now() + Duration::from_secs(25);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    // A full receive queue drops datagrams; the send still succeeds.
+                    let _ = sender.send_to(&[7u8; 64], target);
+                }
+            })
+        })
+        .collect();
+    threads.push({
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut buffer = [0u8; 64];
+            let end = Instant::now() + Duration::from_secs(25);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                let _ = receiver.recv(&mut buffer);
+            }
+        })
+    });
+    let softirq_entry = |frame: &String| frame == "handle_softirqs" || frame == "__do_softirq";
+    let end = Instant::now() + Duration::from_secs(20);
+    let stacks = loop {
+        let stacks = probes.lock_stacks().expect("lock stacks");
+        let softirq_stacks = stacks
+            .values()
+            .filter(|frames| frames.iter().any(softirq_entry))
+            .count();
+        if softirq_stacks > 0 || Instant::now() > end {
+            break stacks;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread.join().expect("thread");
+    }
+    let softirq_stacks: Vec<&Vec<String>> = stacks
+        .values()
+        .filter(|frames| frames.iter().any(softirq_entry))
+        .collect();
+    assert!(
+        !softirq_stacks.is_empty(),
+        "no contended wait in softirq recorded in 20 s: {stacks:#?}"
+    );
+    for frames in softirq_stacks {
+        assert!(
+            frames.last().is_some_and(softirq_entry),
+            "a softirq stack goes on below the softirq entry: {frames:#?}"
+        );
+    }
 }

@@ -48,6 +48,10 @@ pub mod names {
     /// `PERCPU_ARRAY` with one [`LockStack`](crate::LockStack): where a stack is taken before it
     /// is hashed (too large for the BPF stack).
     pub const LOCK_STACK_BUF: &str = "lock_stack_buf";
+    /// `ARRAY` of [`LOCK_STACK_CUTS_LEN`](crate::LOCK_STACK_CUTS_LEN) `u64`: address ranges
+    /// `[start, end)` in pairs, the kernel's softirq and interrupt entry code. A stack is kept up
+    /// to its first frame in one of them; what lies below is the interrupted context.
+    pub const LOCK_STACK_CUTS: &str = "lock_stack_cuts";
     /// `PERCPU_HASH` [`LockKey`](crate::LockKey) → [`LockWait`](crate::LockWait): finished
     /// contended waits by stack, lock kind and side.
     pub const LOCK_WAITS: &str = "lock_waits";
@@ -174,6 +178,10 @@ impl ProbeCounts {
 /// Kernel frames kept per [`LockStack`] (innermost first). Enough to reach the softirq entry
 /// (`handle_softirqs`) from any networking lock.
 pub const LOCK_STACK_DEPTH: usize = 48;
+
+/// Entries of [`names::LOCK_STACK_CUTS`]: three `[start, end)` ranges (the softirq handler loop,
+/// the softirq entry text, the interrupt entry text); a range of `0, 0` cuts nothing.
+pub const LOCK_STACK_CUTS_LEN: u32 = 6;
 
 /// A kernel stack taken at `lock:contention_begin`: return addresses, innermost first, zero after
 /// the last.

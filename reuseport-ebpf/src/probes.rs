@@ -56,8 +56,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use reuseport_common::{
-    CONN_CPUS_MAX, ConnCpus, LockKey, LockPending, LockStack, LockWait, LockWaiter, ProbeCounts,
-    lock_side, probe_config as cfg,
+    CONN_CPUS_MAX, ConnCpus, LOCK_STACK_CUTS_LEN, LockKey, LockPending, LockStack, LockWait,
+    LockWaiter, ProbeCounts, lock_side, probe_config as cfg,
 };
 
 /// Settings and tracepoint field offsets, indexed by `probe_config::*`.
@@ -88,6 +88,11 @@ static LOCK_STACKS: HashMap<u64, LockStack> = HashMap::with_max_entries(8192, 0)
 /// Where this CPU takes a stack before hashing it.
 #[map(name = "lock_stack_buf")]
 static LOCK_STACK_BUF: PerCpuArray<LockStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Softirq and interrupt entry code, as `[start, end)` pairs: stacks end at their first frame
+/// there (set by user space from `/proc/kallsyms`).
+#[map(name = "lock_stack_cuts")]
+static LOCK_STACK_CUTS: Array<u64> = Array::with_max_entries(LOCK_STACK_CUTS_LEN, 0);
 
 /// Finished contended waits by stack, flags and side.
 #[map(name = "lock_waits")]
@@ -149,8 +154,9 @@ fn record_stack(ctx: &TracePointContext) -> u64 {
     if taken <= 0 {
         return 0;
     }
-    // SAFETY: this CPU's entry, written above.
-    let stack = unsafe { &*buf };
+    // SAFETY: this CPU's entry, written above; nothing else touches it while this runs.
+    let stack = unsafe { &mut *buf };
+    cut_below_interrupt_entry(stack);
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for frame in stack.frames {
         hash = (hash ^ frame).wrapping_mul(0x0000_0100_0000_01b3);
@@ -159,6 +165,30 @@ fn record_stack(ctx: &TracePointContext) -> u64 {
     // Already there (the usual case) or the map is full: either way the hash names it.
     let _ = LOCK_STACKS.insert(&hash, stack, BPF_NOEXIST);
     hash
+}
+
+/// Zeroes the frames below the first one in softirq or interrupt entry code: they are whatever
+/// the interrupt happened to interrupt, as varied as the kernel, and would make every such wait a
+/// stack of its own, filling `lock_stacks` and `lock_waits` on a busy machine. The entry frame is
+/// kept, so user space still tells softirq waits apart. A return address points after its call,
+/// so a frame belongs to `[start, end)` when `start < frame <= end`.
+fn cut_below_interrupt_entry(stack: &mut LockStack) {
+    let bound = |slot: u32| LOCK_STACK_CUTS.get(slot).copied().unwrap_or(0);
+    let ranges = [
+        (bound(0), bound(1)),
+        (bound(2), bound(3)),
+        (bound(4), bound(5)),
+    ];
+    let mut cut = false;
+    for frame in stack.frames.iter_mut() {
+        if cut {
+            *frame = 0;
+        } else {
+            cut = ranges
+                .iter()
+                .any(|&(start, end)| start < *frame && *frame <= end);
+        }
+    }
 }
 
 #[tracepoint]

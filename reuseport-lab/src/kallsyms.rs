@@ -72,6 +72,18 @@ impl Kallsyms {
             .map(|(address, _)| *address)
     }
 
+    /// The function `name` as `[start, end)`: from its address to the next symbol's (the first if
+    /// several share the name).
+    pub fn range_of(&self, name: &str) -> Option<(u64, u64)> {
+        let start = self.address_of(name)?;
+        let end = self
+            .symbols
+            .iter()
+            .map(|(address, _)| *address)
+            .find(|&address| address > start)?;
+        Some((start, end))
+    }
+
     /// Names a stack of return addresses (innermost first, zeros ignored). A return address
     /// points after its call, possibly past the end of the calling function, so each is looked up
     /// one byte earlier; unknown addresses become `0x…`.
@@ -108,6 +120,13 @@ mod tests {
         assert_eq!(symbols.resolve(0xffff_ffff_8100_0300), Some("second"));
         assert_eq!(symbols.resolve(0xffff_ffff_c000_0010), Some("in_module"));
         assert_eq!(symbols.resolve(0xffff_ffff_8100_00ff), None);
+        assert_eq!(
+            symbols.range_of("first"),
+            Some((0xffff_ffff_8100_0100, 0xffff_ffff_8100_0200))
+        );
+        // The last function has no end to tell.
+        assert_eq!(symbols.range_of("in_module"), None);
+        assert_eq!(symbols.range_of("hidden"), None);
         // Return addresses are looked up one byte back: the end of `first` is still `first`.
         assert_eq!(
             symbols.symbolize(&[0xffff_ffff_8100_0200, 0, 0x10]),

@@ -36,11 +36,19 @@
 //!   the listener's socket lock at all, so a `tcp_v4_rcv` wait is never a listener's.
 //!
 //! Waits the maps had no room for are counted apart (`lock_unrecorded`), never dropped silently.
+//! So that they rarely run out of room, each stack is kept only down to its first frame in the
+//! softirq handler loop or in the kernel's softirq or interrupt entry code ([`stack_cuts`]):
+//! below that lies whatever the interrupt interrupted, which would make nearly every softirq wait
+//! a stack of its own (on 16 CPUs, more than the maps hold in one run). The entry frame itself
+//! stays, so the side is still told; the listener rule sees only the softirq's own frames, not
+//! those of a listener's `accept` it happened to interrupt.
 
 use std::collections::{BTreeMap, HashMap};
 
 use reuseport_common::{LockKey, LockWait, lock_side};
 use serde::{Deserialize, Serialize};
+
+use crate::kallsyms::Kallsyms;
 
 /// Who waited for a lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -169,6 +177,28 @@ const LISTENER_PREFIXES: [&str; 3] = ["inet_csk_reqsk_queue_", "reqsk_queue_", "
 /// `.part.0`, `.cold`).
 fn base_name(frame: &str) -> &str {
     frame.split('.').next().unwrap_or(frame)
+}
+
+/// The address ranges the probes cut stacks at (entries of `lock_stack_cuts`): the softirq
+/// handler loop (`handle_softirqs`, or `__do_softirq` on kernels before 6.3, which had no
+/// separate loop), the softirq entry text (`__softirqentry_text_start`..`_end`, where
+/// `__do_softirq` lives) and the interrupt entry text (`__irqentry_text_start`..`_end`: the
+/// hardware interrupt entries). A range this kernel lacks is `(0, 0)` and cuts nothing.
+pub fn stack_cuts(symbols: &Kallsyms) -> [(u64, u64); 3] {
+    let text = |start: &str, end: &str| {
+        symbols
+            .address_of(start)
+            .zip(symbols.address_of(end))
+            .unwrap_or((0, 0))
+    };
+    [
+        symbols
+            .range_of("handle_softirqs")
+            .or_else(|| symbols.range_of("__do_softirq"))
+            .unwrap_or((0, 0)),
+        text("__softirqentry_text_start", "__softirqentry_text_end"),
+        text("__irqentry_text_start", "__irqentry_text_end"),
+    ]
 }
 
 /// Whether a stack (innermost first) passed through the softirq entry.
@@ -335,6 +365,39 @@ mod tests {
 
     fn stack(frames: &[&str]) -> Vec<String> {
         frames.iter().map(|frame| (*frame).to_owned()).collect()
+    }
+
+    #[test]
+    fn stacks_are_cut_at_the_softirq_loop_and_the_entry_texts() {
+        let symbols = Kallsyms::parse(
+            "ffffffff81000300 T __irqentry_text_start\n\
+             ffffffff81000400 T asm_sysvec_apic_timer_interrupt\n\
+             ffffffff81000f70 T __irqentry_text_end\n\
+             ffffffff81369570 t handle_softirqs\n\
+             ffffffff81369810 t __irq_exit_rcu\n",
+        );
+        assert_eq!(
+            stack_cuts(&symbols),
+            [
+                (0xffff_ffff_8136_9570, 0xffff_ffff_8136_9810),
+                (0, 0),
+                (0xffff_ffff_8100_0300, 0xffff_ffff_8100_0f70),
+            ]
+        );
+        // A kernel before 6.3: `__do_softirq` is the loop, in the softirq entry text.
+        let symbols = Kallsyms::parse(
+            "ffffffff8226f580 T __softirqentry_text_start\n\
+             ffffffff8226f590 T __do_softirq\n\
+             ffffffff8226f800 T __softirqentry_text_end\n",
+        );
+        assert_eq!(
+            stack_cuts(&symbols),
+            [
+                (0xffff_ffff_8226_f590, 0xffff_ffff_8226_f800),
+                (0xffff_ffff_8226_f580, 0xffff_ffff_8226_f800),
+                (0, 0),
+            ]
+        );
     }
 
     #[test]

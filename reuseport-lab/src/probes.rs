@@ -17,7 +17,7 @@ use thiserror::Error;
 
 use crate::{
     kallsyms::{Kallsyms, KallsymsError},
-    locks::{LockSite, group_sites},
+    locks::{LockSite, group_sites, stack_cuts},
 };
 
 /// The probes BPF object (`reuseport-ebpf/src/probes.rs`: the tracepoint programs and their maps,
@@ -151,6 +151,18 @@ impl Probes {
                 config.set(slot, field_offset(tracepoint, field)?, 0)?;
             }
         }
+        // Where the lock probes cut their stacks. Without kernel addresses (kallsyms hidden)
+        // nothing is cut, and the stacks cannot be named anyway.
+        if let Ok(symbols) = Kallsyms::load() {
+            let map = ebpf
+                .map_mut(names::LOCK_STACK_CUTS)
+                .ok_or(ProbeError::Missing(names::LOCK_STACK_CUTS))?;
+            let mut cuts = Array::<_, u64>::try_from(map)?;
+            for (index, (start, end)) in (0u32..).zip(stack_cuts(&symbols)) {
+                cuts.set(2 * index, start, 0)?;
+                cuts.set(2 * index + 1, end, 0)?;
+            }
+        }
         for (name, category, tracepoint) in names::PROBES {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -220,6 +232,13 @@ impl Probes {
         if waits.is_empty() {
             return Ok(Vec::new());
         }
+        Ok(group_sites(waits, &self.lock_stacks()?))
+    }
+
+    /// The kernel stacks of the contended waits so far, by hash, each named from
+    /// `/proc/kallsyms` (innermost first, cut below the softirq or interrupt entry:
+    /// [`stack_cuts`]).
+    pub fn lock_stacks(&self) -> Result<StdHashMap<u64, Vec<String>>, ProbeError> {
         let symbols = Kallsyms::load()?;
         let stacks_map = self
             .ebpf
@@ -231,7 +250,7 @@ impl Probes {
             let (hash, stack) = entry?;
             stacks.insert(hash, symbols.symbolize(&stack.frames));
         }
-        Ok(group_sites(waits, &stacks))
+        Ok(stacks)
     }
 
     /// What the probes have counted so far.
