@@ -1,6 +1,7 @@
 //! The experiment's report: per row and metric the median and min–max over repetitions, the
 //! percpu/hash ratio with its 95 % bootstrap interval (flagged where the difference is not
-//! established, see [`crate::significance`]), as a terminal table, `results.json` (every raw run
+//! established, see [`crate::significance`]) and every other row against its baseline
+//! ([`Comparison`]), as a terminal table, `results.json` (every raw run
 //! plus the summary) and `results.svg` (a chart of the key metrics). [`Report::read`] loads a
 //! `results.json` back to redraw both.
 
@@ -140,6 +141,36 @@ pub struct RatioReps {
     pub hash: usize,
 }
 
+/// Another row against its baseline: `percpu-spill`, `cbpf`, `bpf-noop`, ... against `hash`,
+/// `nginx+attach` against `nginx`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The row.
+    pub row: String,
+    /// The row it is compared with.
+    pub baseline: String,
+    /// Per metric: the row's median / the baseline's, with its 95 % bootstrap interval.
+    pub ratios: BTreeMap<MetricId, ComparedRatio>,
+}
+
+/// One metric of a [`Comparison`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComparedRatio {
+    /// The row's median / the baseline's median.
+    pub ratio: f64,
+    /// Lower bound of the ratio's 95 % bootstrap interval over repetitions.
+    pub ci_low: f64,
+    /// Upper bound of that interval.
+    pub ci_high: f64,
+    /// Whether the difference is established: the interval excludes 1 and each side had at
+    /// least two repetitions.
+    pub established: bool,
+    /// Measured runs of the row.
+    pub row_reps: usize,
+    /// Measured runs of the baseline.
+    pub baseline_reps: usize,
+}
+
 /// Facts about the machine and the run, so results can be compared across machines.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
@@ -180,6 +211,10 @@ pub struct Report {
     pub summary: BTreeMap<String, BTreeMap<MetricId, Summary>>,
     /// percpu / hash per metric, when both rows ran.
     pub ratios: BTreeMap<MetricId, Ratio>,
+    /// Every other row against its baseline (absent from files written before it existed, and
+    /// then computed from their runs when read).
+    #[serde(default)]
+    pub comparisons: Vec<Comparison>,
     /// wrk vs the built-in generator.
     pub cross_check: Option<CrossCheck>,
     /// Every measured run.
@@ -213,6 +248,7 @@ impl Report {
             })
             .collect();
         let ratios = ratios(&summary, &results.runs);
+        let comparisons = comparisons(&rows, &summary, &results.runs);
         let run_locks: Vec<RunLocks<'_>> = results
             .runs
             .iter()
@@ -241,6 +277,7 @@ impl Report {
             },
             summary,
             ratios,
+            comparisons,
             cross_check: results.cross_check,
             runs: results.runs,
             rows,
@@ -262,6 +299,9 @@ impl Report {
             })?;
         if report.ratios.values().any(|ratio| ratio.reps.percpu == 0) {
             report.ratios = ratios(&report.summary, &report.runs);
+        }
+        if report.comparisons.is_empty() {
+            report.comparisons = comparisons(&report.rows, &report.summary, &report.runs);
         }
         Ok(report)
     }
@@ -342,6 +382,32 @@ impl Report {
             out.push_str(
                 "(~: not established: the interval includes 1, or a side had one repetition)\n",
             );
+        }
+        for comparison in &self.comparisons {
+            let mut cells = Vec::new();
+            let mut reps = None;
+            for metric in [MetricId::ConnPerS, MetricId::P99Us] {
+                if let Some(ratio) = comparison.ratios.get(&metric) {
+                    let flag = if ratio.established { "" } else { " ~" };
+                    cells.push(format!(
+                        "{} {:.2} [{:.2}-{:.2}]{flag}",
+                        metric.name(),
+                        ratio.ratio,
+                        ratio.ci_low,
+                        ratio.ci_high
+                    ));
+                    reps = Some((ratio.row_reps, ratio.baseline_reps));
+                }
+            }
+            if let Some((row_reps, baseline_reps)) = reps {
+                let _ = writeln!(
+                    out,
+                    "{}/{}: {} ({row_reps} and {baseline_reps} reps)",
+                    comparison.row,
+                    comparison.baseline,
+                    cells.join(", ")
+                );
+            }
         }
         if let Some(check) = &self.cross_check {
             let _ = writeln!(
@@ -478,7 +544,55 @@ fn ratios(
     summary: &BTreeMap<String, BTreeMap<MetricId, Summary>>,
     runs: &[RunRecord],
 ) -> BTreeMap<MetricId, Ratio> {
-    let (Some(percpu), Some(hash)) = (summary.get("percpu"), summary.get("hash")) else {
+    ratios_between(summary, runs, "percpu", "hash")
+}
+
+/// Every row but `hash` and `percpu` against its baseline: `nginx` for `nginx+attach`, `hash`
+/// for the others; rows whose baseline did not run are left out.
+fn comparisons(
+    rows: &[String],
+    summary: &BTreeMap<String, BTreeMap<MetricId, Summary>>,
+    runs: &[RunRecord],
+) -> Vec<Comparison> {
+    rows.iter()
+        .filter(|row| !matches!(row.as_str(), "hash" | "percpu" | "nginx"))
+        .filter_map(|row| {
+            let baseline = if row == "nginx+attach" {
+                "nginx"
+            } else {
+                "hash"
+            };
+            rows.iter().any(|r| r == baseline).then(|| Comparison {
+                row: row.clone(),
+                baseline: baseline.to_owned(),
+                ratios: ratios_between(summary, runs, row, baseline)
+                    .into_iter()
+                    .map(|(metric, ratio)| {
+                        let compared = ComparedRatio {
+                            ratio: ratio.ratio,
+                            ci_low: ratio.ci_low,
+                            ci_high: ratio.ci_high,
+                            established: ratio.established,
+                            row_reps: ratio.reps.percpu,
+                            baseline_reps: ratio.reps.hash,
+                        };
+                        (metric, compared)
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// `row` / `baseline` per metric with its bootstrap interval, when both rows ran (the
+/// [`RatioReps`] count `row` as `percpu` and `baseline` as `hash`).
+fn ratios_between(
+    summary: &BTreeMap<String, BTreeMap<MetricId, Summary>>,
+    runs: &[RunRecord],
+    row: &str,
+    baseline: &str,
+) -> BTreeMap<MetricId, Ratio> {
+    let (Some(top), Some(bottom)) = (summary.get(row), summary.get(baseline)) else {
         return BTreeMap::new();
     };
     let values = |row: &str, metric: MetricId| -> Vec<f64> {
@@ -490,18 +604,19 @@ fn ratios(
     MetricId::ALL
         .into_iter()
         .filter_map(|metric| {
-            let (Some(Summary::Range(p)), Some(Summary::Range(h))) =
-                (percpu.get(&metric), hash.get(&metric))
+            let (Some(Summary::Range(t)), Some(Summary::Range(b))) =
+                (top.get(&metric), bottom.get(&metric))
             else {
                 return None;
             };
-            if h.median == 0.0 {
+            if b.median == 0.0 {
                 return None;
             }
-            let ratio = p.median / h.median;
-            let (p_values, h_values) = (values("percpu", metric), values("hash", metric));
-            // No interval (every resampled hash median 0): the observed ratio, not established.
-            let (ci_low, ci_high, established) = ratio_interval(&p_values, &h_values)
+            let ratio = t.median / b.median;
+            let (t_values, b_values) = (values(row, metric), values(baseline, metric));
+            // No interval (every resampled baseline median 0): the observed ratio, not
+            // established.
+            let (ci_low, ci_high, established) = ratio_interval(&t_values, &b_values)
                 .map_or((ratio, ratio, false), |ci| {
                     (ci.low, ci.high, ci.established)
                 });
@@ -509,13 +624,13 @@ fn ratios(
                 metric,
                 Ratio {
                     ratio,
-                    ranges_overlap: p.overlaps(h),
+                    ranges_overlap: t.overlaps(b),
                     ci_low,
                     ci_high,
                     established,
                     reps: RatioReps {
-                        percpu: p_values.len(),
-                        hash: h_values.len(),
+                        percpu: t_values.len(),
+                        hash: b_values.len(),
                     },
                 },
             ))
@@ -566,6 +681,16 @@ mod tests {
     /// Two reps per row: conn/s clearly apart (established), p99 overlapping (not), cache misses
     /// unsupported, locality absent for hash.
     fn fixed_report() -> Report {
+        fixed_report_of(&[
+            ("hash", 1, 1000.0, 200.0),
+            ("percpu", 1, 1300.0, 190.0),
+            ("percpu", 2, 1320.0, 215.0),
+            ("hash", 2, 1010.0, 205.0),
+        ])
+    }
+
+    /// A report of runs `(row, rep, conn/s, p99)`.
+    fn fixed_report_of(runs: &[(&str, usize, f64, f64)]) -> Report {
         let record = |row: &str, rep: usize, conn: f64, p99: f64| {
             let mut metrics = BTreeMap::new();
             metrics.insert(MetricId::ConnPerS, Metric::Value(conn));
@@ -615,12 +740,11 @@ mod tests {
                 losses: Default::default(),
             }
         };
-        let runs = vec![
-            record("hash", 1, 1000.0, 200.0),
-            record("percpu", 1, 1300.0, 190.0),
-            record("percpu", 2, 1320.0, 215.0),
-            record("hash", 2, 1010.0, 205.0),
-        ];
+        let runs: Vec<RunRecord> = runs
+            .iter()
+            .map(|&(row, rep, conn, p99)| record(row, rep, conn, p99))
+            .collect();
+        let planned_runs = runs.len();
         let config = AbConfig {
             binary: "reuseport".into(),
             modes: vec![],
@@ -645,9 +769,63 @@ mod tests {
             runs,
             cross_check: None,
             interrupted: false,
-            planned_runs: 4,
+            planned_runs,
         };
         Report::new(&config, results, 2)
+    }
+
+    #[test]
+    fn other_rows_are_compared_with_hash_and_nginx_attach_with_nginx() {
+        let report = fixed_report_of(&[
+            ("hash", 1, 1000.0, 200.0),
+            ("hash", 2, 1010.0, 205.0),
+            ("percpu", 1, 1300.0, 190.0),
+            ("percpu", 2, 1320.0, 215.0),
+            ("percpu-spill", 1, 1500.0, 100.0),
+            ("percpu-spill", 2, 1520.0, 300.0),
+            ("nginx", 1, 900.0, 210.0),
+            ("nginx", 2, 910.0, 220.0),
+            ("nginx+attach", 1, 990.0, 200.0),
+            ("nginx+attach", 2, 1000.0, 210.0),
+        ]);
+        let compared: Vec<(&str, &str)> = report
+            .comparisons
+            .iter()
+            .map(|c| (c.row.as_str(), c.baseline.as_str()))
+            .collect();
+        assert_eq!(
+            compared,
+            [("percpu-spill", "hash"), ("nginx+attach", "nginx")]
+        );
+        let spill = &report.comparisons[0].ratios;
+        let conn = spill[&MetricId::ConnPerS];
+        assert!((conn.ratio - 1510.0 / 1005.0).abs() < 1e-9, "{conn:?}");
+        assert!(conn.established && conn.ci_low > 1.0, "{conn:?}");
+        assert_eq!((conn.row_reps, conn.baseline_reps), (2, 2));
+        let p99 = spill[&MetricId::P99Us];
+        assert!(!p99.established, "{p99:?}");
+        let attach = report.comparisons[1].ratios[&MetricId::ConnPerS];
+        assert!((attach.ratio - 995.0 / 905.0).abs() < 1e-9, "{attach:?}");
+        let table = report.table();
+        assert!(
+            table.contains(&format!(
+                "percpu-spill/hash: conn_per_s {:.2} [{:.2}-{:.2}], p99_us {:.2} [{:.2}-{:.2}] ~ (2 and 2 reps)",
+                conn.ratio, conn.ci_low, conn.ci_high, p99.ratio, p99.ci_low, p99.ci_high
+            )),
+            "{table}"
+        );
+        assert!(table.contains("nginx+attach/nginx: conn_per_s"), "{table}");
+        // Read back from JSON, and from a file written before comparisons existed.
+        let json = serde_json::to_string(&report).unwrap();
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("comparisons");
+        let dir = std::env::temp_dir().join(format!("reuseport-cmp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("results.json");
+        std::fs::write(&path, old.to_string()).unwrap();
+        let read = Report::read(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(read.comparisons, report.comparisons);
     }
 
     #[test]
