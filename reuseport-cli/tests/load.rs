@@ -7,7 +7,6 @@ mod common;
 use std::{
     fs,
     io::{Read, Write},
-    net::{SocketAddr, TcpListener},
     thread,
     time::Duration,
 };
@@ -42,13 +41,7 @@ fn crr_clients_leave_time_wait_to_the_server_even_when_it_closes_late() {
     let cpus = allowed_cpus();
     let topology = Topology::create_with(TopologyKind::VethRps, &cpus, &cpus, ClientRx::default())
         .expect("create");
-    let server_ip = topology.server_ip();
-    let listener = topology
-        .in_server_namespace(move || {
-            TcpListener::bind(SocketAddr::new(server_ip, 0)).expect("bind")
-        })
-        .expect("server namespace")
-        .expect("in the server namespace");
+    let listener = listener_in_server_namespace(&topology);
     let target = listener.local_addr().expect("local address");
     let server = thread::spawn(move || {
         for _ in 0..REQUESTS {

@@ -10,7 +10,7 @@ mod common;
 use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::TcpStream,
     path::Path,
     process::{Command, Stdio},
     thread,
@@ -234,13 +234,7 @@ fn veth_rss_with_softirq_client_rx_has_no_client_napi_and_carries_tcp() {
     // A TCP connection from the clients' namespace to a listener in the server's, with enough
     // data each way for several segments: SYNs and data through the server's NAPI queues,
     // replies through the sending CPU's backlog at the clients' end.
-    let server_ip = topology.server_ip();
-    let listener = topology
-        .in_server_namespace(move || {
-            TcpListener::bind(SocketAddr::new(server_ip, 0)).expect("bind")
-        })
-        .expect("server namespace")
-        .expect("in the server namespace");
+    let listener = listener_in_server_namespace(&topology);
     let server_addr = listener.local_addr().expect("local address");
     let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
     let echo = thread::spawn(move || {

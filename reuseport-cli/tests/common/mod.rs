@@ -534,3 +534,15 @@ pub fn activated(wrapper: &[&str], args: &[&str], socket: &socket2::Socket) -> C
     }
     command
 }
+
+/// A TCP listener on `topology`'s server address (port chosen by the kernel), created in its
+/// server namespace.
+pub fn listener_in_server_namespace(topology: &reuseport_lab::topology::Topology) -> TcpListener {
+    let server_ip = topology.server_ip();
+    topology
+        .in_server_namespace(move || {
+            TcpListener::bind(SocketAddr::new(server_ip, 0)).expect("bind")
+        })
+        .expect("server namespace")
+        .expect("in the server namespace")
+}
