@@ -228,6 +228,9 @@ fn assert_results(results: &serde_json::Value, topology: &str) {
             "loss_probes_per_conn",
             "listen_drops_per_conn",
             "backlog_drops_per_conn",
+            "server_cpu_busy",
+            "client_cpu_busy",
+            "cpu_us_per_conn",
             "cpus_per_conn",
             "cross_cpu_conn_fraction",
         ] {
@@ -238,6 +241,16 @@ fn assert_results(results: &serde_json::Value, topology: &str) {
                 "{mode}.{metric}"
             );
         }
+        // A closed loop at full speed keeps the CPUs it runs on busy, and each connection costs
+        // CPU time.
+        for side in ["server_cpu_busy", "client_cpu_busy"] {
+            let busy = results["summary"][mode][side]["median"].as_f64().unwrap();
+            assert!(busy > 0.3 && busy <= 1.0, "{mode}.{side}: {busy}");
+        }
+        let cpu_us = results["summary"][mode]["cpu_us_per_conn"]["median"]
+            .as_f64()
+            .unwrap();
+        assert!(cpu_us > 1.0, "{mode}.cpu_us_per_conn: {cpu_us}");
         let cache = &results["summary"][mode]["cache_misses_per_conn"];
         assert!(
             cache == "unsupported" || cache["median"].is_number(),

@@ -8,6 +8,7 @@
 //!   with pinned clients; always torn down. Built on [`netns`] (namespaces held by a descriptor)
 //!   and [`veth`] (the pair, by netlink, ioctl and sysfs).
 //! - [`cpu_split`]: the server's CPUs and the load generators' (apart on 8 CPUs or more).
+//! - [`cpu_time`]: how busy those CPUs were during a run, and the CPU time per connection.
 //! - [`probes`]: tracepoint BPF programs (lock contention, wakeups, per-connection CPUs) and IPIs.
 //! - [`locks`]: contended lock waits by site (symbolized with [`kallsyms`]), side and kind, and
 //!   which of them are the listener's.
@@ -24,6 +25,7 @@
 
 pub(crate) mod child;
 pub mod cpu_split;
+pub mod cpu_time;
 pub mod error;
 pub mod hw_counters;
 pub mod kallsyms;

@@ -55,6 +55,12 @@ pub enum MetricId {
     ListenDropsPerConn,
     /// Packets dropped from full per-CPU receive backlogs (machine-wide), per connection.
     BacklogDropsPerConn,
+    /// Busy share of the server's CPUs during the run.
+    ServerCpuBusy,
+    /// Busy share of the load generators' CPUs during the run.
+    ClientCpuBusy,
+    /// Busy CPU time of every CPU of the experiment per connection, µs.
+    CpuUsPerConn,
     /// Distinct CPUs touching a connection.
     CpusPerConn,
     /// Connections touched by more than one CPU.
@@ -92,7 +98,7 @@ pub struct MetricDef {
 
 impl MetricId {
     /// Every metric, in table order.
-    pub const ALL: [Self; 25] = [
+    pub const ALL: [Self; 28] = [
         Self::ConnPerS,
         Self::ReqPerS,
         Self::P50Us,
@@ -109,6 +115,9 @@ impl MetricId {
         Self::LossProbesPerConn,
         Self::ListenDropsPerConn,
         Self::BacklogDropsPerConn,
+        Self::ServerCpuBusy,
+        Self::ClientCpuBusy,
+        Self::CpuUsPerConn,
         Self::CpusPerConn,
         Self::CrossCpuConnFraction,
         Self::CacheMissesPerConn,
@@ -222,6 +231,27 @@ impl MetricId {
                 "1",
                 Lower,
                 "packets dropped from full per-CPU receive backlogs (machine-wide)",
+                None,
+            ),
+            Self::ServerCpuBusy => (
+                "server_cpu_busy",
+                "1",
+                Neither,
+                "busy share of the server's CPUs (1: saturated)",
+                None,
+            ),
+            Self::ClientCpuBusy => (
+                "client_cpu_busy",
+                "1",
+                Neither,
+                "busy share of the load generators' CPUs (1: saturated)",
+                None,
+            ),
+            Self::CpuUsPerConn => (
+                "cpu_us_per_conn",
+                "µs",
+                Lower,
+                "busy CPU time of the experiment's CPUs, server's and clients'",
                 None,
             ),
             Self::CpusPerConn => (

@@ -738,6 +738,7 @@ mod tests {
                 ipis: 3,
                 hw,
                 losses: Default::default(),
+                cpu: Default::default(),
             }
         };
         let runs: Vec<RunRecord> = runs

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     child::ChildGuard,
     cpu_split::{CpuSplit, confine_on_spawn},
+    cpu_time::{CpuTimes, CpuUse},
     hw_counters::{HwCount, HwCounters},
     load::{LoadKind, LoadReport},
     losses::Losses,
@@ -131,6 +132,10 @@ pub struct RunRecord {
     /// Packets lost during the run (zero in files written before it was counted).
     #[serde(default)]
     pub losses: Losses,
+    /// How busy the CPUs were during the run (absent, as zero, from files written before it
+    /// was measured).
+    #[serde(default)]
+    pub cpu: CpuUse,
 }
 
 /// Progress events for a progress bar.
@@ -601,6 +606,7 @@ fn measure(
     let hw = probed.then(|| HwCounters::start(cpus));
     let ipis_before = ipi_count()?;
     let losses_before = Losses::read(topology)?;
+    let cpu_before = read_cpu_times()?;
 
     let load_json = files.join("load.json");
     let mut load = Command::new(&config.binary);
@@ -636,6 +642,11 @@ fn measure(
 
     let ipis = ipi_count()?.saturating_sub(ipis_before);
     let losses = Losses::read(topology)?.since(losses_before);
+    let cpu = CpuUse::of(
+        &read_cpu_times()?.since(&cpu_before),
+        &config.cpus.server,
+        &config.cpus.client,
+    );
     let hw = hw.map(HwCounters::stop).unwrap_or_default();
     let totals = probes.as_ref().map(Probes::totals).transpose()?;
     drop(probes);
@@ -648,26 +659,27 @@ fn measure(
         Some(path) => Some(read_json(path)?),
         None => None,
     };
-    let metrics = derive_metrics(
-        config.load,
-        &load,
-        server_json.as_ref(),
-        &probes,
-        ipis,
-        &hw,
-        &losses,
-    );
-    Ok(Some(RunRecord {
+    let mut record = RunRecord {
         row: row.to_string(),
         rep,
-        metrics,
+        metrics: BTreeMap::new(),
         load,
         server: server_json,
         probes,
         ipis,
         hw,
         losses,
-    }))
+        cpu,
+    };
+    record.metrics = derive_metrics(config.load, &record);
+    Ok(Some(record))
+}
+
+fn read_cpu_times() -> Result<CpuTimes, RunnerError> {
+    CpuTimes::read().map_err(|source| RunnerError::File {
+        path: "/proc/stat".into(),
+        source,
+    })
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RunnerError> {
@@ -689,17 +701,22 @@ pub fn units(kind: LoadKind, load: &LoadReport) -> u64 {
     }
 }
 
-/// Turns one run's raw counts into the compared metrics. "Per conn" means per new connection
-/// for `crr`, and per request for `rr` and `udp` (where requests, not connections, are the unit).
-pub fn derive_metrics(
-    kind: LoadKind,
-    load: &LoadReport,
-    server: Option<&Summary>,
-    probes: &ProbeTotals,
-    ipis: u64,
-    hw: &BTreeMap<String, HwCount>,
-    losses: &Losses,
-) -> BTreeMap<MetricId, Metric> {
+/// Turns one run's raw counts (everything of `run` but its `metrics`) into the compared metrics.
+/// "Per conn" means per new connection for `crr`, and per request for `rr` and `udp` (where
+/// requests, not connections, are the unit).
+pub fn derive_metrics(kind: LoadKind, run: &RunRecord) -> BTreeMap<MetricId, Metric> {
+    let RunRecord {
+        load,
+        server,
+        probes,
+        ipis,
+        hw,
+        losses,
+        cpu,
+        ..
+    } = run;
+    let server = server.as_ref();
+    let ipis = *ipis;
     let units = units(kind, load);
     let per = |count: u64| Metric::from_option(reuseport::stats::fraction(count, units));
     let steering = server.and_then(|server| server.steering.as_ref());
@@ -747,6 +764,11 @@ pub fn derive_metrics(
                 MetricId::LossProbesPerConn => per(losses.loss_probes),
                 MetricId::ListenDropsPerConn => per(losses.listen_drops),
                 MetricId::BacklogDropsPerConn => per(losses.backlog_drops),
+                MetricId::ServerCpuBusy => Metric::from_option(cpu.server_busy),
+                MetricId::ClientCpuBusy => Metric::from_option(cpu.client_busy),
+                MetricId::CpuUsPerConn => {
+                    Metric::from_option((units > 0).then(|| cpu.busy_s * 1e6 / units as f64))
+                }
                 MetricId::CpusPerConn => Metric::from_option(probes.cpus_per_conn()),
                 MetricId::CrossCpuConnFraction => {
                     Metric::from_option(probes.cross_cpu_conn_fraction())
