@@ -1,19 +1,28 @@
-//! The load generator's connections across a veth pair, on the real kernel: `crr` clients close
-//! only after the server has, so the TIME_WAIT entries stay in the server's namespace and the
-//! clients' ports stay free. Needs root (namespaces, veth).
+//! The load generator on the real kernel: `crr` clients across a veth pair close only after the
+//! server has, so the TIME_WAIT entries stay in the server's namespace and the clients' ports
+//! stay free; client threads open and close their sockets without waiting for a shared
+//! descriptor table. Needs root (namespaces, veth, BPF probes).
 
 mod common;
 
 use std::{
     fs,
     io::{Read, Write},
+    net::UdpSocket,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::*;
+use reuseport::cpus::pin_current_thread;
 use reuseport_lab::{
     load::{self, LoadConfig, LoadKind},
+    locks::{LockSite, Side},
+    probes::Probes,
     topology::{ClientRx, Topology, TopologyKind},
 };
 
@@ -101,5 +110,111 @@ fn crr_clients_leave_time_wait_to_the_server_even_when_it_closes_late() {
     assert_eq!(
         server_tw, REQUESTS,
         "the server, closing first, holds one TIME_WAIT per connection"
+    );
+}
+
+/// Contended waits of the client side on this process's descriptor table.
+fn fd_table_waits(sites: &[LockSite]) -> u64 {
+    sites
+        .iter()
+        .filter(|s| {
+            s.side == Side::Client
+                && matches!(
+                    s.site.as_str(),
+                    "alloc_fd" | "file_close_fd" | "put_unused_fd"
+                )
+        })
+        .map(|s| s.count)
+        .sum()
+}
+
+/// Two threads of this process opening and closing UDP sockets on two CPUs wait for the
+/// process's descriptor-table lock; the load generator's UDP clients, which open and close a
+/// socket per request the same way on the same two CPUs, do not, as each client thread has a
+/// table of its own.
+#[test]
+fn udp_clients_do_not_wait_for_a_shared_descriptor_table() {
+    let Some((a, b)) = two_cpus() else { return };
+
+    // Threads that share the table do wait for it.
+    let mut probes = Probes::attach(1).expect("attach probes");
+    probes
+        .watch_process(std::process::id(), Side::Client)
+        .expect("watch this process");
+    let stop = Arc::new(AtomicBool::new(false));
+    let churners: Vec<_> = [a, b]
+        .into_iter()
+        .map(|cpu| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                pin_current_thread(cpu).expect("pin");
+                let end = Instant::now() + Duration::from_secs(20);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    drop(UdpSocket::bind("127.0.0.1:0").expect("bind"));
+                }
+            })
+        })
+        .collect();
+    let end = Instant::now() + Duration::from_secs(20);
+    let shared_waits = loop {
+        let waits = fd_table_waits(&probes.lock_sites().expect("lock sites"));
+        if waits > 0 || Instant::now() > end {
+            break waits;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    stop.store(true, Ordering::Relaxed);
+    for churner in churners {
+        churner.join().expect("churner");
+    }
+    drop(probes);
+    assert!(
+        shared_waits > 0,
+        "threads sharing a descriptor table never waited for it in 20 s"
+    );
+
+    // The load generator's clients, the same churn plus a request each, wait for none.
+    let server = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    server
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let target = server.local_addr().expect("local address");
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut buffer = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = server.recv_from(&mut buffer) {
+                    let _ = server.send_to(b"worker-cpu=0 test\nreuseport", peer);
+                }
+            }
+        })
+    };
+    let mut probes = Probes::attach(1).expect("attach probes");
+    probes
+        .watch_process(std::process::id(), Side::Client)
+        .expect("watch this process");
+    let config = LoadConfig {
+        target,
+        kind: LoadKind::Udp,
+        connections: 8,
+        duration: Duration::from_secs(3),
+        max_requests: u64::MAX,
+        rate: None,
+        cpus: [a, b].into_iter().collect(),
+        pin: true,
+        request_timeout: Duration::from_secs(2),
+    };
+    let report = load::run(&config).expect("load run");
+    let sites = probes.lock_sites().expect("lock sites");
+    stop.store(true, Ordering::Relaxed);
+    echo.join().expect("echo");
+    assert!(report.requests > 1000, "{report:?}");
+    assert_eq!(
+        fd_table_waits(&sites),
+        0,
+        "the load generator's clients waited for a descriptor table ({} requests): {sites:#?}",
+        report.requests
     );
 }
