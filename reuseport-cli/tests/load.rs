@@ -9,16 +9,11 @@ use std::{
     fs,
     io::{Read, Write},
     net::UdpSocket,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
 use common::*;
-use reuseport::cpus::pin_current_thread;
 use reuseport_lab::{
     load::{self, LoadConfig, LoadKind},
     locks::{LockSite, Side},
@@ -141,20 +136,9 @@ fn udp_clients_do_not_wait_for_a_shared_descriptor_table() {
     probes
         .watch_process(std::process::id(), Side::Client)
         .expect("watch this process");
-    let stop = Arc::new(AtomicBool::new(false));
-    let churners: Vec<_> = [a, b]
-        .into_iter()
-        .map(|cpu| {
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                pin_current_thread(cpu).expect("pin");
-                let end = Instant::now() + Duration::from_secs(20);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                    drop(UdpSocket::bind("127.0.0.1:0").expect("bind"));
-                }
-            })
-        })
-        .collect();
+    let churners = Repeaters::start([a, b].map(Some), |_| {
+        || drop(UdpSocket::bind("127.0.0.1:0").expect("bind"))
+    });
     let end = Instant::now() + Duration::from_secs(20);
     let shared_waits = loop {
         let waits = fd_table_waits(&probes.lock_sites().expect("lock sites"));
@@ -163,10 +147,7 @@ fn udp_clients_do_not_wait_for_a_shared_descriptor_table() {
         }
         thread::sleep(Duration::from_millis(200));
     };
-    stop.store(true, Ordering::Relaxed);
-    for churner in churners {
-        churner.join().expect("churner");
-    }
+    churners.stop();
     drop(probes);
     assert!(
         shared_waits > 0,
@@ -179,18 +160,16 @@ fn udp_clients_do_not_wait_for_a_shared_descriptor_table() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
     let target = server.local_addr().expect("local address");
-    let stop = Arc::new(AtomicBool::new(false));
-    let echo = {
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || {
-            let mut buffer = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = server.recv_from(&mut buffer) {
-                    let _ = server.send_to(b"worker-cpu=0 test\nreuseport", peer);
-                }
+    let mut server = Some(server);
+    let echo = Repeaters::start([None], |_| {
+        let server = server.take().expect("one echo thread");
+        let mut buffer = [0u8; 512];
+        move || {
+            if let Ok((_, peer)) = server.recv_from(&mut buffer) {
+                let _ = server.send_to(b"worker-cpu=0 test\nreuseport", peer);
             }
-        })
-    };
+        }
+    });
     let mut probes = Probes::attach(1).expect("attach probes");
     probes
         .watch_process(std::process::id(), Side::Client)
@@ -208,8 +187,7 @@ fn udp_clients_do_not_wait_for_a_shared_descriptor_table() {
     };
     let report = load::run(&config).expect("load run");
     let sites = probes.lock_sites().expect("lock sites");
-    stop.store(true, Ordering::Relaxed);
-    echo.join().expect("echo");
+    echo.stop();
     assert!(report.requests > 1000, "{report:?}");
     assert_eq!(
         fd_table_waits(&sites),

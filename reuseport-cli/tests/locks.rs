@@ -10,16 +10,11 @@ use std::{
     io::Write as _,
     net::UdpSocket,
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
 use common::*;
-use reuseport::cpus::pin_current_thread;
 use reuseport_lab::{
     locks::{LockSite, Side},
     probes::Probes,
@@ -71,31 +66,17 @@ fn pipe_mutex_waits_show_under_pipe_write_and_pipe_read_by_side() {
     assert!(probes.watch_process(cat.id(), Side::Softirq).is_err());
     let stdin = cat.stdin.take().expect("cat's stdin");
     let fd = std::os::fd::OwnedFd::from(stdin);
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = [a, b, a, b]
-        .into_iter()
-        .map(|cpu| {
-            let mut file = std::fs::File::from(fd.try_clone().expect("dup pipe"));
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                pin_current_thread(cpu).expect("pin");
-                let buffer = vec![7u8; 64 << 10];
-                let end = Instant::now() + Duration::from_secs(25);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                    file.write_all(&buffer).expect("write into the pipe");
-                }
-            })
-        })
-        .collect();
+    let writers = Repeaters::start([a, b, a, b].map(Some), |_| {
+        let mut file = std::fs::File::from(fd.try_clone().expect("dup pipe"));
+        let buffer = vec![7u8; 64 << 10];
+        move || file.write_all(&buffer).expect("write into the pipe")
+    });
     drop(fd);
     let sites = wait_for_sites(&probes, |sites| {
         has(sites, "pipe_write", Side::Server, "mutex")
             && has(sites, "pipe_read", Side::Client, "mutex")
     });
-    stop.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.join().expect("writer");
-    }
+    writers.stop();
     let _ = cat.wait();
     assert!(
         has(&sites, "pipe_write", Side::Server, "mutex"),
@@ -123,30 +104,14 @@ fn mmap_lock_waits_show_as_rwsem_waits_of_the_client() {
     probes
         .watch_process(std::process::id(), Side::Client)
         .expect("watch this process");
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = [a, b]
-        .into_iter()
-        .map(|cpu| {
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                pin_current_thread(cpu).expect("pin");
-                let end = Instant::now() + Duration::from_secs(25);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                    map_touch_unmap();
-                }
-            })
-        })
-        .collect();
+    let workers = Repeaters::start([a, b].map(Some), |_| map_touch_unmap);
     let rwsem_of_client = |sites: &[LockSite]| {
         sites.iter().any(|s| {
             s.side == Side::Client && s.kind.starts_with("rwsem-") && s.count > 0 && !s.listener
         })
     };
     let sites = wait_for_sites(&probes, rwsem_of_client);
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.join().expect("worker");
-    }
+    workers.stop();
     assert!(
         rwsem_of_client(&sites),
         "no rwsem waits by the client: {sites:#?}"
@@ -174,31 +139,20 @@ fn softirq_wait_stacks_end_at_the_softirq_entry() {
         .set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
     let target = receiver.local_addr().expect("local address");
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut threads: Vec<_> = [a, b]
-        .into_iter()
-        .map(|cpu| {
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                pin_current_thread(cpu).expect("pin");
-                let sender = UdpSocket::bind("127.0.0.1:0").expect("bind");
-                let end = Instant::now() + Duration::from_secs(25);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                    // A full receive queue drops datagrams; the send still succeeds.
-                    let _ = sender.send_to(&[7u8; 64], target);
-                }
-            })
-        })
-        .collect();
-    threads.push({
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || {
-            let mut buffer = [0u8; 64];
-            let end = Instant::now() + Duration::from_secs(25);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                let _ = receiver.recv(&mut buffer);
-            }
-        })
+    let senders = Repeaters::start([a, b].map(Some), |_| {
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        // A full receive queue drops datagrams; the send still succeeds.
+        move || {
+            let _ = sender.send_to(&[7u8; 64], target);
+        }
+    });
+    let mut receiver = Some(receiver);
+    let reader = Repeaters::start([None], |_| {
+        let receiver = receiver.take().expect("one reader");
+        let mut buffer = [0u8; 64];
+        move || {
+            let _ = receiver.recv(&mut buffer);
+        }
     });
     let softirq_entry = |frame: &String| frame == "handle_softirqs" || frame == "__do_softirq";
     let end = Instant::now() + Duration::from_secs(20);
@@ -213,10 +167,8 @@ fn softirq_wait_stacks_end_at_the_softirq_entry() {
         }
         thread::sleep(Duration::from_millis(200));
     };
-    stop.store(true, Ordering::Relaxed);
-    for thread in threads {
-        thread.join().expect("thread");
-    }
+    senders.stop();
+    reader.stop();
     let softirq_stacks: Vec<&Vec<String>> = stacks
         .values()
         .filter(|frames| frames.iter().any(softirq_entry))

@@ -546,3 +546,47 @@ pub fn listener_in_server_namespace(topology: &reuseport_lab::topology::Topology
         .expect("server namespace")
         .expect("in the server namespace")
 }
+
+/// Threads that each repeat some work until stopped (or for 25 s at most), for forcing
+/// contention: one thread per entry of `cpus`, pinned there when it is `Some`.
+pub struct Repeaters {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Repeaters {
+    /// Starts one thread per entry of `cpus`; `make(cpu)` builds that thread's work (on the
+    /// calling thread, so it can clone what the work needs), which then runs in a loop.
+    pub fn start<W: FnMut() + Send + 'static>(
+        cpus: impl IntoIterator<Item = Option<u32>>,
+        mut make: impl FnMut(Option<u32>) -> W,
+    ) -> Self {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = cpus
+            .into_iter()
+            .map(|cpu| {
+                let mut work = make(cpu);
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_current_thread(cpu).expect("pin");
+                    }
+                    let end = Instant::now() + Duration::from_secs(25);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                        work();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+
+    /// Stops every thread and waits for it.
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("a repeating thread panicked");
+        }
+    }
+}
