@@ -14,7 +14,7 @@
 use std::{collections::BTreeMap, io, os::unix::process::CommandExt, process::Command};
 
 use reuseport::{cpu_topology::CpuTopology, cpus::CpuList};
-use rustix::thread::{CpuSet, sched_setaffinity};
+use rustix::thread::sched_setaffinity;
 use thiserror::Error;
 
 use crate::topology::TopologyKind;
@@ -199,10 +199,7 @@ fn default_halves(allowed: &CpuList, places: &CpuTopology) -> (CpuList, CpuList)
 /// Makes `command` (and every thread it starts) run on `cpus` only: its affinity is set between
 /// fork and exec.
 pub fn confine_on_spawn(command: &mut Command, cpus: &CpuList) {
-    let mut set = CpuSet::new();
-    for cpu in cpus.iter() {
-        set.set(cpu as usize);
-    }
+    let set = cpus.to_affinity_mask();
     // SAFETY: the closure only makes the sched_setaffinity system call, which is
     // async-signal-safe, on a mask built before the fork.
     unsafe {

@@ -51,12 +51,24 @@ impl CpuList {
             call: "sched_getaffinity",
             source: err.into(),
         })?;
-        Ok(Self(
-            (0..AffinityMask::MAX_CPU)
-                .filter(|&cpu| mask.is_set(cpu))
-                .filter_map(|cpu| u32::try_from(cpu).ok())
-                .collect(),
-        ))
+        Ok(Self::from_affinity_mask(&mask))
+    }
+
+    /// The CPUs set in an affinity mask (`sched_getaffinity`'s).
+    pub fn from_affinity_mask(mask: &AffinityMask) -> Self {
+        (0..AffinityMask::MAX_CPU)
+            .filter(|&cpu| mask.is_set(cpu))
+            .filter_map(|cpu| u32::try_from(cpu).ok())
+            .collect()
+    }
+
+    /// The set as an affinity mask, as `sched_setaffinity` takes it.
+    pub fn to_affinity_mask(&self) -> AffinityMask {
+        let mut mask = AffinityMask::new();
+        for cpu in self.iter() {
+            mask.set(cpu as usize);
+        }
+        mask
     }
 
     /// Checks that every CPU in `self` is in `allowed`; returns `self` unchanged if so.
@@ -247,11 +259,7 @@ pub fn set_task_affinity(pid: u32, cpus: &CpuList) -> Result<(), CpuError> {
         .ok()
         .and_then(rustix::process::Pid::from_raw)
         .ok_or_else(|| error(io::Error::new(io::ErrorKind::InvalidInput, "not a task id")))?;
-    let mut mask = AffinityMask::new();
-    for cpu in cpus.iter() {
-        mask.set(cpu as usize);
-    }
-    sched_setaffinity(Some(target), &mask).map_err(|err| error(err.into()))
+    sched_setaffinity(Some(target), &cpus.to_affinity_mask()).map_err(|err| error(err.into()))
 }
 
 /// The CPU the calling thread is running on right now.

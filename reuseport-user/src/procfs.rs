@@ -105,10 +105,7 @@ pub fn comm(pid: u32) -> String {
 pub fn affinity(pid: u32) -> Result<CpuList, ProcError> {
     let target = Pid::from_raw(pid as i32).ok_or(ProcError::NoSuchProcess(pid))?;
     let mask = sched_getaffinity(Some(target)).map_err(|_| ProcError::NoSuchProcess(pid))?;
-    Ok((0..rustix::thread::CpuSet::MAX_CPU)
-        .filter(|&cpu| mask.is_set(cpu))
-        .filter_map(|cpu| u32::try_from(cpu).ok())
-        .collect())
+    Ok(CpuList::from_affinity_mask(&mask))
 }
 
 /// `(fd, inode)` of every socket `pid` has open (`/proc/PID/fd/N -> socket:[INODE]`).
