@@ -14,7 +14,7 @@ use std::{
     process::{Command, Output},
 };
 
-use common::{BINARY, WITHOUT_CAPABILITIES, assert_one_line_error};
+use common::{BINARY, WITHOUT_CAPABILITIES, assert_one_line_error, thread_affinity};
 use reuseport::CpuList;
 use reuseport_lab::{
     netns::NetNs,
@@ -296,10 +296,6 @@ fn workers_serving(topology: &Topology, cpu: u32, addr: SocketAddr, count: usize
 }
 
 /// The CPUs task `pid` may run on.
-fn affinity(pid: u32) -> Vec<u32> {
-    reuseport::align::napi::thread_cpus(Path::new("/proc"), pid).expect("the thread's affinity")
-}
-
 /// Threaded NAPI on a two-queue veth (the lab's veth-rss topology): each client CPU sends on its
 /// own queue (XPS on the clients' end), and each receive queue's NAPI thread decides where its
 /// packets, and so the steering program, run. Both threads pinned to one CPU: align names it,
@@ -392,8 +388,8 @@ fn misaligned_napi_threads_are_named_and_after_apply_clients_are_served_on_their
             "clients on CPU {cpu} served by {served:?}\n{applied}"
         );
     }
-    assert_eq!(affinity(server_threads[1]), [b], "{applied}");
-    assert_eq!(affinity(server_threads[0]), [a], "{applied}");
+    assert_eq!(thread_affinity(server_threads[1]), [b], "{applied}");
+    assert_eq!(thread_affinity(server_threads[0]), [a], "{applied}");
     let report = stdout(&align(&["--cpus", &workers]));
     assert!(
         report.contains("aligned: every receive CPU has a worker and every worker a queue"),
@@ -403,7 +399,7 @@ fn misaligned_napi_threads_are_named_and_after_apply_clients_are_served_on_their
     let restored = stdout(&align(&["--restore"]));
     assert!(restored.contains("restored"), "{restored}");
     for &pid in &server_threads {
-        assert_eq!(affinity(pid), [a], "thread {pid} is back on CPU {a}");
+        assert_eq!(thread_affinity(pid), [a], "thread {pid} is back on CPU {a}");
     }
     assert!(!state.exists());
 

@@ -51,17 +51,6 @@ fn mask(text: &str) -> u64 {
     u64::from_str_radix(&text.trim().replace(',', ""), 16).expect("hex mask")
 }
 
-fn affinity(pid: u32) -> CpuList {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list")
-        .trim()
-        .parse()
-        .expect("cpu list")
-}
-
 #[test]
 fn veth_rss_has_one_pinned_napi_queue_per_cpu_and_no_rps_or_xps() {
     let cpus = allowed_cpus();
@@ -137,11 +126,14 @@ fn veth_rss_has_one_pinned_napi_queue_per_cpu_and_no_rps_or_xps() {
     let server_threads = napi_threads_of(&server_dev);
     assert_eq!(server_threads.len(), cpus.len(), "{server_threads:?}");
     for ((pid, name), cpu) in server_threads.iter().zip(cpus.iter()) {
-        assert_eq!(affinity(*pid), [cpu].into_iter().collect(), "{name}");
+        assert_eq!(thread_affinity(*pid), [cpu], "{name}");
     }
     let client_threads = napi_threads_of(&client_dev);
     assert_eq!(client_threads.len(), 1, "{client_threads:?}");
-    assert_eq!(affinity(client_threads[0].0), client);
+    assert_eq!(
+        thread_affinity(client_threads[0].0),
+        client.iter().collect::<Vec<_>>()
+    );
     assert_eq!(
         topology
             .napi_threads()
@@ -215,7 +207,7 @@ fn veth_rss_with_softirq_client_rx_has_no_client_napi_and_carries_tcp() {
     let server_threads = napi_threads_of(&server_dev);
     assert_eq!(server_threads.len(), cpus.len(), "{server_threads:?}");
     for ((pid, name), cpu) in server_threads.iter().zip(cpus.iter()) {
-        assert_eq!(affinity(*pid), [cpu].into_iter().collect(), "{name}");
+        assert_eq!(thread_affinity(*pid), [cpu], "{name}");
     }
     assert_eq!(
         topology

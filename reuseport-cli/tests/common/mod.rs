@@ -590,3 +590,9 @@ impl Repeaters {
         }
     }
 }
+
+/// The CPUs task `pid` (a thread id) may run on, from its `Cpus_allowed_list`.
+pub fn thread_affinity(pid: u32) -> Vec<u32> {
+    reuseport::align::napi::thread_cpus(std::path::Path::new("/proc"), pid)
+        .expect("the thread's affinity")
+}
