@@ -308,15 +308,14 @@ fn show_recorded(out: &mut String, port: u16, root: &PinnedRoot) -> anyhow::Resu
         put!(out, "  slot cpu{cpu}: socket {}, {state}", slot.slot.inode);
     }
     for (cpu, s) in status.active_cpus() {
-        let selected = s.total() + s.errors;
-        let same_cpu = if selected > 0 {
-            format!(
-                "; {:.1}% received, accepted and served on cpu{cpu}",
-                100.0 * s.local as f64 / selected as f64
-            )
-        } else {
-            String::new()
-        };
+        let same_cpu = reuseport::stats::same_cpu_ratio(s)
+            .map(|ratio| {
+                format!(
+                    "; {:.1}% received, accepted and served on cpu{cpu}",
+                    100.0 * ratio
+                )
+            })
+            .unwrap_or_default();
         put!(
             out,
             "  arrived on cpu{cpu}: local {} fallback {} hash {} errors {}{same_cpu}",

@@ -181,19 +181,16 @@ pub fn render(snapshot: &Snapshot, info: &MetricsInfo) -> Result<String, Metrics
         )
         .map_err(MetricsError::Encode)?;
         for (cpu, stats) in per_cpu.iter().enumerate() {
-            let selected = stats.total() + stats.errors;
-            if selected == 0 {
+            let Some(ratio) = crate::stats::same_cpu_ratio(stats) else {
                 continue;
-            }
+            };
             let cpu = cpu.to_string();
             for (decision, count) in decision_counts(stats) {
                 decisions
                     .with_label_values(&[cpu.as_str(), decision])
                     .inc_by(count);
             }
-            same_cpu
-                .with_label_values(&[cpu.as_str()])
-                .set(stats.local as f64 / selected as f64);
+            same_cpu.with_label_values(&[cpu.as_str()]).set(ratio);
         }
         collectors.push(Box::new(decisions));
         collectors.push(Box::new(same_cpu));

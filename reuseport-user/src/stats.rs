@@ -113,6 +113,13 @@ pub fn fraction(local: u64, total: u64) -> Option<f64> {
     (total > 0).then(|| local as f64 / total as f64)
 }
 
+/// The share of the connections received on one CPU that the program gave to that CPU's own
+/// listener (so that the receiving, accepting and serving CPU are the same), out of every
+/// selection it made there, failed ones included; `None` before the first.
+pub fn same_cpu_ratio(stats: &SteeringStats) -> Option<f64> {
+    fraction(stats.local, stats.total() + stats.errors)
+}
+
 impl Snapshot {
     /// Worker counters summed over all workers.
     pub fn totals(&self) -> WorkerStats {
