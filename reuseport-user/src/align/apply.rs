@@ -195,8 +195,9 @@ fn write(path: &Path, value: &str) -> Result<(), AlignError> {
     })
 }
 
-/// Pins thread `pid` to `cpus` (a CPU list).
-fn pin_thread(pid: u32, thread: &str, cpus: &str) -> Result<(), AlignError> {
+/// Pins thread `pid` (named `thread`) to `cpus` (a CPU list), and reads the affinity back: the
+/// kernel refuses some masks for kernel threads silently.
+fn pin_thread(proc: &Path, pid: u32, thread: &str, cpus: &str) -> Result<(), AlignError> {
     let error = |source: io::Error| AlignError::PinThread {
         thread: thread.to_owned(),
         pid,
@@ -212,7 +213,14 @@ fn pin_thread(pid: u32, thread: &str, cpus: &str) -> Result<(), AlignError> {
     crate::cpus::set_task_affinity(pid, &list).map_err(|err| match err {
         crate::cpus::CpuError::Affinity { source, .. } => error(source),
         other => error(io::Error::other(other.to_string())),
-    })
+    })?;
+    let now = thread_cpus(proc, pid)?;
+    if now != list.iter().collect::<Vec<_>>() {
+        return Err(error(io::Error::other(format!(
+            "its affinity is {now:?} after the call"
+        ))));
+    }
+    Ok(())
 }
 
 /// Writes `value` (the setting's `new` or `old`) to its target. A thread that no longer has
@@ -224,21 +232,7 @@ fn write_setting(proc: &Path, setting: &Setting, value: &str) -> Result<bool, Al
             if thread_name(proc, *pid).as_deref() != Some(thread.as_str()) {
                 return Ok(false);
             }
-            pin_thread(*pid, thread, value)?;
-            // Read it back: the kernel refuses some masks for kernel threads silently.
-            let now = thread_cpus(proc, *pid)?;
-            let wanted: Vec<u32> = value
-                .parse::<CpuList>()
-                .map(|l| l.iter().collect())
-                .unwrap_or_default();
-            if now != wanted {
-                return Err(AlignError::PinThread {
-                    thread: thread.clone(),
-                    pid: *pid,
-                    cpus: value.to_owned(),
-                    source: io::Error::other(format!("its affinity is {now:?} after the call")),
-                });
-            }
+            pin_thread(proc, *pid, thread, value)?;
             Ok(true)
         }
     }

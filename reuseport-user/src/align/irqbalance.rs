@@ -96,19 +96,16 @@ pub fn stop(proc: &Path, pid: u32) -> Result<StoppedIrqbalance, AlignError> {
                 .map_err(|err| control_error("stopping", format!("SIGTERM to pid {pid}: {err}")))?;
         }
     }
-    let deadline = Instant::now() + WAIT;
-    while !exited(proc, pid) {
-        if Instant::now() > deadline {
-            return Err(control_error(
-                "stopping",
-                format!(
-                    "pid {pid} still runs {} s after being asked to stop",
-                    WAIT.as_secs()
-                ),
-            ));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "stopping",
+        || exited(proc, pid),
+        || {
+            format!(
+                "pid {pid} still runs {} s after being asked to stop",
+                WAIT.as_secs()
+            )
+        },
+    )?;
     Ok(StoppedIrqbalance { pid, unit, command })
 }
 
@@ -136,17 +133,29 @@ pub fn start(proc: &Path, stopped: &StoppedIrqbalance) -> Result<(), AlignError>
             thread::spawn(move || child.wait());
         }
     }
+    wait_until(
+        "starting",
+        || irqbalance_pid(proc).is_some(),
+        || {
+            format!(
+                "no irqbalance process runs {} s after starting {}",
+                WAIT.as_secs(),
+                stopped.command.join(" ")
+            )
+        },
+    )
+}
+
+/// Polls `done` until it holds, failing as `what` with `late()` after [`WAIT`].
+fn wait_until(
+    what: &'static str,
+    done: impl Fn() -> bool,
+    late: impl FnOnce() -> String,
+) -> Result<(), AlignError> {
     let deadline = Instant::now() + WAIT;
-    while irqbalance_pid(proc).is_none() {
+    while !done() {
         if Instant::now() > deadline {
-            return Err(control_error(
-                "starting",
-                format!(
-                    "no irqbalance process runs {} s after starting {}",
-                    WAIT.as_secs(),
-                    stopped.command.join(" ")
-                ),
-            ));
+            return Err(control_error(what, late()));
         }
         thread::sleep(Duration::from_millis(20));
     }
