@@ -516,21 +516,17 @@ pub fn mismatches(view: &DeviceView, workers: &CpuList, topology: &CpuTopology) 
                     });
                 }
             }
+            Some(Processing::Thread(thread)) if thread.cpus.len() > 1 => {
+                found.push(Mismatch::NapiThreadUnpinned {
+                    queue: queue.index,
+                    thread: thread.name.clone(),
+                    pid: thread.pid,
+                    cpus: thread.cpus.clone(),
+                });
+            }
             Some(how) => {
                 let cpus = how.cpus();
                 let without: Vec<u32> = cpus.iter().copied().filter(|c| !is_worker(c)).collect();
-                match how {
-                    Processing::Thread(thread) if cpus.len() > 1 => {
-                        found.push(Mismatch::NapiThreadUnpinned {
-                            queue: queue.index,
-                            thread: thread.name.clone(),
-                            pid: thread.pid,
-                            cpus: cpus.to_vec(),
-                        });
-                        continue;
-                    }
-                    _ => {}
-                }
                 if !without.is_empty() {
                     found.push(Mismatch::QueueOnCpuWithoutWorker {
                         queue: queue.index,

@@ -21,16 +21,20 @@ const FLOW_TYPES: [(u32, &str); 4] = [
     (0x06, "udp6"),
 ];
 
+/// `RXH_L4_B_0_1` and `RXH_L4_B_2_3`: the source and destination port.
+const RXH_L4_SOURCE_PORT: u64 = 1 << 6;
+const RXH_L4_DESTINATION_PORT: u64 = 1 << 7;
+
 /// `RXH_*` bits of the hash fields, with ethtool's letters for them, in ethtool's order.
 const FIELD_LETTERS: [(u64, char); 8] = [
-    (1 << 1, 'm'),  // RXH_L2DA: destination MAC
-    (1 << 2, 'v'),  // RXH_VLAN
-    (1 << 3, 't'),  // RXH_L3_PROTO
-    (1 << 4, 's'),  // RXH_IP_SRC
-    (1 << 5, 'd'),  // RXH_IP_DST
-    (1 << 6, 'f'),  // RXH_L4_B_0_1: source port
-    (1 << 7, 'n'),  // RXH_L4_B_2_3: destination port
-    (1 << 31, 'r'), // RXH_DISCARD
+    (1 << 1, 'm'),                  // RXH_L2DA: destination MAC
+    (1 << 2, 'v'),                  // RXH_VLAN
+    (1 << 3, 't'),                  // RXH_L3_PROTO
+    (1 << 4, 's'),                  // RXH_IP_SRC
+    (1 << 5, 'd'),                  // RXH_IP_DST
+    (RXH_L4_SOURCE_PORT, 'f'),      // RXH_L4_B_0_1
+    (RXH_L4_DESTINATION_PORT, 'n'), // RXH_L4_B_2_3
+    (1 << 31, 'r'),                 // RXH_DISCARD
 ];
 
 /// The header fields a NIC's RSS hash covers for one flow type.
@@ -46,7 +50,8 @@ impl HashFields {
     /// Whether the hash covers both ports (`f` and `n`): otherwise every connection between two
     /// addresses hashes to one queue.
     pub fn covers_ports(&self) -> bool {
-        self.fields & (1 << 6 | 1 << 7) == (1 << 6 | 1 << 7)
+        let ports = RXH_L4_SOURCE_PORT | RXH_L4_DESTINATION_PORT;
+        self.fields & ports == ports
     }
 
     /// ethtool's letters for the fields (`sdfn`), `none` for none.
