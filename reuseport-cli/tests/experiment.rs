@@ -26,21 +26,9 @@ fn lock_probe_counts_forced_contention() {
     let before = probes.totals().expect("totals");
     // Two threads of one process mapping and unmapping memory on two CPUs contend on its
     // mmap lock (thousands of times in half a second here; idle, a handful).
-    let workers: Vec<_> = [a, b]
-        .into_iter()
-        .map(|cpu| {
-            thread::spawn(move || {
-                pin_current_thread(cpu).expect("pin");
-                let end = Instant::now() + Duration::from_millis(500);
-                while Instant::now() < end {
-                    map_touch_unmap();
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.join().expect("worker");
-    }
+    let workers = Repeaters::start([a, b].map(Some), || map_touch_unmap);
+    thread::sleep(Duration::from_millis(500));
+    workers.stop();
     let after = probes.totals().expect("totals");
     let contended = after.sum.lock_contended - before.sum.lock_contended;
     assert!(contended >= 10, "only {contended} contended waits seen");

@@ -17,7 +17,6 @@ use common::*;
 use reuseport_lab::{
     load::{self, LoadConfig, LoadKind},
     locks::{LockSite, Side},
-    probes::Probes,
     topology::{ClientRx, Topology, TopologyKind},
 };
 
@@ -132,11 +131,8 @@ fn udp_clients_do_not_wait_for_a_shared_descriptor_table() {
     let Some((a, b)) = two_cpus() else { return };
 
     // Threads that share the table do wait for it.
-    let mut probes = Probes::attach(1).expect("attach probes");
-    probes
-        .watch_process(std::process::id(), Side::Client)
-        .expect("watch this process");
-    let churners = Repeaters::start([a, b].map(Some), |_| {
+    let probes = probes_watching_this_process(Side::Client);
+    let churners = Repeaters::start([a, b].map(Some), || {
         || drop(UdpSocket::bind("127.0.0.1:0").expect("bind"))
     });
     let end = Instant::now() + Duration::from_secs(20);
@@ -161,7 +157,7 @@ fn udp_clients_do_not_wait_for_a_shared_descriptor_table() {
         .expect("timeout");
     let target = server.local_addr().expect("local address");
     let mut server = Some(server);
-    let echo = Repeaters::start([None], |_| {
+    let echo = Repeaters::start([None], || {
         let server = server.take().expect("one echo thread");
         let mut buffer = [0u8; 512];
         move || {
@@ -170,10 +166,7 @@ fn udp_clients_do_not_wait_for_a_shared_descriptor_table() {
             }
         }
     });
-    let mut probes = Probes::attach(1).expect("attach probes");
-    probes
-        .watch_process(std::process::id(), Side::Client)
-        .expect("watch this process");
+    let probes = probes_watching_this_process(Side::Client);
     let config = LoadConfig {
         target,
         kind: LoadKind::Udp,

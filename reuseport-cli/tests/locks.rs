@@ -66,7 +66,7 @@ fn pipe_mutex_waits_show_under_pipe_write_and_pipe_read_by_side() {
     assert!(probes.watch_process(cat.id(), Side::Softirq).is_err());
     let stdin = cat.stdin.take().expect("cat's stdin");
     let fd = std::os::fd::OwnedFd::from(stdin);
-    let writers = Repeaters::start([a, b, a, b].map(Some), |_| {
+    let writers = Repeaters::start([a, b, a, b].map(Some), || {
         let mut file = std::fs::File::from(fd.try_clone().expect("dup pipe"));
         let buffer = vec![7u8; 64 << 10];
         move || file.write_all(&buffer).expect("write into the pipe")
@@ -100,11 +100,8 @@ fn pipe_mutex_waits_show_under_pipe_write_and_pipe_read_by_side() {
 #[test]
 fn mmap_lock_waits_show_as_rwsem_waits_of_the_client() {
     let Some((a, b)) = two_cpus() else { return };
-    let mut probes = Probes::attach(1).expect("attach probes");
-    probes
-        .watch_process(std::process::id(), Side::Client)
-        .expect("watch this process");
-    let workers = Repeaters::start([a, b].map(Some), |_| map_touch_unmap);
+    let probes = probes_watching_this_process(Side::Client);
+    let workers = Repeaters::start([a, b].map(Some), || map_touch_unmap);
     let rwsem_of_client = |sites: &[LockSite]| {
         sites.iter().any(|s| {
             s.side == Side::Client && s.kind.starts_with("rwsem-") && s.count > 0 && !s.listener
@@ -139,7 +136,7 @@ fn softirq_wait_stacks_end_at_the_softirq_entry() {
         .set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
     let target = receiver.local_addr().expect("local address");
-    let senders = Repeaters::start([a, b].map(Some), |_| {
+    let senders = Repeaters::start([a, b].map(Some), || {
         let sender = UdpSocket::bind("127.0.0.1:0").expect("bind");
         // A full receive queue drops datagrams; the send still succeeds.
         move || {
@@ -147,7 +144,7 @@ fn softirq_wait_stacks_end_at_the_softirq_entry() {
         }
     });
     let mut receiver = Some(receiver);
-    let reader = Repeaters::start([None], |_| {
+    let reader = Repeaters::start([None], || {
         let receiver = receiver.take().expect("one reader");
         let mut buffer = [0u8; 64];
         move || {

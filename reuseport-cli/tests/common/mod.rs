@@ -555,18 +555,18 @@ pub struct Repeaters {
 }
 
 impl Repeaters {
-    /// Starts one thread per entry of `cpus`; `make(cpu)` builds that thread's work (on the
+    /// Starts one thread per entry of `cpus`; `make()` builds that thread's work (on the
     /// calling thread, so it can clone what the work needs), which then runs in a loop.
     pub fn start<W: FnMut() + Send + 'static>(
         cpus: impl IntoIterator<Item = Option<u32>>,
-        mut make: impl FnMut(Option<u32>) -> W,
+        mut make: impl FnMut() -> W,
     ) -> Self {
         use std::sync::{Arc, atomic::AtomicBool};
         let stop = Arc::new(AtomicBool::new(false));
         let threads = cpus
             .into_iter()
             .map(|cpu| {
-                let mut work = make(cpu);
+                let mut work = make();
                 let stop = Arc::clone(&stop);
                 thread::spawn(move || {
                     if let Some(cpu) = cpu {
@@ -595,4 +595,15 @@ impl Repeaters {
 pub fn thread_affinity(pid: u32) -> Vec<u32> {
     reuseport::align::napi::thread_cpus(std::path::Path::new("/proc"), pid)
         .expect("the thread's affinity")
+}
+
+/// The lock probes attached, with this process's waits counted as `side`'s.
+pub fn probes_watching_this_process(
+    side: reuseport_lab::locks::Side,
+) -> reuseport_lab::probes::Probes {
+    let mut probes = reuseport_lab::probes::Probes::attach(1).expect("attach probes");
+    probes
+        .watch_process(std::process::id(), side)
+        .expect("watch this process");
+    probes
 }
