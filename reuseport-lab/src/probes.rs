@@ -73,6 +73,9 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 /// The probes, attached to their tracepoints until dropped.
 pub struct Probes {
     ebpf: Ebpf,
+    /// The kernel's symbols as the probes were attached (`None` where they are hidden): where
+    /// stacks are cut, and what names them.
+    symbols: Option<Kallsyms>,
 }
 
 /// What the probes counted, summed over CPUs, plus the SYN CPUs.
@@ -153,12 +156,13 @@ impl Probes {
         }
         // Where the lock probes cut their stacks. Without kernel addresses (kallsyms hidden)
         // nothing is cut, and the stacks cannot be named anyway.
-        if let Ok(symbols) = Kallsyms::load() {
+        let symbols = Kallsyms::load().ok();
+        if let Some(symbols) = &symbols {
             let map = ebpf
                 .map_mut(names::LOCK_STACK_CUTS)
                 .ok_or(ProbeError::Missing(names::LOCK_STACK_CUTS))?;
             let mut cuts = Array::<_, u64>::try_from(map)?;
-            for (index, (start, end)) in (0u32..).zip(stack_cuts(&symbols)) {
+            for (index, (start, end)) in (0u32..).zip(stack_cuts(symbols)) {
                 cuts.set(2 * index, start, 0)?;
                 cuts.set(2 * index + 1, end, 0)?;
             }
@@ -176,7 +180,7 @@ impl Probes {
                 .attach(category, tracepoint)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, symbols })
     }
 
     /// Counts wakeups of these threads as the server's.
@@ -239,7 +243,14 @@ impl Probes {
     /// `/proc/kallsyms` (innermost first, cut below the softirq or interrupt entry:
     /// [`stack_cuts`]).
     pub fn lock_stacks(&self) -> Result<StdHashMap<u64, Vec<String>>, ProbeError> {
-        let symbols = Kallsyms::load()?;
+        let loaded;
+        let symbols = match &self.symbols {
+            Some(symbols) => symbols,
+            None => {
+                loaded = Kallsyms::load()?;
+                &loaded
+            }
+        };
         let stacks_map = self
             .ebpf
             .map(names::LOCK_STACKS)
