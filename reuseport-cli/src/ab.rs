@@ -12,11 +12,11 @@ use reuseport_lab::{
     cpu_split::CpuSplit,
     report::Report,
     runner::{AbConfig, Progress},
-    topology::{ClientRx, TopologyKind},
+    topology::{ClientRx, ServerRx, TopologyKind, VethRx},
 };
 
 use crate::{
-    args::{ClientRxArg, LoadKindArg, ModeArg, SpillArgs, TopologyArg},
+    args::{ClientRxArg, LoadKindArg, ModeArg, ServerRxArg, SpillArgs, TopologyArg},
     error::BadArguments,
     live,
 };
@@ -33,14 +33,22 @@ pub struct AbArgs {
     modes: Vec<ModeArg>,
     /// veth-rps: server and clients in two namespaces joined by a one-queue veth, RPS spreading
     /// flows over the server CPUs (`veth` is accepted for it); veth-rss: a veth with one queue
-    /// (and one pinned NAPI thread) per server CPU, flows spread by hash, like a NIC with RSS;
-    /// loopback: clients pinned round-robin to CPUs.
+    /// per server CPU, processed on that CPU, like a NIC with RSS (see --server-rx); loopback:
+    /// clients pinned round-robin to CPUs.
     #[arg(long, value_enum, default_value_t = TopologyArg::VethRps)]
     topology: TopologyArg,
-    /// veth-rss only: how the clients' end processes the server's replies. napi-thread (the
-    /// default): a queue and pinned NAPI thread per client CPU, as on a separate client machine;
-    /// softirq: GRO off and no NAPI threads there, replies processed in the softirq of the server
-    /// CPU that sent them, as on loopback, without the NAPI thread wakeups.
+    /// veth-rss only: how the server's end processes the clients' packets. softirq (the default
+    /// where server and clients share the CPUs): each client CPU sends into its own CPU's queue
+    /// (XPS), processed in that CPU's softirq, no thread woken; napi-thread (the default where
+    /// they are split, and the only choice then): flows spread over the queues by hash, each
+    /// queue processed by a NAPI thread pinned to its server CPU, a thread woken per packet.
+    #[arg(long, value_enum)]
+    server_rx: Option<ServerRxArg>,
+    /// veth-rss only: how the clients' end processes the server's replies. softirq (the default
+    /// where server and clients share the CPUs): GRO off and no NAPI threads there, replies
+    /// processed in the softirq of the server CPU that sent them, as on loopback; napi-thread
+    /// (the default where they are split): a queue and pinned NAPI thread per client CPU, as on a
+    /// separate client machine.
     #[arg(long, value_enum)]
     client_rx: Option<ClientRxArg>,
     /// CPUs for the server under test and its receive processing, e.g. `0-7` (default: with 8
@@ -134,11 +142,16 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
     };
     let allowed = CpuList::allowed()?;
     let topology: TopologyKind = args.topology.into();
-    if args.client_rx.is_some() && topology != TopologyKind::VethRss {
-        return Err(BadArguments(format!(
-            "--client-rx applies to --topology veth-rss only, not {topology}: drop it or use veth-rss"
-        ))
-        .into());
+    for (given, flag) in [
+        (args.server_rx.is_some(), "--server-rx"),
+        (args.client_rx.is_some(), "--client-rx"),
+    ] {
+        if given && topology != TopologyKind::VethRss {
+            return Err(BadArguments(format!(
+                "{flag} applies to --topology veth-rss only, not {topology}: drop it or use veth-rss"
+            ))
+            .into());
+        }
     }
     let cpus = CpuSplit::resolve(
         topology,
@@ -148,6 +161,20 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
         &CpuTopology::read(reuseport::cpus::possible_cpus()?),
     )
     .map_err(|err| BadArguments(err.to_string()))?;
+    let defaults = cpus.default_veth_rx();
+    let veth_rx = VethRx {
+        server: args.server_rx.map_or(defaults.server, ServerRx::from),
+        client: args.client_rx.map_or(defaults.client, ClientRx::from),
+    };
+    if veth_rx.server == ServerRx::Softirq && !cpus.is_shared() {
+        return Err(BadArguments(format!(
+            "--server-rx softirq processes each packet on the CPU of the client that sent it, so \
+             it needs the clients on the server's CPUs, not --server-cpus {} --client-cpus {}: \
+             give both the same list, or use --server-rx napi-thread",
+            cpus.server, cpus.client
+        ))
+        .into());
+    }
     let config = AbConfig {
         binary: std::env::current_exe().context("finding the reuseport binary")?,
         modes: args.modes.into_iter().map(SteeringMode::from).collect(),
@@ -156,7 +183,7 @@ pub fn ab(args: AbArgs) -> anyhow::Result<()> {
         cross_check_wrk: args.cross_check.is_some(),
         calibrate: args.calibrate,
         topology,
-        client_rx: args.client_rx.map(ClientRx::from).unwrap_or_default(),
+        veth_rx,
         cpus,
         skew: args.skew,
         spill: args.spill.into(),

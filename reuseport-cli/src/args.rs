@@ -15,7 +15,7 @@ use reuseport::{
 };
 use reuseport_lab::{
     load::LoadKind,
-    topology::{ClientRx, TopologyKind},
+    topology::{ClientRx, ServerRx, TopologyKind},
 };
 
 /// [`SteeringMode`] on the command line.
@@ -125,8 +125,8 @@ impl From<LoadKindArg> for LoadKind {
 /// [`TopologyKind`] on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TopologyArg {
-    /// Server and clients in two namespaces joined by a multi-queue veth: one queue and one
-    /// pinned NAPI thread per server CPU, flows spread over the queues by hash (like RSS).
+    /// Server and clients in two namespaces joined by a multi-queue veth, one queue per server
+    /// CPU processed on that CPU, like a NIC with RSS (see --server-rx and --client-rx).
     VethRss,
     /// Server and clients in two namespaces joined by a one-queue veth, RPS spreading received
     /// flows over the server CPUs by hash (`veth` is the old name).
@@ -142,6 +142,27 @@ impl From<TopologyArg> for TopologyKind {
             TopologyArg::VethRss => Self::VethRss,
             TopologyArg::VethRps => Self::VethRps,
             TopologyArg::Loopback => Self::Loopback,
+        }
+    }
+}
+
+/// How the server's end of a veth-rss pair processes the clients' packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServerRxArg {
+    /// Flows spread over the queues by hash, each queue's NAPI instance in a thread pinned to its
+    /// server CPU (a thread woken per packet); works with the clients on CPUs of their own.
+    NapiThread,
+    /// Clients pinned to the server's CPUs, each CPU sending into its own queue (XPS), processed
+    /// in that CPU's softirq as a NIC interrupt would be (no thread wakeups); needs the clients
+    /// on the server's CPUs.
+    Softirq,
+}
+
+impl From<ServerRxArg> for ServerRx {
+    fn from(server_rx: ServerRxArg) -> Self {
+        match server_rx {
+            ServerRxArg::NapiThread => Self::NapiThread,
+            ServerRxArg::Softirq => Self::Softirq,
         }
     }
 }
@@ -263,6 +284,7 @@ mod tests {
             names::<ProtoArg, Protocol>(|p| json(serde_json::json!(p))),
             names::<LoadKindArg, LoadKind>(|k| json(serde_json::json!(k))),
             names::<TopologyArg, TopologyKind>(|k| json(serde_json::json!(k))),
+            names::<ServerRxArg, ServerRx>(|c| json(serde_json::json!(c))),
             names::<ClientRxArg, ClientRx>(|c| json(serde_json::json!(c))),
         ];
         for (accepted, library) in pairs.iter().flatten() {
@@ -270,7 +292,7 @@ mod tests {
         }
         assert_eq!(
             pairs.iter().map(Vec::len).sum::<usize>(),
-            6 + 4 + 2 + 3 + 3 + 2
+            6 + 4 + 2 + 3 + 3 + 2 + 2
         );
     }
 }

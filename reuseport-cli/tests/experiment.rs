@@ -264,10 +264,9 @@ fn quick_ab_on_veth_rss_writes_valid_results() {
         let conn = results["summary"][mode]["conn_per_s"]["min"].as_f64();
         assert!(conn > Some(0.0), "{mode}: {conn:?}");
     }
-    assert_eq!(results["machine"]["client_rx"], "napi-thread");
-    assert!(stdout.contains("(client rx napi-thread)"), "{stdout}");
-    // Fewer than 8 CPUs: server and clients share them, and the report says so.
-    if allowed_cpus().len() < 8 {
+    // Fewer than 8 CPUs: server and clients share them, the report says so, and both ends
+    // process in softirq by default; split, in NAPI threads.
+    let rx = if allowed_cpus().len() < 8 {
         let all = allowed_cpus().to_string();
         assert_eq!(results["machine"]["server_cpus"], all.as_str());
         assert_eq!(results["machine"]["client_cpus"], all.as_str());
@@ -275,16 +274,27 @@ fn quick_ab_on_veth_rss_writes_valid_results() {
             stdout.contains(&format!("(server and clients share {all})")),
             "{stdout}"
         );
-    }
+        "softirq"
+    } else {
+        "napi-thread"
+    };
+    assert_eq!(results["machine"]["server_rx"], rx);
+    assert_eq!(results["machine"]["client_rx"], rx);
+    assert!(
+        stdout.contains(&format!("(server rx {rx}, client rx {rx})")),
+        "{stdout}"
+    );
     assert_no_napi_threads_left(pid);
 }
 
 #[test]
-fn quick_ab_on_veth_rss_with_softirq_client_rx_records_it() {
+fn quick_ab_on_veth_rss_with_napi_threads_records_them() {
     let (results, stdout, pid) = quick_ab_with(
         &[
             "--topology",
             "veth-rss",
+            "--server-rx",
+            "napi-thread",
             "--client-rx",
             "softirq",
             "--modes",
@@ -293,31 +303,57 @@ fn quick_ab_on_veth_rss_with_softirq_client_rx_records_it() {
         |_| (),
     );
     assert_eq!(results["machine"]["topology"], "veth-rss");
+    assert_eq!(results["machine"]["server_rx"], "napi-thread");
     assert_eq!(results["machine"]["client_rx"], "softirq");
     assert!(
-        stdout.contains("topology veth-rss (client rx softirq)"),
+        stdout.contains("topology veth-rss (server rx napi-thread, client rx softirq)"),
         "{stdout}"
     );
     let conn = results["summary"]["hash"]["conn_per_s"]["min"].as_f64();
     assert!(conn > Some(0.0), "{conn:?}");
+    assert_syns_spread(&results);
     assert_no_napi_threads_left(pid);
 }
 
 #[test]
-fn ab_refuses_client_rx_off_veth_rss_in_one_line_with_exit_code_2() {
-    for topology in ["loopback", "veth-rps"] {
-        let output = Command::new(BINARY)
-            .args(["ab", "--client-rx", "softirq", "--topology", topology])
-            .arg("--out")
-            .arg(std::env::temp_dir().join("reuseport-ab-refused-client-rx"))
-            .output()
-            .expect("run");
-        assert_one_line_error(
-            &output,
-            2,
-            "--client-rx applies to --topology veth-rss only",
-        );
+fn ab_refuses_rx_choices_off_veth_rss_in_one_line_with_exit_code_2() {
+    for flag in ["--server-rx", "--client-rx"] {
+        for topology in ["loopback", "veth-rps"] {
+            let output = Command::new(BINARY)
+                .args(["ab", flag, "softirq", "--topology", topology])
+                .arg("--out")
+                .arg(std::env::temp_dir().join("reuseport-ab-refused-rx"))
+                .output()
+                .expect("run");
+            assert_one_line_error(
+                &output,
+                2,
+                &format!("{flag} applies to --topology veth-rss only"),
+            );
+        }
     }
+}
+
+#[test]
+fn ab_refuses_softirq_server_rx_with_clients_apart_in_one_line_with_exit_code_2() {
+    let Some((a, b)) = two_cpus() else { return };
+    let output = Command::new(BINARY)
+        .args(["ab", "--topology", "veth-rss", "--server-rx", "softirq"])
+        .args([
+            "--server-cpus",
+            &a.to_string(),
+            "--client-cpus",
+            &b.to_string(),
+        ])
+        .arg("--out")
+        .arg(std::env::temp_dir().join("reuseport-ab-refused-server-rx"))
+        .output()
+        .expect("run");
+    assert_one_line_error(
+        &output,
+        2,
+        "--server-rx softirq processes each packet on the CPU of the client that sent it",
+    );
 }
 
 #[test]

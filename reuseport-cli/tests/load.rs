@@ -17,7 +17,7 @@ use common::*;
 use reuseport_lab::{
     load::{self, LoadConfig, LoadKind},
     locks::{LockSite, Side},
-    topology::{ClientRx, Topology, TopologyKind},
+    topology::{Topology, TopologyKind},
 };
 
 /// TCP sockets in TIME_WAIT in the calling thread's network namespace (`tw` in sockstat).
@@ -42,8 +42,7 @@ fn time_wait_sockets() -> u64 {
 fn crr_clients_leave_time_wait_to_the_server_even_when_it_closes_late() {
     const REQUESTS: u64 = 60;
     let cpus = allowed_cpus();
-    let topology = Topology::create_with(TopologyKind::VethRps, &cpus, &cpus, ClientRx::default())
-        .expect("create");
+    let topology = Topology::create(TopologyKind::VethRps, &cpus).expect("create");
     let listener = listener_in_server_namespace(&topology);
     let target = listener.local_addr().expect("local address");
     let server = thread::spawn(move || {

@@ -1,6 +1,6 @@
 //! The harness's topologies on the real kernel: the multi-queue veth has one receive queue per
-//! requested CPU, each with a NAPI thread pinned there and no RPS/XPS; the one-queue veth has its
-//! RPS mask; with the clients' end in softirq mode that end has GRO off, no threaded NAPI and no
+//! requested CPU, each with a NAPI thread pinned there and no RPS/XPS, or, in softirq mode, each
+//! processed on the CPU whose clients send into it; the one-queue veth has its RPS mask; with the clients' end in softirq mode that end has GRO off, no threaded NAPI and no
 //! NAPI thread while TCP still flows both ways; and nothing of either (namespaces, veth, NAPI
 //! threads) outlives the topology, its dropping, a panic, or the SIGKILL of its process. Needs
 //! root; no `ip` binary is used.
@@ -18,10 +18,12 @@ use std::{
 };
 
 use common::*;
-use reuseport::cpus::CpuList;
+use reuseport::cpus::{CpuList, pin_current_thread};
 use reuseport_lab::{
     netns::namespace_held,
-    topology::{ClientRx, Topology, TopologyKind, napi_threads_of},
+    topology::{
+        ClientRx, ServerRx, Topology, TopologyError, TopologyKind, VethRx, napi_threads_of,
+    },
 };
 
 /// Waits (up to 20 s: the kernel deletes namespaces from a work queue) until none of
@@ -164,9 +166,13 @@ const ETHTOOL_GTSO: u32 = 0x1e;
 fn veth_rss_with_softirq_client_rx_has_no_client_napi_and_carries_tcp() {
     let cpus = allowed_cpus();
     let client: CpuList = cpus.iter().last().into_iter().collect();
-    let topology = Topology::create_with(TopologyKind::VethRss, &cpus, &client, ClientRx::Softirq)
-        .expect("create");
-    assert_eq!(topology.client_rx(), ClientRx::Softirq);
+    let rx = VethRx {
+        server: ServerRx::NapiThread,
+        client: ClientRx::Softirq,
+    };
+    let topology =
+        Topology::create_with(TopologyKind::VethRss, &cpus, &client, rx).expect("create");
+    assert_eq!(topology.rx(), Some(rx));
     let (server_dev, client_dev) = topology.devices().expect("devices");
     let (server_dev, client_dev) = (server_dev.to_owned(), client_dev.to_owned());
     let namespaces = topology.namespaces();
@@ -256,6 +262,152 @@ fn veth_rss_with_softirq_client_rx_has_no_client_napi_and_carries_tcp() {
 
     drop(topology);
     assert_all_gone(&namespaces, &server_dev);
+}
+
+/// `SO_INCOMING_NAPI_ID` of a connected socket: the NAPI instance that received its last packet.
+fn incoming_napi_id(stream: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut id: u32 = 0;
+    let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+    // SAFETY: the descriptor is open for the call; `id` and `len` are valid for writes and `len`
+    // is the size of `id`, the u32 the kernel writes for SO_INCOMING_NAPI_ID.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_NAPI_ID,
+            (&mut id as *mut u32).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    id
+}
+
+/// With the server's end in softirq mode, what a client sends from CPU c goes into CPU c's
+/// queue and is processed on CPU c, as an RSS NIC's queue and its interrupt's CPU: every
+/// connection from one CPU reports that CPU (`SO_INCOMING_CPU`) and one NAPI instance
+/// (`SO_INCOMING_NAPI_ID`), and the two CPUs' instances differ. With flows hashed over the
+/// queues instead (no XPS), 20 connections from one CPU would all use one queue with a chance of
+/// 2^-19. No server NAPI thread exists and each client transmit queue's XPS mask is its CPU.
+#[test]
+fn veth_rss_with_softirq_server_rx_receives_each_cpus_packets_in_its_own_queue_on_that_cpu() {
+    let Some((a, b)) = two_cpus() else { return };
+    let cpus: CpuList = [a, b].into_iter().collect();
+    let topology = Topology::create_with(TopologyKind::VethRss, &cpus, &cpus, VethRx::SOFTIRQ)
+        .expect("create");
+    assert!(
+        topology.pin_clients(),
+        "clients must be pinned to pick their queue"
+    );
+    let (server_dev, client_dev) = topology.devices().expect("devices");
+    let (server_dev, client_dev) = (server_dev.to_owned(), client_dev.to_owned());
+    let namespaces = topology.namespaces();
+
+    let server_dir = Path::new("/sys/class/net").join(&server_dev);
+    let (threaded, gro, tso) = topology
+        .in_server_namespace(|| {
+            (
+                fs::read_to_string(server_dir.join("threaded")).expect("threaded"),
+                ethtool_get(&server_dev, ETHTOOL_GGRO),
+                ethtool_get(&server_dev, ETHTOOL_GTSO),
+            )
+        })
+        .expect("server namespace")
+        .expect("in the server namespace");
+    assert_eq!(
+        (threaded.trim(), gro, tso),
+        ("0", 1, 0),
+        "server end: threaded, GRO, TSO"
+    );
+    assert!(
+        napi_threads_of(&server_dev).is_empty(),
+        "no server NAPI threads"
+    );
+    assert!(
+        napi_threads_of(&client_dev).is_empty(),
+        "no client NAPI threads"
+    );
+    assert!(topology.napi_threads().is_empty());
+    let client_dir = Path::new("/sys/class/net").join(&client_dev);
+    let xps: Vec<u64> = topology
+        .in_client_namespace(|| {
+            (0..2)
+                .map(|q| {
+                    mask(
+                        &fs::read_to_string(client_dir.join(format!("queues/tx-{q}/xps_cpus")))
+                            .expect("xps_cpus"),
+                    )
+                })
+                .collect()
+        })
+        .expect("client namespace")
+        .expect("in the client namespace");
+    assert_eq!(
+        xps,
+        [1 << a, 1 << b],
+        "client tx queue i sends from CPU i only"
+    );
+
+    let listener = listener_in_server_namespace(&topology);
+    let server_addr = listener.local_addr().expect("local address");
+    let mut napi_of = Vec::new();
+    for cpu in [a, b] {
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            let client = topology
+                .in_client_namespace(|| {
+                    pin_current_thread(cpu).expect("pin the client");
+                    let mut stream =
+                        TcpStream::connect_timeout(&server_addr, Duration::from_secs(10))
+                            .expect("connect");
+                    stream.write_all(b"x").expect("send");
+                    stream
+                })
+                .expect("client namespace")
+                .expect("in the client namespace");
+            let (mut accepted, _) = listener.accept().expect("accept");
+            let mut byte = [0u8; 1];
+            accepted.read_exact(&mut byte).expect("the client's byte");
+            let incoming_cpu = socket2::SockRef::from(&accepted)
+                .cpu_affinity()
+                .expect("SO_INCOMING_CPU");
+            assert_eq!(incoming_cpu, cpu as usize, "received on the sender's CPU");
+            ids.push(incoming_napi_id(&accepted));
+            drop(client);
+        }
+        ids.dedup();
+        assert_eq!(
+            ids.len(),
+            1,
+            "CPU {cpu}'s connections came through NAPI instances {ids:?}"
+        );
+        assert_ne!(ids[0], 0, "received without NAPI");
+        napi_of.push(ids[0]);
+    }
+    assert_ne!(
+        napi_of[0], napi_of[1],
+        "both CPUs' packets went through one queue"
+    );
+
+    drop(topology);
+    assert_all_gone(&namespaces, &server_dev);
+}
+
+/// Softirq at the server's end processes on the sending client's CPU, so clients on a CPU that
+/// receives nothing are refused before anything is created.
+#[test]
+fn veth_rss_refuses_softirq_server_rx_with_clients_on_other_cpus() {
+    let Some((a, b)) = two_cpus() else { return };
+    let server: CpuList = std::iter::once(a).collect();
+    let client: CpuList = std::iter::once(b).collect();
+    let err = Topology::create_with(TopologyKind::VethRss, &server, &client, VethRx::SOFTIRQ)
+        .expect_err("clients off the receiving CPUs");
+    assert!(
+        matches!(err, TopologyError::SoftirqNeedsSharedCpus { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("napi-thread"), "{err}");
 }
 
 #[test]

@@ -17,7 +17,7 @@ use reuseport::{cpu_topology::CpuTopology, cpus::CpuList};
 use rustix::thread::sched_setaffinity;
 use thiserror::Error;
 
-use crate::topology::TopologyKind;
+use crate::topology::{TopologyKind, VethRx};
 
 /// Machines with at least this many CPUs split them between server and clients by default.
 pub const SPLIT_FROM: usize = 8;
@@ -89,6 +89,19 @@ impl CpuSplit {
     /// Whether server and clients share their CPUs.
     pub fn is_shared(&self) -> bool {
         self.server == self.client
+    }
+
+    /// How a veth-rss pair's ends process what they receive, unless told: in softirq on the
+    /// sending CPU where the CPUs are shared ([`VethRx::SOFTIRQ`]: no thread woken per packet on
+    /// CPUs the server also needs), in NAPI threads pinned to each side's CPUs where they are
+    /// split ([`VethRx::THREADS`]: the only way to process the clients' packets on the server's
+    /// CPUs).
+    pub fn default_veth_rx(&self) -> VethRx {
+        if self.is_shared() {
+            VethRx::SOFTIRQ
+        } else {
+            VethRx::THREADS
+        }
     }
 
     /// The split for `topology` from the lists given (if any), checked against `allowed`; the

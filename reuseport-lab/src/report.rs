@@ -19,7 +19,7 @@ use crate::{
     metrics::{Metric, MetricId, Raw, median, unsupported},
     runner::{AbConfig, AbResults, CrossCheck, RunRecord},
     significance::ratio_interval,
-    topology::{ClientRx, TopologyKind},
+    topology::{ClientRx, ServerRx},
 };
 
 /// Errors from writing or reading the report.
@@ -186,6 +186,11 @@ pub struct Machine {
     /// The load generators' CPUs: the same list when they shared the server's.
     #[serde(default)]
     pub client_cpus: Option<String>,
+    /// How the server's end of a veth-rss pair processed the clients' packets (`napi-thread` or
+    /// `softirq`; absent for other topologies and in files written before it could be chosen,
+    /// when it was `napi-thread`).
+    #[serde(default)]
+    pub server_rx: Option<ServerRx>,
     /// How the clients' end of a veth-rss pair processed the server's replies (`napi-thread` or
     /// `softirq`; absent for other topologies and in files written before it could be chosen).
     #[serde(default)]
@@ -261,6 +266,8 @@ impl Report {
             .collect();
         let locks = LockReport::new(&rows, &run_locks);
         let kernel = reuseport::kernel::release();
+        let rx =
+            (config.topology == crate::topology::TopologyKind::VethRss).then_some(config.veth_rx);
         Self {
             machine: Machine {
                 cpus,
@@ -268,7 +275,8 @@ impl Report {
                 topology: config.topology.to_string(),
                 server_cpus: Some(config.cpus.server.to_string()),
                 client_cpus: Some(config.cpus.client.to_string()),
-                client_rx: (config.topology == TopologyKind::VethRss).then_some(config.client_rx),
+                server_rx: rx.map(|rx| rx.server),
+                client_rx: rx.map(|rx| rx.client),
                 skew: config.skew,
                 load: format!("{:?}", config.load).to_lowercase(),
                 connections: config.connections,
@@ -317,13 +325,14 @@ impl Report {
             (Some(server), Some(client)) => format!(" (server {server}, clients {client})"),
             _ => String::new(),
         };
-        let client_rx = self
-            .machine
-            .client_rx
-            .map(|client_rx| format!(" (client rx {client_rx})"))
-            .unwrap_or_default();
+        let rx = match (self.machine.server_rx, self.machine.client_rx) {
+            (Some(server), Some(client)) => format!(" (server rx {server}, client rx {client})"),
+            (None, Some(client)) => format!(" (client rx {client})"),
+            (Some(server), None) => format!(" (server rx {server})"),
+            (None, None) => String::new(),
+        };
         let mut out = format!(
-            "{} CPUs{split}, kernel {}, topology {}{client_rx}, load {} x{} for {}s, {} reps (median [min-max])\n",
+            "{} CPUs{split}, kernel {}, topology {}{rx}, load {} x{} for {}s, {} reps (median [min-max])\n",
             self.machine.cpus,
             self.machine.kernel,
             self.machine.topology,
@@ -754,7 +763,7 @@ mod tests {
             cross_check_wrk: false,
             calibrate: false,
             topology: crate::topology::TopologyKind::Loopback,
-            client_rx: crate::topology::ClientRx::default(),
+            veth_rx: crate::topology::VethRx::THREADS,
             cpus: crate::cpu_split::CpuSplit::shared(&"0-1".parse().unwrap()),
             skew: false,
             spill: reuseport::spill::SpillConfig::default(),
@@ -880,18 +889,30 @@ mod tests {
     }
 
     #[test]
-    fn the_table_header_names_the_client_rx_beside_the_topology() {
+    fn the_table_header_names_the_receive_paths_beside_the_topology() {
         let mut report = fixed_report();
+        assert_eq!(report.machine.server_rx, None, "loopback has none");
         assert_eq!(report.machine.client_rx, None, "loopback has none");
         assert!(report.table().contains("topology loopback, load"));
         report.machine.topology = "veth-rss".to_owned();
-        report.machine.client_rx = Some(ClientRx::Softirq);
+        report.machine.server_rx = Some(ServerRx::Softirq);
+        report.machine.client_rx = Some(ClientRx::NapiThread);
         let json = serde_json::to_value(&report).unwrap();
-        assert_eq!(json["machine"]["client_rx"], "softirq");
+        assert_eq!(json["machine"]["server_rx"], "softirq");
+        assert_eq!(json["machine"]["client_rx"], "napi-thread");
         assert!(
             report
                 .table()
-                .contains("topology veth-rss (client rx softirq), load"),
+                .contains("topology veth-rss (server rx softirq, client rx napi-thread), load"),
+            "{}",
+            report.table()
+        );
+        // A file from before --server-rx names the client's only.
+        report.machine.server_rx = None;
+        assert!(
+            report
+                .table()
+                .contains("topology veth-rss (client rx napi-thread), load"),
             "{}",
             report.table()
         );
@@ -927,11 +948,13 @@ mod tests {
         fs::write(&path, old.to_string()).unwrap();
         assert_eq!(Report::read(&path).unwrap().table(), report.table());
 
-        // A file from before --client-rx: none recorded, the same table.
+        // A file from before --client-rx and --server-rx: none recorded, the same table.
         old["machine"].as_object_mut().unwrap().remove("client_rx");
+        old["machine"].as_object_mut().unwrap().remove("server_rx");
         fs::write(&path, old.to_string()).unwrap();
         let without_client_rx = Report::read(&path).unwrap();
         assert_eq!(without_client_rx.machine.client_rx, None);
+        assert_eq!(without_client_rx.machine.server_rx, None);
         assert_eq!(without_client_rx.table(), report.table());
 
         // A file from before lock sites: no lock table, everything else as before.

@@ -34,7 +34,7 @@ use crate::{
     losses::Losses,
     metrics::{Metric, MetricId, median},
     probes::{ProbeTotals, Probes, ipi_count},
-    topology::{ClientRx, Topology, TopologyKind},
+    topology::{Topology, TopologyKind, VethRx},
 };
 
 pub use crate::error::RunnerError;
@@ -84,9 +84,9 @@ pub struct AbConfig {
     pub calibrate: bool,
     /// Where server and clients run.
     pub topology: TopologyKind,
-    /// How the clients' end of a veth-rss pair processes the server's replies (ignored by the
-    /// other topologies).
-    pub client_rx: ClientRx,
+    /// How the ends of a veth-rss pair process what they receive (ignored by the other
+    /// topologies; [`CpuSplit::default_veth_rx`] is the usual choice).
+    pub veth_rx: VethRx,
     /// The server's CPUs and the load generators' (see [`crate::cpu_split`]).
     pub cpus: CpuSplit,
     /// Process every SYN on the first CPU only (RPS mask or client pinning), as with a NIC with
@@ -218,14 +218,17 @@ pub fn run(
         }
     };
     let rx_cpus = skewed(&config.cpus.server);
-    // On loopback the clients' CPUs are the receiving CPUs: skewed, or shared with the server.
-    let client_cpus = match config.topology {
-        TopologyKind::Loopback if config.cpus.is_shared() => rx_cpus.clone(),
-        TopologyKind::Loopback => skewed(&config.cpus.client),
-        TopologyKind::VethRss | TopologyKind::VethRps => config.cpus.client.clone(),
-    };
-    let topology =
-        Topology::create_with(config.topology, &rx_cpus, &client_cpus, config.client_rx)?;
+    // Where a client's packets are received on its own CPU (loopback, veth-rss with server rx
+    // softirq), the clients' CPUs are the receiving CPUs: skewed, or shared with the server.
+    let client_cpus =
+        if config.topology.receives_on_client_cpus(config.veth_rx) && config.cpus.is_shared() {
+            rx_cpus.clone()
+        } else if config.topology == TopologyKind::Loopback {
+            skewed(&config.cpus.client)
+        } else {
+            config.cpus.client.clone()
+        };
+    let topology = Topology::create_with(config.topology, &rx_cpus, &client_cpus, config.veth_rx)?;
     let mut rows: Vec<Row> = config.modes.iter().copied().map(Row::Mode).collect();
     if config.peer_nginx {
         rows.push(Row::Nginx);

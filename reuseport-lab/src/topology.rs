@@ -1,16 +1,27 @@
 //! Where the server and the clients run, created by the harness and always torn down.
 //!
 //! - [`TopologyKind::VethRss`]: two network namespaces joined by a veth pair with one receive
-//!   queue per receiving server CPU, as a multi-queue NIC with RSS and one interrupt per CPU: the
-//!   client end picks a transmit queue per flow by hash (no XPS), veth hands it to the same-numbered
-//!   receive queue of the server end, and that queue's NAPI instance runs in its own kernel thread
-//!   (`napi/DEV-ID`, threaded NAPI) pinned to one server CPU, where the SYN is processed; it
-//!   runs at normal priority (measured: at SCHED_FIFO, preempting per packet, it got half the
-//!   connections per second, and interrupt coalescing with `gro_flush_timeout` fewer still). The
-//!   return path is the same with the client's queues pinned to the client CPUs
-//!   ([`ClientRx::NapiThread`]), or, with [`ClientRx::Softirq`], the server's replies are
-//!   processed in the backlog of the server CPU that sent them. Needs GRO on at each end that
-//!   uses NAPI and TSO off on both (veth only uses its per-queue NAPI for GRO-eligible packets).
+//!   queue per receiving server CPU, as a multi-queue NIC with RSS and one interrupt per CPU.
+//!   Where each queue's NAPI instance runs is the server end's [`ServerRx`]:
+//!   - [`ServerRx::Softirq`] (the default where server and clients share the CPUs): the clients
+//!     are pinned round-robin to the server's CPUs and XPS at their end sends whatever CPU i
+//!     sends into receive queue i, whose NAPI instance veth schedules in the softirq of the CPU
+//!     that sent, CPU i: queue i is processed on CPU i, in softirq, with no thread to wake, as a
+//!     NIC's interrupt for queue i raises it on CPU i. The flow's queue is its client's CPU
+//!     rather than a hash of its addresses, which spreads SYNs as evenly as the clients.
+//!   - [`ServerRx::NapiThread`] (the default where they are split): the client end picks a
+//!     transmit queue per flow by hash (no XPS), veth hands it to the same-numbered receive queue
+//!     of the server end, and that queue's NAPI instance runs in its own kernel thread
+//!     (`napi/DEV-ID`, threaded NAPI) pinned to one server CPU, where the SYN is processed; it
+//!     runs at normal priority (measured: at SCHED_FIFO, preempting per packet, it got half the
+//!     connections per second, and interrupt coalescing with `gro_flush_timeout` fewer still).
+//!     Each packet wakes a thread: on 2 shared CPUs that costs about a third of the connection
+//!     rate (README, "Topologies").
+//!
+//!   The return path is the clients' end's [`ClientRx`]: its queues pinned to the client CPUs
+//!   ([`ClientRx::NapiThread`]), or, with [`ClientRx::Softirq`], the server's replies processed
+//!   in the backlog of the server CPU that sent them. Needs GRO on at each end that uses NAPI and
+//!   TSO off on both (veth only uses its per-queue NAPI for GRO-eligible packets).
 //! - [`TopologyKind::VethRps`]: the same two namespaces joined by a veth pair with one queue and
 //!   no NAPI: each packet is queued on the sending CPU's backlog and RPS (`rx-0/rps_cpus` over the
 //!   receiving server CPUs) moves it to a CPU picked by flow hash, with an IPI. Software steering
@@ -63,6 +74,18 @@ pub enum TopologyError {
         /// Receive queues.
         expected: usize,
     },
+    /// [`ServerRx::Softirq`] was asked for with clients on CPUs that receive nothing.
+    #[error(
+        "server rx softirq processes each packet on the CPU of the client that sent it, so the \
+         clients' CPUs ({client}) must be among the receiving server CPUs ({rx}): share the \
+         CPUs, or use server rx napi-thread"
+    )]
+    SoftirqNeedsSharedCpus {
+        /// The receiving server CPUs.
+        rx: CpuList,
+        /// The clients' CPUs.
+        client: CpuList,
+    },
     /// A NAPI thread could not be pinned.
     #[error("pinning NAPI thread {name} (pid {pid}) to CPU {cpu} failed")]
     Pin {
@@ -82,8 +105,9 @@ pub enum TopologyError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TopologyKind {
-    /// Two namespaces joined by a multi-queue veth: one queue and one pinned NAPI thread per
-    /// receiving CPU, flows spread over queues by hash (a NIC with RSS).
+    /// Two namespaces joined by a multi-queue veth: one queue per receiving CPU, processed on
+    /// that CPU, in softirq (the clients' CPU picking the queue) or in a pinned NAPI thread
+    /// (a flow hash picking it), a NIC with RSS (see [`VethRx`]).
     VethRss,
     /// Two namespaces joined by a one-queue veth, RPS spreading received flows by hash.
     VethRps,
@@ -105,6 +129,17 @@ impl TopologyKind {
     pub fn is_veth(self) -> bool {
         matches!(self, Self::VethRss | Self::VethRps)
     }
+
+    /// Whether a client's packets are received on the client's own CPU, so that clients must
+    /// be pinned to the CPUs that are to receive: on loopback, and on veth-rss with
+    /// [`ServerRx::Softirq`]; not where a NAPI thread or RPS picks the CPU.
+    pub fn receives_on_client_cpus(self, rx: VethRx) -> bool {
+        match self {
+            Self::Loopback => true,
+            Self::VethRss => rx.server == ServerRx::Softirq,
+            Self::VethRps => false,
+        }
+    }
 }
 
 impl std::fmt::Display for TopologyKind {
@@ -113,16 +148,46 @@ impl std::fmt::Display for TopologyKind {
     }
 }
 
+/// How the server's end of a [`TopologyKind::VethRss`] pair processes what it receives (the
+/// clients' SYNs and requests): where each receive queue's NAPI instance runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerRx {
+    /// Flows spread over the queues by hash, each queue's NAPI instance in a kernel thread pinned
+    /// to its server CPU (GRO on, TSO off, threaded NAPI), as a NIC with threaded NAPI. Each
+    /// packet wakes a NAPI thread. Works with the clients on CPUs of their own.
+    NapiThread,
+    /// The clients pinned round-robin to the server's CPUs, XPS at their end mapping CPU i to
+    /// receive queue i, each queue's NAPI instance in the softirq of the CPU that sends into it
+    /// (GRO on, TSO off, no threaded NAPI): queue i is processed on CPU i without a thread
+    /// wake-up, as a NIC's per-queue interrupt would. Needs every client CPU to be a server CPU.
+    Softirq,
+}
+
+impl ServerRx {
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NapiThread => "napi-thread",
+            Self::Softirq => "softirq",
+        }
+    }
+}
+
+impl std::fmt::Display for ServerRx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How the clients' end of a [`TopologyKind::VethRss`] pair processes what it receives (the
-/// server's replies). The server's end is the same either way: a queue and a pinned NAPI thread
-/// per receiving server CPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// server's replies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientRx {
     /// One receive queue per client CPU, each with its NAPI instance in a kernel thread pinned to
     /// that CPU (GRO on, TSO off, threaded NAPI): replies are processed on the client CPUs, as on
     /// a separate client machine with a multi-queue NIC. Each packet wakes a NAPI thread.
-    #[default]
     NapiThread,
     /// GRO off, TSO off, no threaded NAPI: veth queues each reply on the backlog of the CPU that
     /// sent it (a server CPU) and processes it in that CPU's softirq, as loopback does. No client
@@ -144,6 +209,31 @@ impl std::fmt::Display for ClientRx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// How the two ends of a [`TopologyKind::VethRss`] pair process what they receive
+/// ([`crate::cpu_split::CpuSplit::default_veth_rx`] picks by where the clients run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VethRx {
+    /// The server's end.
+    pub server: ServerRx,
+    /// The clients' end.
+    pub client: ClientRx,
+}
+
+impl VethRx {
+    /// NAPI threads at both ends, each pinned to its CPU: works whichever CPUs the clients get.
+    pub const THREADS: Self = Self {
+        server: ServerRx::NapiThread,
+        client: ClientRx::NapiThread,
+    };
+
+    /// Softirq at both ends: every packet processed on the CPU that sent it, in its queue's
+    /// softirq, no thread woken. Needs the clients on the server's CPUs.
+    pub const SOFTIRQ: Self = Self {
+        server: ServerRx::Softirq,
+        client: ClientRx::Softirq,
+    };
 }
 
 /// Server and client addresses on the veth pair (link-local: never routed off the machine).
@@ -177,47 +267,58 @@ pub struct Topology {
     pair: Option<VethPair>,
     rx_cpus: CpuList,
     client_cpus: CpuList,
-    client_rx: ClientRx,
+    rx: Option<VethRx>,
     napi_threads: Vec<NapiThread>,
 }
 
 impl Topology {
     /// Creates the topology for a server on `server_cpus`, receiving on all of them, with the
-    /// clients on the same CPUs.
+    /// clients on the same CPUs; a veth-rss pair has NAPI threads at both ends
+    /// ([`VethRx::THREADS`]).
     pub fn create(kind: TopologyKind, server_cpus: &CpuList) -> Result<Self, TopologyError> {
         Self::create_receiving_on(kind, server_cpus, server_cpus)
     }
 
     /// Creates a topology whose SYNs are processed only on `rx_cpus` (all the server's CPUs, or
     /// fewer to skew the load), with the load generators on `client_cpus`: one queue and NAPI
-    /// thread per CPU of each (veth-rss), the RPS mask (veth-rps), or the CPUs the clients are
-    /// pinned to (loopback, where the receiving CPU is the sending one: `rx_cpus` wins).
+    /// thread per CPU of each (veth-rss, [`VethRx::THREADS`]), the RPS mask (veth-rps), or the
+    /// CPUs the clients are pinned to (loopback, where the receiving CPU is the sending one:
+    /// `rx_cpus` wins).
     pub fn create_receiving_on(
         kind: TopologyKind,
         rx_cpus: &CpuList,
         client_cpus: &CpuList,
     ) -> Result<Self, TopologyError> {
-        Self::create_with(kind, rx_cpus, client_cpus, ClientRx::default())
+        Self::create_with(kind, rx_cpus, client_cpus, VethRx::THREADS)
     }
 
-    /// [`Topology::create_receiving_on`], with the clients' end of a veth-rss pair processing
-    /// what it receives as `client_rx` says (other kinds ignore it).
+    /// [`Topology::create_receiving_on`], with the ends of a veth-rss pair processing what they
+    /// receive as `rx` says (other kinds ignore it). [`ServerRx::Softirq`] needs every client
+    /// CPU among `rx_cpus`: the clients' CPU is where their packets are received.
     pub fn create_with(
         kind: TopologyKind,
         rx_cpus: &CpuList,
         client_cpus: &CpuList,
-        client_rx: ClientRx,
+        rx: VethRx,
     ) -> Result<Self, TopologyError> {
-        let client_rx = match kind {
-            TopologyKind::VethRss => client_rx,
-            TopologyKind::VethRps | TopologyKind::Loopback => ClientRx::default(),
-        };
+        let rx = (kind == TopologyKind::VethRss).then_some(rx);
+        if let Some(VethRx {
+            server: ServerRx::Softirq,
+            ..
+        }) = rx
+            && !client_cpus.iter().all(|cpu| rx_cpus.contains(cpu))
+        {
+            return Err(TopologyError::SoftirqNeedsSharedCpus {
+                rx: rx_cpus.clone(),
+                client: client_cpus.clone(),
+            });
+        }
         let mut topology = Self {
             kind,
             pair: None,
             rx_cpus: rx_cpus.clone(),
             client_cpus: client_cpus.clone(),
-            client_rx,
+            rx,
             napi_threads: Vec::new(),
         };
         if !kind.is_veth() {
@@ -233,6 +334,7 @@ impl Topology {
         };
         // With ClientRx::Softirq the client's receive queues are kept (the server end is
         // unchanged), though a reply's backlog is the sending CPU's, whichever queue it names.
+        // The client end's transmit queue i feeds the server end's receive queue i.
         let (server_queues, client_queues) = match kind {
             TopologyKind::VethRss => (count(rx_cpus), count(client_cpus)),
             _ => (1, 1),
@@ -252,31 +354,51 @@ impl Topology {
             tx_queues: server_queues,
         };
         create_pair(&server, &client)?;
-        match kind {
-            TopologyKind::VethRss => {
-                // No RPS on any receive queue and no XPS on any transmit queue: the queue is the
-                // flow hash's pick, and its NAPI thread's CPU the receiving CPU, as with RSS.
-                let clear = |sysfs: &Path, end: &VethEnd<'_>| {
+        match (kind, rx) {
+            (TopologyKind::VethRss, Some(rx)) => {
+                // No RPS on any receive queue. XPS on a transmit queue only where the clients'
+                // packets go to the queue of the CPU that sends them (server rx softirq);
+                // otherwise the queue is the flow hash's pick, and its NAPI thread's CPU the
+                // receiving CPU, as with RSS.
+                let set_queues = |sysfs: &Path, end: &VethEnd<'_>, xps: &[String]| {
                     for queue in 0..end.rx_queues {
                         write_sysfs(&sysfs.join(format!("queues/rx-{queue}/rps_cpus")), "0")?;
                     }
                     // XPS exists only on multi-queue devices.
                     if end.tx_queues > 1 {
                         for queue in 0..end.tx_queues {
-                            write_sysfs(&sysfs.join(format!("queues/tx-{queue}/xps_cpus")), "0")?;
+                            let mask = xps.get(queue as usize).map_or("0", String::as_str);
+                            write_sysfs(&sysfs.join(format!("queues/tx-{queue}/xps_cpus")), mask)?;
                         }
                     }
                     Ok(())
                 };
-                configure(&server, Offloads::Napi, |sysfs| clear(sysfs, &server))?;
-                let mut napi_ends = vec![(&server, rx_cpus)];
-                match client_rx {
+                configure(&server, Offloads::Napi, |sysfs| {
+                    set_queues(sysfs, &server, &[])
+                })?;
+                let mut napi_ends = Vec::new();
+                // Client CPU i sends into transmit queue i, the server's receive queue i.
+                let client_xps: Vec<String> = match rx.server {
+                    ServerRx::NapiThread => {
+                        napi_ends.push((&server, rx_cpus));
+                        Vec::new()
+                    }
+                    ServerRx::Softirq => rx_cpus
+                        .iter()
+                        .map(|cpu| std::iter::once(cpu).collect::<CpuList>().to_mask())
+                        .collect(),
+                };
+                match rx.client {
                     ClientRx::NapiThread => {
-                        configure(&client, Offloads::Napi, |sysfs| clear(sysfs, &client))?;
+                        configure(&client, Offloads::Napi, |sysfs| {
+                            set_queues(sysfs, &client, &client_xps)
+                        })?;
                         napi_ends.push((&client, client_cpus));
                     }
                     ClientRx::Softirq => {
-                        configure(&client, Offloads::Backlog, |sysfs| clear(sysfs, &client))?;
+                        configure(&client, Offloads::Backlog, |sysfs| {
+                            set_queues(sysfs, &client, &client_xps)
+                        })?;
                     }
                 }
                 // Threaded NAPI once both ends are up (NAPI exists while the device is up).
@@ -288,7 +410,8 @@ impl Topology {
                 }
             }
             _ => {
-                // RPS: hash each received flow to one of the receiving CPUs.
+                // veth-rps (loopback returned above). RPS: hash each received flow to one of the
+                // receiving CPUs.
                 let mask = rx_cpus.to_mask();
                 configure(&server, Offloads::Defaults, |sysfs| {
                     write_sysfs(&sysfs.join("queues/rx-0/rps_cpus"), &mask)
@@ -305,9 +428,9 @@ impl Topology {
         self.kind
     }
 
-    /// How the clients' end processes what it receives (always the default but for veth-rss).
-    pub fn client_rx(&self) -> ClientRx {
-        self.client_rx
+    /// How the two ends process what they receive (veth-rss only).
+    pub fn rx(&self) -> Option<VethRx> {
+        self.rx
     }
 
     /// The address the server should listen on (the port is the caller's).
@@ -318,10 +441,11 @@ impl Topology {
         }
     }
 
-    /// Whether clients must be pinned for the receiving CPU to vary (loopback) or not (veth,
-    /// where the queue's CPU or RPS picks it).
+    /// Whether clients must be pinned for the receiving CPU to vary
+    /// ([`TopologyKind::receives_on_client_cpus`]).
     pub fn pin_clients(&self) -> bool {
-        self.kind == TopologyKind::Loopback
+        self.kind
+            .receives_on_client_cpus(self.rx.unwrap_or(VethRx::THREADS))
     }
 
     /// The CPUs for load-generator threads: on loopback the CPUs that are to receive the SYNs
@@ -365,8 +489,8 @@ impl Topology {
             .map(|pair| (pair.server_dev.as_str(), pair.client_dev.as_str()))
     }
 
-    /// The NAPI threads of both ends and their CPUs (veth-rss only), server's first; none of the
-    /// clients' end with [`ClientRx::Softirq`].
+    /// The NAPI threads of both ends and their CPUs (veth-rss only), server's first; none at an
+    /// end that processes in softirq ([`ServerRx::Softirq`], [`ClientRx::Softirq`]).
     pub fn napi_threads(&self) -> &[NapiThread] {
         &self.napi_threads
     }
