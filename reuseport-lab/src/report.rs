@@ -19,7 +19,7 @@ use crate::{
     metrics::{Metric, MetricId, Raw, median, unsupported},
     runner::{AbConfig, AbResults, CrossCheck, RunRecord},
     significance::ratio_interval,
-    topology::{ClientRx, ServerRx},
+    topology::{ClientRx, ServerRx, TopologyKind},
 };
 
 /// Errors from writing or reading the report.
@@ -266,8 +266,7 @@ impl Report {
             .collect();
         let locks = LockReport::new(&rows, &run_locks);
         let kernel = reuseport::kernel::release();
-        let rx =
-            (config.topology == crate::topology::TopologyKind::VethRss).then_some(config.veth_rx);
+        let rx = (config.topology == TopologyKind::VethRss).then_some(config.veth_rx);
         Self {
             machine: Machine {
                 cpus,
