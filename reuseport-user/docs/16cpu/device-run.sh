@@ -4,7 +4,9 @@
 # `run` with carry [".scale"] and command `OUT=$OUT BUDGET=400 bash .scale/device-run.sh`.
 # Results: $OUT/log.txt and $OUT/scale.tgz (every experiment's directory); each NAME's
 # results.json is stored here as b-NAME.json.gz. The first session (a-*) ran the same script with
-# the list in README.md, `R=5` and a timeout of 150 s for its first line.
+# the list in README.md, `R=5` and a timeout of 150 s for its first line. `LIST=next` runs the
+# next experiments instead (the project README's "Next on 16 CPUs": veth-rss with all CPUs
+# shared, softirq at both ends, against loopback; not run yet), about three minutes.
 set -u
 here=$(dirname "$(readlink -f "$0")")
 O=${OUT:-/tmp/scale-out}; mkdir -p "$O" /tmp/o
@@ -22,13 +24,21 @@ run() {
   R=$1 OUT=/tmp/o timeout "$2" bash "$here/scale-run.sh" "$3"
 }
 export S=${S:-4s} W=${W:-1s} C=${C:-64}
-run 3 60 "lo:--topology loopback --modes hash,percpu"
-run 3 60 "rss:--topology veth-rss --modes hash,percpu"
-run 3 60 "rps:--topology veth-rps --modes hash,percpu"
-run 3 60 "rss-soft:--topology veth-rss --client-rx softirq --modes hash,percpu"
-run 3 100 "lo-nginx:--topology loopback --modes hash,percpu --peer nginx-attach"
-C=128 run 3 60 "rss-c128:--topology veth-rss --modes hash,percpu"
-C=128 run 3 60 "lo-c128:--topology loopback --modes hash,percpu"
+if [ "${LIST:-b}" = next ]; then
+  run 3 60 "lo:--topology loopback --modes hash,percpu"
+  run 3 60 "rss-shared:--topology veth-rss --server-cpus 0-15 --client-cpus 0-15 --modes hash,percpu"
+  run 3 60 "rss:--topology veth-rss --modes hash,percpu"
+  run 3 60 "rss-12:--topology veth-rss --server-cpus 0-11 --client-cpus 12-15 --modes hash,percpu"
+  run 3 60 "rps:--topology veth-rps --modes hash,percpu"
+else
+  run 3 60 "lo:--topology loopback --modes hash,percpu"
+  run 3 60 "rss:--topology veth-rss --modes hash,percpu"
+  run 3 60 "rps:--topology veth-rps --modes hash,percpu"
+  run 3 60 "rss-soft:--topology veth-rss --client-rx softirq --modes hash,percpu"
+  run 3 100 "lo-nginx:--topology loopback --modes hash,percpu --peer nginx-attach"
+  C=128 run 3 60 "rss-c128:--topology veth-rss --modes hash,percpu"
+  C=128 run 3 60 "lo-c128:--topology loopback --modes hash,percpu"
+fi
 echo "== end $(date -u +%T) $(cat /proc/loadavg)" >> /tmp/o/log.txt
 tar czf "$O/scale.tgz" -C /tmp o $(cd /tmp && ls -d scale-* 2>/dev/null)
 cp /tmp/o/log.txt "$O/log.txt"
