@@ -7,7 +7,9 @@
 //!     are pinned round-robin to the server's CPUs and XPS at their end sends whatever CPU i
 //!     sends into receive queue i, whose NAPI instance veth schedules in the softirq of the CPU
 //!     that sent, CPU i: queue i is processed on CPU i, in softirq, with no thread to wake, as a
-//!     NIC's interrupt for queue i raises it on CPU i. The flow's queue is its client's CPU
+//!     NIC's interrupt for queue i raises it on CPU i. CPUs that receive nothing (under
+//!     `--skew`, the server's other CPUs, where its replies make the clients' ACKs) send into
+//!     one more queue of their own, so they never run a receiving CPU's queue. The flow's queue is its client's CPU
 //!     rather than a hash of its addresses, which spreads SYNs as evenly as the clients.
 //!   - [`ServerRx::NapiThread`] (the default where they are split): the client end picks a
 //!     transmit queue per flow by hash (no XPS), veth hands it to the same-numbered receive queue
@@ -86,6 +88,9 @@ pub enum TopologyError {
         /// The clients' CPUs.
         client: CpuList,
     },
+    /// The machine's possible CPUs could not be read.
+    #[error("reading the machine's possible CPUs failed")]
+    PossibleCpus(#[source] reuseport::cpus::CpuError),
     /// A NAPI thread could not be pinned.
     #[error("pinning NAPI thread {name} (pid {pid}) to CPU {cpu} failed")]
     Pin {
@@ -158,9 +163,10 @@ pub enum ServerRx {
     /// packet wakes a NAPI thread. Works with the clients on CPUs of their own.
     NapiThread,
     /// The clients pinned round-robin to the server's CPUs, XPS at their end mapping CPU i to
-    /// receive queue i, each queue's NAPI instance in the softirq of the CPU that sends into it
-    /// (GRO on, TSO off, no threaded NAPI): queue i is processed on CPU i without a thread
-    /// wake-up, as a NIC's per-queue interrupt would. Needs every client CPU to be a server CPU.
+    /// receive queue i (and every CPU that receives nothing to one more queue of their own),
+    /// each queue's NAPI instance in the softirq of the CPU that sends into it (GRO on, TSO off,
+    /// no threaded NAPI): queue i is processed on CPU i without a thread wake-up, as a NIC's
+    /// per-queue interrupt would. Needs every client CPU to be a server CPU.
     Softirq,
 }
 
@@ -335,7 +341,17 @@ impl Topology {
         // With ClientRx::Softirq the client's receive queues are kept (the server end is
         // unchanged), though a reply's backlog is the sending CPU's, whichever queue it names.
         // The client end's transmit queue i feeds the server end's receive queue i.
+        let client_xps = match rx {
+            Some(VethRx {
+                server: ServerRx::Softirq,
+                ..
+            }) => softirq_xps(rx_cpus)?,
+            _ => Vec::new(),
+        };
         let (server_queues, client_queues) = match kind {
+            TopologyKind::VethRss if !client_xps.is_empty() => {
+                (count_of(client_xps.len()), count(client_cpus))
+            }
             TopologyKind::VethRss => (count(rx_cpus), count(client_cpus)),
             _ => (1, 1),
         };
@@ -377,17 +393,10 @@ impl Topology {
                     set_queues(sysfs, &server, &[])
                 })?;
                 let mut napi_ends = Vec::new();
-                // Client CPU i sends into transmit queue i, the server's receive queue i.
-                let client_xps: Vec<String> = match rx.server {
-                    ServerRx::NapiThread => {
-                        napi_ends.push((&server, rx_cpus));
-                        Vec::new()
-                    }
-                    ServerRx::Softirq => rx_cpus
-                        .iter()
-                        .map(|cpu| std::iter::once(cpu).collect::<CpuList>().to_mask())
-                        .collect(),
-                };
+                if rx.server == ServerRx::NapiThread {
+                    napi_ends.push((&server, rx_cpus));
+                }
+                let client_xps: Vec<String> = client_xps.iter().map(CpuList::to_mask).collect();
                 match rx.client {
                     ClientRx::NapiThread => {
                         configure(&client, Offloads::Napi, |sysfs| {
@@ -527,7 +536,32 @@ fn device_suffix() -> String {
 }
 
 fn count(cpus: &CpuList) -> u32 {
-    u32::try_from(cpus.len()).unwrap_or(u32::MAX).max(1)
+    count_of(cpus.len())
+}
+
+fn count_of(queues: usize) -> u32 {
+    u32::try_from(queues).unwrap_or(u32::MAX).max(1)
+}
+
+/// The XPS masks of the clients' end's transmit queues with [`ServerRx::Softirq`]: queue i for
+/// the i-th receiving CPU alone, and, where the machine has other CPUs, one more queue for all of
+/// them. veth runs a receive queue's NAPI instance on whichever CPU sends into it, so a CPU that
+/// receives no SYNs (a server worker's under `--skew`, whose replies make the clients' ACKs
+/// there) must not send into a receiving CPU's queue, or that queue's SYNs would be processed
+/// on it.
+fn softirq_xps(rx_cpus: &CpuList) -> Result<Vec<CpuList>, TopologyError> {
+    let possible = reuseport::cpus::possible_cpus().map_err(TopologyError::PossibleCpus)?;
+    let mut masks: Vec<CpuList> = rx_cpus
+        .iter()
+        .map(|cpu| std::iter::once(cpu).collect())
+        .collect();
+    let others: CpuList = (0..possible)
+        .filter(|&cpu| !rx_cpus.contains(cpu))
+        .collect();
+    if !others.is_empty() {
+        masks.push(others);
+    }
+    Ok(masks)
 }
 
 /// Turns on threaded NAPI for `end`'s device.
