@@ -264,6 +264,25 @@ fn veth_rss_with_softirq_client_rx_has_no_client_napi_and_carries_tcp() {
     assert_all_gone(&namespaces, &server_dev);
 }
 
+/// The XPS masks of the clients' end's first `queues` transmit queues.
+fn client_xps_masks(topology: &Topology, queues: usize) -> Vec<u64> {
+    let (_, client_dev) = topology.devices().expect("devices");
+    let client_dir = Path::new("/sys/class/net").join(client_dev);
+    topology
+        .in_client_namespace(|| {
+            (0..queues)
+                .map(|q| {
+                    mask(
+                        &fs::read_to_string(client_dir.join(format!("queues/tx-{q}/xps_cpus")))
+                            .expect("xps_cpus"),
+                    )
+                })
+                .collect()
+        })
+        .expect("client namespace")
+        .expect("in the client namespace")
+}
+
 /// `SO_INCOMING_NAPI_ID` of a connected socket: the NAPI instance that received its last packet.
 fn incoming_napi_id(stream: &TcpStream) -> u32 {
     use std::os::fd::AsRawFd;
@@ -329,20 +348,7 @@ fn veth_rss_with_softirq_server_rx_receives_each_cpus_packets_in_its_own_queue_o
         "no client NAPI threads"
     );
     assert!(topology.napi_threads().is_empty());
-    let client_dir = Path::new("/sys/class/net").join(&client_dev);
-    let xps: Vec<u64> = topology
-        .in_client_namespace(|| {
-            (0..2)
-                .map(|q| {
-                    mask(
-                        &fs::read_to_string(client_dir.join(format!("queues/tx-{q}/xps_cpus")))
-                            .expect("xps_cpus"),
-                    )
-                })
-                .collect()
-        })
-        .expect("client namespace")
-        .expect("in the client namespace");
+    let xps = client_xps_masks(&topology, 2);
     assert_eq!(
         xps,
         [1 << a, 1 << b],
@@ -405,21 +411,7 @@ fn veth_rss_with_softirq_server_rx_keeps_other_cpus_out_of_the_receiving_cpus_qu
     let rx: CpuList = std::iter::once(a).collect();
     let topology =
         Topology::create_with(TopologyKind::VethRss, &rx, &rx, VethRx::SOFTIRQ).expect("create");
-    let (_, client_dev) = topology.devices().expect("devices");
-    let client_dir = Path::new("/sys/class/net").join(client_dev);
-    let xps: Vec<u64> = topology
-        .in_client_namespace(|| {
-            (0..2)
-                .map(|q| {
-                    mask(
-                        &fs::read_to_string(client_dir.join(format!("queues/tx-{q}/xps_cpus")))
-                            .expect("xps_cpus"),
-                    )
-                })
-                .collect()
-        })
-        .expect("client namespace")
-        .expect("in the client namespace");
+    let xps = client_xps_masks(&topology, 2);
     assert_eq!(xps[0], 1 << a, "queue 0 is CPU {a}'s alone: {xps:?}");
     assert_ne!(
         xps[1] & (1 << b),
