@@ -60,9 +60,10 @@ pub struct AbArgs {
     /// (default: the CPUs the server does not get, or every CPU when shared).
     #[arg(long)]
     client_cpus: Option<CpuList>,
-    /// Process every SYN on the first server CPU (veth-rss: one queue; veth-rps: RPS mask of
-    /// one CPU; loopback: all clients pinned there), as with a one-queue NIC or one bursty
-    /// client. Compare `--modes hash,percpu,percpu-spill`.
+    /// Process every SYN on the first server CPU (veth-rss: one receiving queue, with the
+    /// clients pinned there under --server-rx softirq; veth-rps: RPS mask of one CPU; loopback:
+    /// all clients pinned there), as with a one-queue NIC or one bursty client. Compare
+    /// `--modes hash,percpu,percpu-spill`.
     #[arg(long)]
     skew: bool,
     /// Restart our server's workers (SIGHUP, one at a time) at random intervals averaging this
