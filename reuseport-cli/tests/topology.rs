@@ -395,6 +395,29 @@ fn veth_rss_with_softirq_server_rx_receives_each_cpus_packets_in_its_own_queue_o
         napi_of[0], napi_of[1],
         "both CPUs' packets went through one queue"
     );
+    // The server end's NAPI instances from the kernel (netdev netlink), in id order, which veth
+    // allocates in receive-queue order: CPU i's connections came through queue i's.
+    let queue_napis: Vec<u32> = topology
+        .in_server_namespace(|| {
+            let ifindex: u32 = fs::read_to_string(server_dir.join("ifindex"))
+                .expect("ifindex")
+                .trim()
+                .parse()
+                .expect("an interface index");
+            reuseport::netdev::device_napis(ifindex)
+                .expect("netdev netlink")
+                .expect("the kernel's netdev family")
+                .napis
+                .keys()
+                .copied()
+                .collect()
+        })
+        .expect("server namespace")
+        .expect("in the server namespace");
+    assert_eq!(
+        napi_of, queue_napis,
+        "CPU {a} and CPU {b} through receive queues 0 and 1"
+    );
 
     drop(topology);
     assert_all_gone(&namespaces, &server_dev);
