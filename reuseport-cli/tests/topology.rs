@@ -415,8 +415,9 @@ fn veth_rss_with_softirq_server_rx_receives_each_cpus_packets_in_its_own_queue_o
         .expect("server namespace")
         .expect("in the server namespace");
     assert_eq!(
-        napi_of, queue_napis,
-        "CPU {a} and CPU {b} through receive queues 0 and 1"
+        napi_of,
+        queue_napis[..2],
+        "CPU {a} and CPU {b} through receive queues 0 and 1 (a third, if any, is the other CPUs')"
     );
 
     drop(topology);
