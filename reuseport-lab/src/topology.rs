@@ -9,16 +9,17 @@
 //!     that sent, CPU i: queue i is processed on CPU i, in softirq, with no thread to wake, as a
 //!     NIC's interrupt for queue i raises it on CPU i. CPUs that receive nothing (under
 //!     `--skew`, the server's other CPUs, where its replies make the clients' ACKs) send into
-//!     one more queue of their own, so they never run a receiving CPU's queue. The flow's queue is its client's CPU
-//!     rather than a hash of its addresses, which spreads SYNs as evenly as the clients.
+//!     one more queue of their own, so they never run a receiving CPU's queue. The flow's queue
+//!     is its client's CPU rather than a hash of its addresses, which spreads SYNs as evenly as
+//!     the clients.
 //!   - [`ServerRx::NapiThread`] (the default where they are split): the client end picks a
 //!     transmit queue per flow by hash (no XPS), veth hands it to the same-numbered receive queue
 //!     of the server end, and that queue's NAPI instance runs in its own kernel thread
 //!     (`napi/DEV-ID`, threaded NAPI) pinned to one server CPU, where the SYN is processed; it
 //!     runs at normal priority (measured: at SCHED_FIFO, preempting per packet, it got half the
 //!     connections per second, and interrupt coalescing with `gro_flush_timeout` fewer still).
-//!     Each packet wakes a thread: on 2 shared CPUs that costs about a third of the connection
-//!     rate (README, "Topologies").
+//!     Each packet wakes a thread: on 2 shared CPUs that cost 43 % of the hash row's connection
+//!     rate (README, "The topologies side by side").
 //!
 //!   The return path is the clients' end's [`ClientRx`]: its queues pinned to the client CPUs
 //!   ([`ClientRx::NapiThread`]), or, with [`ClientRx::Softirq`], the server's replies processed
