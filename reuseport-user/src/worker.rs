@@ -229,8 +229,10 @@ async fn serve(
                 () = serve_udp(&socket, cpu, counters) => {}
             }
             // Answer what is already queued on the socket before it closes (a restart has
-            // already pointed new datagrams at the replacement).
-            answer_queued_udp(&socket, cpu, counters);
+            // already pointed new datagrams at the replacement), asking the kernel itself:
+            // tokio's `try_recv_from` trusts the readiness its reactor last saw, and datagrams
+            // whose wake-up it had not processed yet would stay queued and die with the socket.
+            answer_queued_udp(&socket.into_std()?, cpu, counters);
         }
         _ => {
             let listener = TcpListener::from_std(StdTcpListener::from(listener.socket))?;
@@ -344,11 +346,12 @@ async fn serve_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
 }
 
 /// Answers the datagrams already queued on `socket`, without waiting for more.
-fn answer_queued_udp(socket: &UdpSocket, cpu: u32, counters: &WorkerCounters) {
+/// `socket` is non-blocking: the first `recv_from` that finds the queue empty ends it.
+fn answer_queued_udp(socket: &StdUdpSocket, cpu: u32, counters: &WorkerCounters) {
     let mut buffer = vec![0u8; 65536];
-    while let Ok((len, peer)) = socket.try_recv_from(&mut buffer) {
+    while let Ok((len, peer)) = socket.recv_from(&mut buffer) {
         let reply = udp_reply(counters, cpu, &buffer[..len]);
-        count_sent(counters, socket.try_send_to(&reply, peer));
+        count_sent(counters, socket.send_to(&reply, peer));
     }
 }
 
