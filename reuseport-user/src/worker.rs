@@ -228,8 +228,13 @@ async fn serve(
                 _ = shutdown.wait_for(|stop| *stop) => {}
                 () = serve_udp(&socket, cpu, counters) => {}
             }
-            // Answer what is already queued on the socket before it closes (a restart has
-            // already pointed new datagrams at the replacement), asking the kernel itself:
+            // A restart has already given this socket's steering slot to the replacement, but
+            // a softirq that picked this socket just before may still be queueing a datagram
+            // here. Those run under RCU: one grace period (what membarrier's global command
+            // waits for) lets every one of them finish. Kernels with nohz_full CPUs refuse the
+            // command; there the drain below may, rarely, miss such a datagram.
+            let _ = rustix::thread::membarrier(rustix::thread::MembarrierCommand::Global);
+            // Then answer what is queued before the socket closes, asking the kernel itself:
             // tokio's `try_recv_from` trusts the readiness its reactor last saw, and datagrams
             // whose wake-up it had not processed yet would stay queued and die with the socket.
             answer_queued_udp(&socket.into_std()?, cpu, counters);
