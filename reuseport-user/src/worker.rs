@@ -237,7 +237,14 @@ async fn serve(
             // Then answer what is queued before the socket closes, asking the kernel itself:
             // tokio's `try_recv_from` trusts the readiness its reactor last saw, and datagrams
             // whose wake-up it had not processed yet would stay queued and die with the socket.
-            answer_queued_udp(&socket.into_std()?, cpu, counters);
+            match socket.into_std() {
+                Ok(socket) => answer_queued_udp(&socket, cpu, counters),
+                // Taking it back from the runtime failed (epoll would not let go of it): what
+                // is queued is lost with the socket, and counted.
+                Err(_) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         _ => {
             let listener = TcpListener::from_std(StdTcpListener::from(listener.socket))?;
