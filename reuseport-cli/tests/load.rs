@@ -10,7 +10,7 @@ use std::{
     io::{Read, Write},
     net::UdpSocket,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::*;
@@ -134,14 +134,7 @@ fn udp_clients_do_not_wait_for_a_shared_descriptor_table() {
     let churners = Repeaters::start([a, b].map(Some), || {
         || drop(UdpSocket::bind("127.0.0.1:0").expect("bind"))
     });
-    let end = Instant::now() + Duration::from_secs(20);
-    let shared_waits = loop {
-        let waits = fd_table_waits(&probes.lock_sites().expect("lock sites"));
-        if waits > 0 || Instant::now() > end {
-            break waits;
-        }
-        thread::sleep(Duration::from_millis(200));
-    };
+    let shared_waits = fd_table_waits(&wait_for_sites(&probes, |sites| fd_table_waits(sites) > 0));
     churners.stop();
     drop(probes);
     assert!(

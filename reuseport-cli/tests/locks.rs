@@ -10,8 +10,7 @@ use std::{
     io::Write as _,
     net::UdpSocket,
     process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::*;
@@ -19,18 +18,6 @@ use reuseport_lab::{
     locks::{LockSite, Side},
     probes::Probes,
 };
-
-/// Polls the probes' lock sites until `done` holds for them (at most 20 s); returns the last.
-fn wait_for_sites(probes: &Probes, done: impl Fn(&[LockSite]) -> bool) -> Vec<LockSite> {
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let sites = probes.lock_sites().expect("lock sites");
-        if done(&sites) || Instant::now() > end {
-            return sites;
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// Whether `sites` has waits at the pipe function `site` (`anon_pipe_write` since Linux 6.16,
 /// `pipe_write` before) by `side` on a lock of `kind`.
@@ -152,18 +139,14 @@ fn softirq_wait_stacks_end_at_the_softirq_entry() {
         }
     });
     let softirq_entry = |frame: &String| frame == "handle_softirqs" || frame == "__do_softirq";
-    let end = Instant::now() + Duration::from_secs(20);
-    let stacks = loop {
-        let stacks = probes.lock_stacks().expect("lock stacks");
-        let softirq_stacks = stacks
-            .values()
-            .filter(|frames| frames.iter().any(softirq_entry))
-            .count();
-        if softirq_stacks > 0 || Instant::now() > end {
-            break stacks;
-        }
-        thread::sleep(Duration::from_millis(200));
-    };
+    let stacks = poll_until(
+        || probes.lock_stacks().expect("lock stacks"),
+        |stacks| {
+            stacks
+                .values()
+                .any(|frames| frames.iter().any(softirq_entry))
+        },
+    );
     senders.stop();
     reader.stop();
     let softirq_stacks: Vec<&Vec<String>> = stacks

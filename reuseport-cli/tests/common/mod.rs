@@ -597,6 +597,30 @@ pub fn thread_affinity(pid: u32) -> Vec<u32> {
         .expect("the thread's affinity")
 }
 
+/// Calls `read` every 200 ms until `done` holds for what it returned, or 20 s have passed;
+/// returns the last reading.
+pub fn poll_until<T>(mut read: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reading = read();
+        if done(&reading) || Instant::now() > end {
+            return reading;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Polls the probes' lock sites until `done` holds for them (at most 20 s); returns the last.
+pub fn wait_for_sites(
+    probes: &reuseport_lab::probes::Probes,
+    done: impl Fn(&[reuseport_lab::locks::LockSite]) -> bool,
+) -> Vec<reuseport_lab::locks::LockSite> {
+    poll_until(
+        || probes.lock_sites().expect("lock sites"),
+        |sites| done(sites),
+    )
+}
+
 /// The lock probes attached, with this process's waits counted as `side`'s.
 pub fn probes_watching_this_process(
     side: reuseport_lab::locks::Side,
