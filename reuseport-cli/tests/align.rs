@@ -295,7 +295,6 @@ fn workers_serving(topology: &Topology, cpu: u32, addr: SocketAddr, count: usize
         .expect("the clients' namespace")
 }
 
-/// The CPUs task `pid` may run on.
 /// Threaded NAPI on a two-queue veth (the lab's veth-rss topology): each client CPU sends on its
 /// own queue (XPS on the clients' end), and each receive queue's NAPI thread decides where its
 /// packets, and so the steering program, run. Both threads pinned to one CPU: align names it,
