@@ -247,11 +247,7 @@ fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
 /// by name; empty if the file cannot be read.
 pub fn tcp_ext_counters() -> std::collections::BTreeMap<String, u64> {
     let text = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
-    parse_tcp_ext(&text)
-}
-
-fn parse_tcp_ext(text: &str) -> std::collections::BTreeMap<String, u64> {
-    parse_group(text, "TcpExt")
+    parse_group(&text, "TcpExt")
 }
 
 /// The counters of one group of a `/proc/net/netstat` or `/proc/net/snmp` text: two lines,
@@ -354,7 +350,7 @@ mod tests {
                     TcpExt: 0 17 2\n\
                     IpExt: InNoRoutes\n\
                     IpExt: 5\n";
-        let counters = parse_tcp_ext(text);
+        let counters = parse_group(text, "TcpExt");
         assert_eq!(counters["TCPMigrateReqSuccess"], 17);
         assert_eq!(counters["TCPMigrateReqFailure"], 2);
         assert!(!counters.contains_key("InNoRoutes"));
