@@ -543,6 +543,58 @@ fn veth_rps_sets_up_rps_and_is_removed_on_drop() {
     assert_all_gone(&namespaces, &server_dev);
 }
 
+/// Each end's ARP table holds the other end, complete and permanent (`ATF_COM | ATF_PERM`), with
+/// its real link-layer address before any packet has crossed: no packet ever waits for ARP, to
+/// be sent later by whichever CPU finishes resolving it.
+#[test]
+fn each_veth_end_knows_its_peer_for_good_before_any_traffic() {
+    for kind in [TopologyKind::VethRps, TopologyKind::VethRss] {
+        let cpus = allowed_cpus();
+        let topology = Topology::create(kind, &cpus).expect("create");
+        let (server_dev, client_dev) = topology.devices().expect("devices");
+        // (device, its ARP entries as (flags, hardware address)), and the device's own address.
+        let read = |dev: &str| {
+            let arp = fs::read_to_string("/proc/thread-self/net/arp").expect("arp table");
+            let entries: Vec<(u32, String)> = arp
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    (fields.get(5) == Some(&dev)).then(|| {
+                        let flags = fields[2].trim_start_matches("0x");
+                        (
+                            u32::from_str_radix(flags, 16).expect("flags"),
+                            fields[3].to_owned(),
+                        )
+                    })
+                })
+                .collect();
+            let own = fs::read_to_string(Path::new("/sys/class/net").join(dev).join("address"))
+                .expect("address");
+            (entries, own.trim().to_owned())
+        };
+        let (server_arp, server_mac) = topology
+            .in_server_namespace(|| read(server_dev))
+            .expect("server namespace")
+            .expect("in the server namespace");
+        let (client_arp, client_mac) = topology
+            .in_client_namespace(|| read(client_dev))
+            .expect("client namespace")
+            .expect("in the client namespace");
+        const COMPLETE_AND_PERMANENT: u32 = 0x2 | 0x4;
+        assert_eq!(
+            server_arp,
+            [(COMPLETE_AND_PERMANENT, client_mac)],
+            "{kind}: the server end's ARP entries"
+        );
+        assert_eq!(
+            client_arp,
+            [(COMPLETE_AND_PERMANENT, server_mac)],
+            "{kind}: the clients' end's ARP entries"
+        );
+    }
+}
+
 #[test]
 fn everything_is_removed_when_the_harness_panics() {
     let mut created = Vec::new();

@@ -32,7 +32,9 @@
 //! - [`TopologyKind::Loopback`]: the server on 127.0.0.1 in this namespace, and clients pinned
 //!   round-robin to CPUs (a pinned loopback sender's SYN is processed on its own CPU).
 //!
-//! Addresses are link-local (169.254.77.1 server, .2 client), inside the namespaces only. The
+//! Addresses are link-local (169.254.77.1 server, .2 client), inside the namespaces only, and
+//! each end has a permanent neighbour entry for the other ([`crate::veth::link_neighbours`]):
+//! no packet waits for ARP. The
 //! namespaces have no names (see [`crate::netns`]): the kernel deletes them, and with them the
 //! veth pair and its NAPI threads, when the [`Topology`] is dropped or its process dies, even by
 //! SIGKILL. Everything is set up by netlink, ioctl and sysfs from this program: no `ip` needed.
@@ -53,7 +55,7 @@ use thiserror::Error;
 
 use crate::{
     netns::{NetNs, NetNsError},
-    veth::{Offloads, VethEnd, VethError, configure, create_pair, write_sysfs},
+    veth::{Offloads, VethEnd, VethError, configure, create_pair, link_neighbours, write_sysfs},
 };
 
 /// Errors from creating a topology.
@@ -429,6 +431,7 @@ impl Topology {
                 configure(&client, Offloads::Defaults, |_| Ok(()))?;
             }
         }
+        link_neighbours(&server, &client)?;
         topology.pair = Some(pair);
         Ok(topology)
     }

@@ -187,13 +187,7 @@ pub fn configure<T: Send>(
             }
         }
         let sysfs = Path::new("/sys/class/net").join(&dev);
-        let index: u32 =
-            read_sysfs(&sysfs.join("ifindex"))?
-                .parse()
-                .map_err(|err| VethError::Sysfs {
-                    path: sysfs.join("ifindex"),
-                    source: io::Error::new(io::ErrorKind::InvalidData, err),
-                })?;
+        let index = ifindex(&sysfs)?;
         with_netlink(async |handle| {
             handle
                 .link()
@@ -216,6 +210,58 @@ pub fn configure<T: Send>(
         })?;
         extra(&sysfs)
     })?
+}
+
+/// Makes each end know the other's link-layer address for good (a permanent neighbour entry, as
+/// `ip neigh add ... nud permanent` would), so that no ARP ever runs between them. Otherwise the
+/// packets sent while the peer's address is being resolved (the first ones of a pair, and those
+/// of an entry being confirmed again) wait on the neighbour entry and leave with whichever CPU
+/// completes the resolution: away from the CPU, and so the transmit queue, that sent them.
+pub fn link_neighbours(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<(), VethError> {
+    let (a_mac, b_mac) = (mac_address(a)?, mac_address(b)?);
+    add_neighbour(a, b.addr, b_mac)?;
+    add_neighbour(b, a.addr, a_mac)
+}
+
+/// `end`'s link-layer address, from its namespace's sysfs (`aa:bb:cc:dd:ee:ff`).
+fn mac_address(end: &VethEnd<'_>) -> Result<Vec<u8>, VethError> {
+    let path = Path::new("/sys/class/net").join(&end.name).join("address");
+    end.ns.run(move || {
+        let text = read_sysfs(&path)?;
+        text.split(':')
+            .map(|byte| u8::from_str_radix(byte, 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|err| VethError::Sysfs {
+                path: path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidData, err),
+            })
+    })?
+}
+
+/// Inside `end`'s namespace: a permanent neighbour entry for `peer` at `mac` on `end`'s device.
+fn add_neighbour(end: &VethEnd<'_>, peer: Ipv4Addr, mac: Vec<u8>) -> Result<(), VethError> {
+    let dev = end.name.clone();
+    end.ns.run(move || {
+        let index = ifindex(&Path::new("/sys/class/net").join(&dev))?;
+        with_netlink(async |handle| {
+            handle
+                .neighbours()
+                .add(index, IpAddr::V4(peer))
+                .link_layer_address(&mac)
+                .execute()
+                .await
+                .map_err(netlink(format!("adding neighbour {peer} on {dev}")))
+        })
+    })?
+}
+
+/// The interface index of the device whose sysfs directory is `sysfs`.
+fn ifindex(sysfs: &Path) -> Result<u32, VethError> {
+    let path = sysfs.join("ifindex");
+    read_sysfs(&path)?.parse().map_err(|err| VethError::Sysfs {
+        path,
+        source: io::Error::new(io::ErrorKind::InvalidData, err),
+    })
 }
 
 /// Reads a sysfs file, trimmed.
