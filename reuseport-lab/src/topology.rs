@@ -311,12 +311,8 @@ impl Topology {
         rx: VethRx,
     ) -> Result<Self, TopologyError> {
         let rx = (kind == TopologyKind::VethRss).then_some(rx);
-        if let Some(VethRx {
-            server: ServerRx::Softirq,
-            ..
-        }) = rx
-            && !client_cpus.iter().all(|cpu| rx_cpus.contains(cpu))
-        {
+        let softirq_server = rx.is_some_and(|rx| rx.server == ServerRx::Softirq);
+        if softirq_server && !client_cpus.iter().all(|cpu| rx_cpus.contains(cpu)) {
             return Err(TopologyError::SoftirqNeedsSharedCpus {
                 rx: rx_cpus.clone(),
                 client: client_cpus.clone(),
@@ -344,12 +340,10 @@ impl Topology {
         // With ClientRx::Softirq the client's receive queues are kept (the server end is
         // unchanged), though a reply's backlog is the sending CPU's, whichever queue it names.
         // The client end's transmit queue i feeds the server end's receive queue i.
-        let client_xps = match rx {
-            Some(VethRx {
-                server: ServerRx::Softirq,
-                ..
-            }) => softirq_xps(rx_cpus)?,
-            _ => Vec::new(),
+        let client_xps = if softirq_server {
+            softirq_xps(rx_cpus)?
+        } else {
+            Vec::new()
         };
         let (server_queues, client_queues) = match kind {
             TopologyKind::VethRss if !client_xps.is_empty() => {
