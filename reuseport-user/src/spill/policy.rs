@@ -15,7 +15,8 @@
 //! same samples) and its queue reached a quarter of the threshold in the last [`RECENT`], or more
 //! than [`HOT_ENTER_SUSTAINED`] times the mean while its queue stays at the threshold, and only if
 //! its excess is clear of noise; it stays hot until it receives less than [`HOT_EXIT`] times the
-//! mean. Hot CPUs are water-filled: each keeps the mean (what every worker gets under hash
+//! mean (while nothing arrives anywhere, it stays hot and keeps its table for the skew to resume
+//! into, until the last [`RATE_WINDOW`] samples hold too few arrivals to judge skew). Hot CPUs are water-filled: each keeps the mean (what every worker gets under hash
 //! selection; nothing while it drains a backlog of [`DRAIN_THRESHOLDS`]) and spills the rest to
 //! the CPUs that receive less than the mean, each taking at most its spare (the mean less its own
 //! arrivals), nearest tier first (SMT sibling, shared LLC, NUMA node, package, any; CPUs whose
@@ -956,7 +957,15 @@ impl SpillPolicy {
             return;
         }
         if !spills {
-            self.write(c, now, SpillRoute::local(cpu.id), changes);
+            // A hot CPU that receives nothing keeps its table: it is still hot only because no
+            // CPU receives anything (it would have cooled against the others' mean otherwise)
+            // and its window still holds the skew's arrivals, so nothing uses the table
+            // meanwhile, and when arrivals resume where they were it is right at once. Written
+            // local, it would keep every connection of the resumed skew until the next plan,
+            // into a queue the skew had already filled.
+            if rate > EPSILON {
+                self.write(c, now, SpillRoute::local(cpu.id), changes);
+            }
             return;
         }
         let since = cpu
@@ -1342,6 +1351,37 @@ mod tests {
         assert!((f64::from(got[&1]) - slots(61.25)).abs() <= 1.0, "{got:?}");
         assert!((f64::from(got[&2]) - slots(53.75)).abs() <= 1.0, "{got:?}");
         assert!((f64::from(got[&0]) - slots(91.25)).abs() <= 1.0, "{got:?}");
+    }
+
+    #[test]
+    fn a_pause_in_every_arrival_keeps_the_hot_cpus_table_for_the_skew_to_resume_into() {
+        let mut policy = flat(2);
+        let mut t = Duration::ZERO;
+        run(&mut policy, &mut t, 20, &[4, 0], &[20, 0]);
+        let spilling = policy.route(0);
+        assert_eq!(spilling.active, 1, "{spilling:?}");
+        // Nothing arrives for 50 ms (the client stalls); the queue is still deep.
+        assert!(run(&mut policy, &mut t, 50, &[0, 0], &[20, 0]).is_empty());
+        assert_eq!(policy.route(0), spilling);
+        // The skew resumes: the table is in place at its first connection and stays.
+        run(&mut policy, &mut t, 1, &[4, 0], &[20, 0]);
+        assert_eq!(policy.route(0).active, 1);
+        run(&mut policy, &mut t, 50, &[4, 0], &[20, 0]);
+        assert_eq!(policy.route(0).active, 1);
+        assert_eq!(policy.spill_starts(), 1);
+        // Were it to resume on the other CPU instead, CPU 0 is local at once.
+        run(&mut policy, &mut t, 50, &[0, 0], &[0, 0]);
+        run(&mut policy, &mut t, 1, &[0, 4], &[0, 0]);
+        assert_eq!(policy.route(0), SpillRoute::local(0));
+        // A pause that empties the rate window is an end: the 80 arrivals of the skew are
+        // evidence for 240 samples (while the window holds 64 of them), then CPU 0 is local.
+        let mut policy = flat(2);
+        run(&mut policy, &mut t, 20, &[4, 0], &[20, 0]);
+        assert_eq!(policy.route(0).active, 1);
+        run(&mut policy, &mut t, 240, &[0, 0], &[0, 0]);
+        assert_eq!(policy.route(0).active, 1);
+        run(&mut policy, &mut t, 1, &[0, 0], &[0, 0]);
+        assert_eq!(policy.route(0), SpillRoute::local(0));
     }
 
     #[test]
