@@ -2,9 +2,9 @@
 //! requested CPU, each with a NAPI thread pinned there and no RPS/XPS, or, with the server's end
 //! in softirq mode, each processed on the CPU whose clients send into it and on no other; the
 //! one-queue veth has its RPS mask; with the clients' end in softirq mode that end has GRO off,
-//! no threaded NAPI and no NAPI thread while TCP still flows both ways; and nothing of either (namespaces, veth, NAPI
-//! threads) outlives the topology, its dropping, a panic, or the SIGKILL of its process. Needs
-//! root; no `ip` binary is used.
+//! no threaded NAPI and no NAPI thread while TCP still flows both ways; and nothing of either
+//! (namespaces, veth, NAPI threads) outlives the topology, its dropping, a panic, or the SIGKILL
+//! of its process. Needs root; no `ip` binary is used.
 
 mod common;
 

@@ -34,10 +34,10 @@
 //!
 //! Addresses are link-local (169.254.77.1 server, .2 client), inside the namespaces only, and
 //! each end has a permanent neighbour entry for the other ([`crate::veth::link_neighbours`]):
-//! no packet waits for ARP. The
-//! namespaces have no names (see [`crate::netns`]): the kernel deletes them, and with them the
-//! veth pair and its NAPI threads, when the [`Topology`] is dropped or its process dies, even by
-//! SIGKILL. Everything is set up by netlink, ioctl and sysfs from this program: no `ip` needed.
+//! no packet waits for ARP. The namespaces have no names (see [`crate::netns`]): the kernel
+//! deletes them, and with them the veth pair and its NAPI threads, when the [`Topology`] is
+//! dropped or its process dies, even by SIGKILL. Everything is set up by netlink, ioctl and sysfs
+//! from this program: no `ip` needed.
 
 use std::{
     fs,

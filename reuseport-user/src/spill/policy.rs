@@ -16,11 +16,12 @@
 //! than [`HOT_ENTER_SUSTAINED`] times the mean while its queue stays at the threshold, and only if
 //! its excess is clear of noise; it stays hot until it receives less than [`HOT_EXIT`] times the
 //! mean (while nothing arrives anywhere, it stays hot and keeps its table for the skew to resume
-//! into, until the last [`RATE_WINDOW`] samples hold too few arrivals to judge skew). Hot CPUs are water-filled: each keeps the mean (what every worker gets under hash
-//! selection; nothing while it drains a backlog of [`DRAIN_THRESHOLDS`]) and spills the rest to
-//! the CPUs that receive less than the mean, each taking at most its spare (the mean less its own
-//! arrivals), nearest tier first (SMT sibling, shared LLC, NUMA node, package, any; CPUs whose
-//! queue stayed deep for [`DEEP_TARGET_SAMPLES`] last), in proportion to spare within a tier.
+//! into, until the last [`RATE_WINDOW`] samples hold too few arrivals to judge skew). Hot CPUs
+//! are water-filled: each keeps the mean (what every worker gets under hash selection; nothing
+//! while it drains a backlog of [`DRAIN_THRESHOLDS`]) and spills the rest to the CPUs that
+//! receive less than the mean, each taking at most its spare (the mean less its own arrivals),
+//! nearest tier first (SMT sibling, shared LLC, NUMA node, package, any; CPUs whose queue stayed
+//! deep for [`DEEP_TARGET_SAMPLES`] last), in proportion to spare within a tier.
 //! What finds no spare is shared evenly by the hot CPU and its targets. The shares become a
 //! table of [`SPILL_SLOTS`] entries, each within one entry of exact.
 //!
